@@ -1,0 +1,311 @@
+"""Save and load REFRAG checkpoint directories; build engines from them.
+
+A checkpoint holds only what training changed, and references the base models:
+
+```
+refrag_config.json        RefragConfig (base model names + weight fingerprints, k, pooling,
+                          projector shape) plus format version, trained stages
+projector.safetensors     the 2-layer MLP projector
+encoder_delta.safetensors encoder parameters that training changed (optional)
+decoder_delta.safetensors decoder parameters that training changed (optional)
+policy.safetensors        learned expansion policy weights (optional) + policy_config.json
+metrics.json              the evaluation the checkpoint was trained to (optional)
+```
+
+A checkpoint built for one decoder refuses another (weights fingerprint mismatch).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .config import DEFAULT_CHUNK_SIZE, DEFAULT_DECODER, DEFAULT_ENCODER, RefragConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import RefragEngine
+    from .policy import ExpansionBudget, ExpansionPolicy
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "refrag_config.json"
+PROJECTOR_FILE = "projector.safetensors"
+ENCODER_DELTA_FILE = "encoder_delta.safetensors"
+DECODER_DELTA_FILE = "decoder_delta.safetensors"
+POLICY_FILE = "policy.safetensors"
+POLICY_CONFIG_FILE = "policy_config.json"
+METRICS_FILE = "metrics.json"
+
+PACKAGED_DEFAULT = Path(__file__).resolve().parent / "checkpoints" / "default"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was loaded onto base models it was not trained for."""
+
+
+@dataclass
+class Checkpoint:
+    """The contents of a checkpoint directory, as tensors."""
+
+    config: RefragConfig
+    projector: dict[str, torch.Tensor]
+    encoder_delta: dict[str, torch.Tensor] = field(default_factory=dict)
+    decoder_delta: dict[str, torch.Tensor] = field(default_factory=dict)
+    policy: dict[str, torch.Tensor] | None = None
+    policy_config: dict[str, Any] | None = None
+    trained_stages: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] | None = None
+
+
+def _atomic_dir(path: Path):
+    """Write into a temp dir next to ``path`` and swap it in, so a crash never leaves half a
+    checkpoint behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+def save_checkpoint(
+    path: str | Path,
+    config: RefragConfig,
+    projector: dict[str, torch.Tensor],
+    *,
+    encoder_delta: dict[str, torch.Tensor] | None = None,
+    decoder_delta: dict[str, torch.Tensor] | None = None,
+    policy: dict[str, torch.Tensor] | None = None,
+    policy_config: dict[str, Any] | None = None,
+    trained_stages: list[str] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically (replacing an existing one at ``path``).
+
+    Args:
+        path: target directory.
+        config: the RefragConfig, with ``decoder_fingerprint`` / ``encoder_fingerprint`` filled.
+        projector: the projector's state dict.
+        encoder_delta / decoder_delta: parameters that training changed (name -> tensor).
+        policy, policy_config: a learned expansion policy's weights and
+            ``{"class": "module:Class", ...}`` (the class must offer ``from_state(config, state)``).
+        trained_stages: e.g. ``["reconstruct", "cpt"]``; empty means untrained.
+        metrics: evaluation numbers to keep with the weights.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = _atomic_dir(path)
+    try:
+        meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "trained_stages": trained_stages or []}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+        def dump(tensors: dict[str, torch.Tensor], name: str) -> None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+
+        dump(projector, PROJECTOR_FILE)
+        if encoder_delta:
+            dump(encoder_delta, ENCODER_DELTA_FILE)
+        if decoder_delta:
+            dump(decoder_delta, DECODER_DELTA_FILE)
+        if policy is not None:
+            dump(policy, POLICY_FILE)
+            (tmp / POLICY_CONFIG_FILE).write_text(json.dumps(policy_config or {}, indent=2))
+        if metrics is not None:
+            (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint directory written by :func:`save_checkpoint`.
+
+    Raises:
+        ValueError: the directory is missing, incomplete, or of an unknown format version.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ValueError(f"{path} is not a REFRAG checkpoint: {CONFIG_FILE} is missing.")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has checkpoint format {meta.get('format_version')!r}; this version reads {FORMAT_VERSION}."
+        )
+    if not (path / PROJECTOR_FILE).is_file():
+        raise ValueError(f"{path} is incomplete: {PROJECTOR_FILE} is missing.")
+
+    def opt(name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(path / name)) if (path / name).is_file() else {}
+
+    policy = opt(POLICY_FILE) or None
+    return Checkpoint(
+        config=RefragConfig.from_dict(meta["config"]),
+        projector=load_file(str(path / PROJECTOR_FILE)),
+        encoder_delta=opt(ENCODER_DELTA_FILE),
+        decoder_delta=opt(DECODER_DELTA_FILE),
+        policy=policy,
+        policy_config=json.loads((path / POLICY_CONFIG_FILE).read_text()) if policy is not None else None,
+        trained_stages=list(meta.get("trained_stages", [])),
+        metrics=json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).is_file() else None,
+    )
+
+
+def default_checkpoint() -> Path | None:
+    """The trained default checkpoint shipped in the package, if this build has one."""
+    return PACKAGED_DEFAULT if (PACKAGED_DEFAULT / CONFIG_FILE).is_file() else None
+
+
+def _apply_delta(module: torch.nn.Module, delta: dict[str, torch.Tensor], what: str) -> None:
+    if not delta:
+        return
+    missing, unexpected = [], []
+    params = dict(module.state_dict())
+    for name, value in delta.items():
+        if name not in params:
+            unexpected.append(name)
+        elif params[name].shape != value.shape:
+            missing.append(f"{name} {tuple(value.shape)} != {tuple(params[name].shape)}")
+    if unexpected or missing:
+        raise CheckpointMismatchError(
+            f"The checkpoint's {what} delta does not fit the loaded {what}: "
+            f"unknown parameters {unexpected[:5]}, shape mismatches {missing[:5]}."
+        )
+    module.load_state_dict(delta, strict=False)
+
+
+def load_policy(state: dict[str, torch.Tensor], policy_config: dict[str, Any]) -> "ExpansionPolicy":
+    """Rebuild a learned policy saved with ``policy_config = {"class": "module:Class", ...}``."""
+    target = policy_config.get("class", "")
+    module_name, _, cls_name = target.partition(":")
+    if not module_name or not cls_name:
+        raise ValueError(f"policy_config.json must name its class as 'module:Class', got {target!r}.")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls.from_state(policy_config, state)
+
+
+def build_engine(
+    checkpoint: str | Path | None = None,
+    *,
+    decoder: str | None = None,
+    encoder: str | None = None,
+    chunk_size: int | None = None,
+    pooling: str | None = None,
+    policy: "ExpansionPolicy | str | None" = None,
+    budget: "ExpansionBudget | float | int | None" = None,
+    autocast_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> "RefragEngine":
+    """Load base models (+ a checkpoint) into a :class:`RefragEngine`; see
+    :meth:`RefragEngine.from_pretrained`. With ``checkpoint=None`` the packaged default
+    checkpoint is used when it exists and fits the requested base models and k; otherwise the
+    projector is freshly initialised and the engine reports ``trained=False``."""
+    from .encoder import ChunkEncoder
+    from .engine import RefragEngine
+    from .models import load_decoder, load_encoder, model_fingerprint
+    from .policy import make_policy
+
+    ckpt: Checkpoint | None = None
+    if checkpoint is None:
+        default = default_checkpoint()
+        if default is not None:
+            cand = load_checkpoint(default)
+            if (decoder in (None, cand.config.decoder) and encoder in (None, cand.config.encoder)
+                    and chunk_size in (None, cand.config.chunk_size) and pooling in (None, cand.config.pooling)):
+                ckpt = cand
+    elif str(checkpoint) == "default":
+        if default_checkpoint() is None:
+            raise ValueError("This build of refrag-integrations ships no trained default checkpoint.")
+        ckpt = load_checkpoint(default_checkpoint())
+    else:
+        ckpt = load_checkpoint(checkpoint)
+
+    if ckpt is not None:
+        cfg = ckpt.config
+        if chunk_size is not None and chunk_size != cfg.chunk_size:
+            raise CheckpointMismatchError(f"The checkpoint was trained with k={cfg.chunk_size}, not k={chunk_size}.")
+    else:
+        cfg = RefragConfig(
+            decoder=decoder or DEFAULT_DECODER,
+            encoder=encoder or DEFAULT_ENCODER,
+            chunk_size=chunk_size if chunk_size is not None else DEFAULT_CHUNK_SIZE,
+            pooling=pooling or "mean",
+        )
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    dec_model, dec_tok = load_decoder(decoder or cfg.decoder)
+    enc_model, enc_tok = load_encoder(encoder or cfg.encoder)
+    dec_fp, enc_fp = model_fingerprint(dec_model), model_fingerprint(enc_model)
+    if ckpt is not None:
+        for what, want, got, name in (
+            ("decoder", cfg.decoder_fingerprint, dec_fp, decoder or cfg.decoder),
+            ("encoder", cfg.encoder_fingerprint, enc_fp, encoder or cfg.encoder),
+        ):
+            if want and want != got:
+                raise CheckpointMismatchError(
+                    f"This checkpoint was trained for {what} {getattr(cfg, what)!r} (weights fingerprint {want}), "
+                    f"but {name!r} has fingerprint {got}. Load it with the {what} it was trained on."
+                )
+    cfg.decoder_fingerprint, cfg.encoder_fingerprint = dec_fp, enc_fp
+    cfg.encoder_dim = int(enc_model.config.hidden_size)
+    cfg.decoder_dim = int(dec_model.config.hidden_size)
+
+    target_norm = None
+    if ckpt is None:
+        target_norm = float(dec_model.get_input_embeddings().weight.detach().norm(dim=-1).mean())
+    chunk_encoder = ChunkEncoder(
+        enc_model, enc_tok, decoder_dim=cfg.decoder_dim, pooling=cfg.pooling,
+        projector_hidden=cfg.projector_hidden, target_norm=target_norm,
+    )
+    trained = False
+    learned_policy = None
+    if ckpt is not None:
+        chunk_encoder.projector.load_state_dict(ckpt.projector)
+        _apply_delta(enc_model, ckpt.encoder_delta, "encoder")
+        _apply_delta(dec_model, ckpt.decoder_delta, "decoder")
+        trained = bool(ckpt.trained_stages)
+        if ckpt.policy is not None:
+            learned_policy = load_policy(ckpt.policy, ckpt.policy_config or {})
+    else:
+        logger.warning(
+            "No trained REFRAG checkpoint for these base models: the projector is untrained, so "
+            "compressed chunks carry no usable information until you train one (`refrag train`)."
+        )
+    dec_model.to(dev)
+    chunk_encoder.to(dev)
+    chunk_encoder.eval()
+    if isinstance(policy, str):
+        policy = make_policy(policy, encoder=chunk_encoder)
+    return RefragEngine(
+        dec_model, dec_tok, chunk_encoder, cfg, policy=policy or learned_policy,
+        budget=budget, trained=trained, autocast_dtype=autocast_dtype,
+    )
+
+
+def save_engine(engine: "RefragEngine", path: str | Path, *, trained_stages: list[str] | None = None,
+                metrics: dict[str, Any] | None = None, encoder_delta: dict[str, torch.Tensor] | None = None,
+                decoder_delta: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save an engine's projector (and any given deltas) as a checkpoint directory."""
+    return save_checkpoint(
+        path, engine.config, engine.chunk_encoder.projector.state_dict(),
+        encoder_delta=encoder_delta, decoder_delta=decoder_delta,
+        trained_stages=trained_stages, metrics=metrics,
+    )

@@ -1,0 +1,100 @@
+"""Passage text -> chunks of k decoder tokens, each with the text span it covers.
+
+Chunks are defined on the *decoder's* token sequence (the paper's C_i = x_{k(i-1)+1 : ki}); the
+encoder reads each chunk's text span. Pure functions: no model state, no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of a passage: k decoder tokens (the last chunk may be shorter) and their text.
+
+    Attributes:
+        token_ids: the decoder token ids of this chunk.
+        text: the passage text the tokens cover, ``passage[start:end]``.
+        start: character offset of the chunk in its passage.
+        end: character offset one past the chunk's end.
+        index: position of the chunk within its passage.
+    """
+
+    token_ids: tuple[int, ...]
+    text: str
+    start: int
+    end: int
+    index: int
+
+
+def passage_id(text: str) -> str:
+    """Stable content id of a passage: the first 32 hex digits of its SHA-256.
+
+    Example:
+        >>> passage_id("hello")[:8]
+        '2cf24dba'
+    """
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def tokenize_text(text: str, tokenizer: Any) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """Tokenize passage text as plain text: no added special tokens, and special-token strings
+    inside the text (e.g. ``<|im_end|>``) are split into ordinary tokens, never parsed as control
+    tokens. Returns the ids and, for fast tokenizers, the character offsets."""
+    kwargs: dict[str, Any] = {"add_special_tokens": False, "split_special_tokens": True}
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, return_offsets_mapping=True, **kwargs)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    enc = tokenizer(text, **kwargs)
+    return list(enc["input_ids"]), None
+
+
+def chunk_token_ids(token_ids: Sequence[int], k: int) -> list[list[int]]:
+    """Split a token sequence into consecutive pieces of exactly ``k`` (the last may be shorter).
+
+    Example:
+        >>> chunk_token_ids([1, 2, 3, 4, 5], 2)
+        [[1, 2], [3, 4], [5]]
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"chunk size k must be a positive integer, got {k!r}.")
+    return [list(token_ids[i : i + k]) for i in range(0, len(token_ids), k)]
+
+
+def chunk_passage(text: str, tokenizer: Any, k: int) -> list[Chunk]:
+    """Cut a passage into chunks of exactly ``k`` decoder tokens with their text spans.
+
+    Spans tile the passage: chunk i covers text from its first token's start to the next chunk's
+    first token's start, so concatenating chunk texts gives back the passage.
+
+    Args:
+        text: the passage text (must contain at least one token).
+        tokenizer: the decoder's tokenizer.
+        k: the compression rate, tokens per chunk.
+
+    Raises:
+        ValueError: ``k < 1`` or the passage is empty.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"passage must be a str, got {type(text).__name__}.")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"chunk size k must be a positive integer, got {k!r}.")
+    ids, offsets = tokenize_text(text, tokenizer)
+    if not ids or not text.strip():
+        raise ValueError("Empty passage: a passage must contain some text to chunk.")
+    pieces = chunk_token_ids(ids, k)
+    chunks: list[Chunk] = []
+    for i, piece in enumerate(pieces):
+        if offsets is not None:
+            start = 0 if i == 0 else offsets[i * k][0]
+            end = len(text) if i == len(pieces) - 1 else offsets[(i + 1) * k][0]
+            chunk_text = text[start:end]
+        else:  # slow tokenizer: no offsets, so the span is the decoded text
+            chunk_text = tokenizer.decode(piece)
+            start = chunks[-1].end if chunks else 0
+            end = start + len(chunk_text)
+        chunks.append(Chunk(token_ids=tuple(piece), text=chunk_text, start=start, end=end, index=i))
+    return chunks

@@ -1,0 +1,798 @@
+"""RefragEngine: assemble REFRAG's mixed decoder input, prefill, and decode with the KV cache.
+
+This is the one place that builds ``inputs_embeds``. The prompt is cut into segments: ordinary
+text (instruction, question, chat-template markup) stays tokens; each passage is cut into chunks
+of k decoder tokens, and each chunk enters the decoder either as its k token embeddings
+(expanded) or as one projected chunk vector (compressed), in the original order, at contiguous
+positions, under the normal causal mask. The first new token comes from the prefill logits; the
+rest are decoded with the KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .chunking import Chunk, chunk_passage, passage_id, tokenize_text
+from .config import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_PASSAGE_CACHE_SIZE,
+    RAG_SYSTEM_PROMPT,
+    RefragConfig,
+)
+from .encoder import ChunkEncoder
+from .policy import ExpandAll, ExpansionBudget, ExpansionPolicy, ExpandNone, as_budget, make_policy
+
+logger = logging.getLogger(__name__)
+
+Expand = "str | ExpansionPolicy | Sequence[Sequence[bool]] | None"
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class GenerationStats:
+    """What one request cost.
+
+    Attributes:
+        context_tokens: decoder tokens of the passages (what ordinary RAG would feed).
+        prompt_tokens: decoder tokens of the whole prompt if nothing were compressed.
+        positions: decoder positions the prompt actually used (= KV-cache entries after prefill).
+        chunks / chunks_compressed / chunks_expanded: chunk counts over all passages.
+        expanded: per passage, the indices of the expanded chunks.
+        cached_chunks: chunk vectors that were precomputed (store or cache), not encoded now.
+        encode_s: seconds spent encoding chunks at query time ("not cached" cost).
+        ttft_s: seconds from the request to the first generated token (assembly, any query-time
+            encoding, prefill, first-token selection; never model loading).
+        total_s: seconds for the whole request.
+        new_tokens: generated tokens.
+        trained: whether the chunk projector was trained (False = compressed chunks are noise).
+    """
+
+    context_tokens: int = 0
+    prompt_tokens: int = 0
+    positions: int = 0
+    chunks: int = 0
+    chunks_compressed: int = 0
+    chunks_expanded: int = 0
+    expanded: list[list[int]] = field(default_factory=list)
+    cached_chunks: int = 0
+    encode_s: float = 0.0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    new_tokens: int = 0
+    trained: bool = False
+
+    @property
+    def positions_saved(self) -> int:
+        return self.prompt_tokens - self.positions
+
+    @property
+    def compression_rate(self) -> float:
+        """Prompt tokens per decoder position used (1.0 = no compression)."""
+        return self.prompt_tokens / max(self.positions, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["positions_saved"] = self.positions_saved
+        d["compression_rate"] = round(self.compression_rate, 4)
+        return d
+
+
+@dataclass
+class GenerationResult:
+    """The generated text, its token ids, why it stopped (``"stop"`` or ``"length"``) and stats."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: GenerationStats
+
+
+@dataclass
+class PreparedInput:
+    """A mixed decoder input ready for prefill.
+
+    Attributes:
+        embeds: ``(T, d)`` input embeddings, one row per decoder position.
+        token_ids: the full token sequence as if every chunk were expanded (for reference/tests).
+        stats: the counts (timings are filled in by generation).
+    """
+
+    embeds: torch.Tensor
+    token_ids: list[int]
+    stats: GenerationStats
+
+
+@dataclass
+class _PassageEntry:
+    text: str
+    chunks: list[Chunk]
+    vectors: torch.Tensor | None = None  # (L, d_enc) pre-projection, float32, cpu
+    expand: list[bool] | None = None  # a decision registered by a retriever adapter
+
+
+class TokenStream:
+    """Iterator over generated text pieces; ``result`` holds the full result once exhausted."""
+
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self._pieces = pieces
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class RefragEngine:
+    """REFRAG decoding over any Hugging Face causal LM.
+
+    Args:
+        decoder: a causal LM (``AutoModelForCausalLM``), unmodified.
+        tokenizer: its tokenizer.
+        chunk_encoder: the :class:`ChunkEncoder` (encoder + projector).
+        config: the :class:`RefragConfig` (k, pooling, model names).
+        policy: the default expansion policy (default: compress everything, p = 0).
+        budget: the default expansion budget (fraction p or max count).
+        trained: whether the projector was trained; reported in every result's stats.
+        autocast_dtype: e.g. ``torch.bfloat16`` to run the decoder under autocast.
+        cache_size: passages kept in the process-local chunk-vector cache.
+
+    Example:
+        >>> engine = RefragEngine.from_pretrained()                     # doctest: +SKIP
+        >>> out = engine.generate("Who wrote Hamlet?", ["Hamlet is a tragedy by William Shakespeare."],
+        ...                       expand="none")                         # doctest: +SKIP
+        >>> out.text, out.stats.positions                              # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        decoder: torch.nn.Module,
+        tokenizer: Any,
+        chunk_encoder: ChunkEncoder,
+        config: RefragConfig,
+        policy: ExpansionPolicy | None = None,
+        budget: ExpansionBudget | float | int | None = None,
+        trained: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+        cache_size: int = DEFAULT_PASSAGE_CACHE_SIZE,
+    ) -> None:
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.chunk_encoder = chunk_encoder
+        self.config = config
+        self.policy = policy or ExpandNone()
+        self.budget = as_budget(budget)
+        self.trained = trained
+        self.autocast_dtype = autocast_dtype
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[str, _PassageEntry] = OrderedDict()
+        self._lock = threading.RLock()  # the cache and the model are shared across threads
+        # Optional source of precomputed chunk vectors (e.g. the Chroma ChunkStore):
+        # called with a list of passage ids, returns {passage_id: Tensor(L, d_enc)} for the hits.
+        self.vector_source: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint: str | Path | None = None,
+        *,
+        decoder: str | None = None,
+        encoder: str | None = None,
+        chunk_size: int | None = None,
+        pooling: str | None = None,
+        policy: ExpansionPolicy | str | None = None,
+        budget: ExpansionBudget | float | int | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> "RefragEngine":
+        """Build an engine from a trained checkpoint directory, or from base models.
+
+        Args:
+            checkpoint: a checkpoint directory (see :mod:`refrag_integrations.checkpoint`), or
+                ``None`` for fresh, *untrained* projector weights on the named base models.
+            decoder, encoder, chunk_size, pooling: base models and settings when ``checkpoint``
+                is None (defaults from :class:`RefragConfig`). With a checkpoint, ``decoder``
+                may name a local copy of the same decoder; a different decoder is refused.
+            policy: default expansion policy (an object or a name: all, none, random, relevance).
+            budget: default expansion budget (fraction p, max count, or ExpansionBudget).
+            autocast_dtype: run the decoder under autocast in this dtype (e.g. torch.bfloat16).
+            device: where to put the models (default: cuda if available, else cpu).
+        """
+        from .checkpoint import build_engine
+
+        return build_engine(
+            checkpoint,
+            decoder=decoder,
+            encoder=encoder,
+            chunk_size=chunk_size,
+            pooling=pooling,
+            policy=policy,
+            budget=budget,
+            autocast_dtype=autocast_dtype,
+            device=device,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    @property
+    def k(self) -> int:
+        return self.config.chunk_size
+
+    # ------------------------------------------------------------------ passage cache
+
+    def _entry(self, text: str) -> _PassageEntry:
+        pid = passage_id(text)
+        with self._lock:
+            entry = self._cache.get(pid)
+            if entry is None:
+                entry = _PassageEntry(text=text, chunks=chunk_passage(text, self.tokenizer, self.k))
+                self._cache[pid] = entry
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(pid)
+            return entry
+
+    def chunk(self, text: str) -> list[Chunk]:
+        """The chunks of a passage (k decoder tokens each, with text spans)."""
+        return self._entry(text).chunks
+
+    def register_passage(
+        self,
+        text: str,
+        vectors: torch.Tensor | None = None,
+        expand: Sequence[bool] | None = None,
+    ) -> str:
+        """Put a passage into the bounded process-local cache and return its id.
+
+        Args:
+            text: the passage text exactly as it will appear in prompts.
+            vectors: its precomputed pre-projection chunk vectors ``(L, d_enc)``, if known.
+            expand: a per-chunk expansion decision to use whenever this passage is compressed
+                without an explicit decision (set by retriever adapters).
+        """
+        entry = self._entry(text)
+        n = len(entry.chunks)
+        if vectors is not None:
+            vectors = torch.as_tensor(vectors, dtype=torch.float32).cpu()
+            if vectors.shape != (n, self.chunk_encoder.encoder_dim):
+                raise ValueError(
+                    f"vectors for this passage must have shape ({n}, {self.chunk_encoder.encoder_dim}) "
+                    f"(chunks, encoder dim), got {tuple(vectors.shape)}."
+                )
+            entry.vectors = vectors
+        if expand is not None:
+            if len(expand) != n:
+                raise ValueError(f"expand has {len(expand)} decisions but the passage has {n} chunks.")
+            entry.expand = [bool(x) for x in expand]
+        return passage_id(text)
+
+    def lookup_passage(self, pid: str) -> _PassageEntry | None:
+        with self._lock:
+            return self._cache.get(pid)
+
+    def registered_passages(self) -> list[str]:
+        """Texts of the passages currently in the cache, most recently used last."""
+        with self._lock:
+            return [e.text for e in self._cache.values()]
+
+    def chunk_vectors(self, texts: Sequence[str]) -> tuple[list[torch.Tensor], int, float]:
+        """Pre-projection chunk vectors for each passage, from the cache, the vector source, or
+        the encoder (all missing passages in one batch).
+
+        Returns:
+            (vectors per passage, number of chunks that were precomputed, seconds spent encoding).
+        """
+        entries = [self._entry(t) for t in texts]
+        missing = [e for e in entries if e.vectors is None]
+        cached = sum(len(e.chunks) for e in entries if e.vectors is not None)
+        if missing and self.vector_source is not None:
+            found = self.vector_source([passage_id(e.text) for e in missing])
+            for e in missing:
+                v = found.get(passage_id(e.text))
+                if v is not None and tuple(v.shape) == (len(e.chunks), self.chunk_encoder.encoder_dim):
+                    e.vectors = torch.as_tensor(v, dtype=torch.float32).cpu()
+                    cached += len(e.chunks)
+            missing = [e for e in missing if e.vectors is None]
+        encode_s = 0.0
+        if missing:
+            t0 = time.perf_counter()
+            texts_flat = [c.text for e in missing for c in e.chunks]
+            with torch.no_grad():
+                flat = self.chunk_encoder.encode(texts_flat).float().cpu()  # (sum L, d_enc)
+            i = 0
+            for e in missing:
+                e.vectors = flat[i : i + len(e.chunks)]
+                i += len(e.chunks)
+            encode_s = time.perf_counter() - t0
+        return [e.vectors for e in entries], cached, encode_s
+
+    # ------------------------------------------------------------------ prompts
+
+    def build_prompt(
+        self, question: str, passages: Sequence[str], system_prompt: str | None = None
+    ) -> tuple[str, list[tuple[int, int]], bool]:
+        """Render the RAG prompt: instruction, numbered passages, question.
+
+        Uses the decoder's chat template when it has one. Returns the prompt, the character span
+        of each passage inside it, and whether special tokens (BOS) must still be added.
+        """
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty string.")
+        system = RAG_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        body = "".join(f"Passage {i + 1}:\n{p}\n\n" for i, p in enumerate(passages))
+        user = f"{body}Question: {question.strip()}"
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            add_special = False
+        else:
+            prompt = f"{system}\n\n{user}\nAnswer:"
+            add_special = True
+        return prompt, self.locate_passages(prompt, passages), add_special
+
+    @staticmethod
+    def locate_passages(prompt: str, passages: Sequence[str]) -> list[tuple[int, int]]:
+        """Character spans of ``passages`` inside ``prompt``, searched in order, non-overlapping.
+
+        Raises:
+            ValueError: a passage does not occur (after the previous one) in the prompt.
+        """
+        spans, cursor = [], 0
+        for i, p in enumerate(passages):
+            at = prompt.find(p, cursor)
+            if at < 0:
+                raise ValueError(f"passage {i} does not occur in the prompt (in order); cannot compress it.")
+            spans.append((at, at + len(p)))
+            cursor = at + len(p)
+        return spans
+
+    def _special_prefix(self) -> list[int]:
+        """Tokens the tokenizer adds in front of plain text (e.g. BOS), if any."""
+        with_special = self.tokenizer("a")["input_ids"]
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        n = len(with_special) - len(plain)
+        return list(with_special[:n]) if n > 0 and with_special[n:] == plain else []
+
+    # ------------------------------------------------------------------ assembly
+
+    def _resolve_decisions(
+        self,
+        query: str,
+        texts: Sequence[str],
+        expand: Any,
+        budget: ExpansionBudget | float | int | None,
+    ) -> tuple[list[list[bool]], list[torch.Tensor] | None, int, float]:
+        entries = [self._entry(t) for t in texts]
+        counts = [len(e.chunks) for e in entries]
+        vectors, cached, encode_s = None, 0, 0.0
+
+        def need_vectors() -> None:
+            nonlocal vectors, cached, encode_s
+            if vectors is None:
+                vectors, cached, encode_s = self.chunk_vectors(texts)
+
+        if expand is None:
+            if all(e.expand is not None for e in entries) and entries:
+                decisions = [list(e.expand) for e in entries]
+            else:
+                expand = self.policy
+        if isinstance(expand, str):
+            expand = make_policy(expand, encoder=self.chunk_encoder)
+        if isinstance(expand, ExpansionPolicy):
+            if not isinstance(expand, ExpandAll):
+                need_vectors()
+            flat_chunks = [c for e in entries for c in e.chunks]
+            flat_vecs = torch.cat(vectors, 0) if vectors else None
+            flat = expand.select(query, flat_chunks, flat_vecs, as_budget(budget) if budget is not None else self.budget)
+            if len(flat) != len(flat_chunks):
+                raise ValueError(f"policy {expand!r} returned {len(flat)} decisions for {len(flat_chunks)} chunks.")
+            decisions, i = [], 0
+            for n in counts:
+                decisions.append([bool(x) for x in flat[i : i + n]])
+                i += n
+        elif expand is not None:
+            decisions = [list(d) for d in expand]
+            if len(decisions) != len(texts):
+                raise ValueError(
+                    f"expand has decisions for {len(decisions)} passages but {len(texts)} passages were given."
+                )
+            for j, (d, n) in enumerate(zip(decisions, counts)):
+                if len(d) != n:
+                    raise ValueError(
+                        f"expand[{j}] has {len(d)} decisions but passage {j} has {n} chunks of k={self.k} tokens."
+                    )
+        if any(not all(d) for d in decisions):
+            need_vectors()
+        return decisions, vectors, cached, encode_s
+
+    def prepare(
+        self,
+        prompt: str,
+        spans: Sequence[tuple[int, int]],
+        expand: Any = None,
+        *,
+        query: str = "",
+        budget: ExpansionBudget | float | int | None = None,
+        add_special_tokens: bool = False,
+    ) -> PreparedInput:
+        """Build the mixed input for a prompt whose passages sit at ``spans``.
+
+        Args:
+            prompt: the full prompt text (chat template already applied, if any).
+            spans: character spans of the passages to compress, in order, non-overlapping.
+            expand: per-passage chunk decisions (list of lists of bool), a policy or its name,
+                or None (registered decisions, else the engine's default policy).
+            query: the question (used by query-aware policies).
+            budget: overrides the engine's default budget for a policy.
+            add_special_tokens: prepend the tokenizer's BOS (for prompts without a chat template).
+        """
+        texts = [prompt[a:b] for a, b in spans]
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise ValueError(f"passage {i} is empty; remove it or give it some text.")
+        decisions, vectors, cached, encode_s = self._resolve_decisions(query, texts, expand, budget)
+
+        embed = self.decoder.get_input_embeddings()
+        dev, dtype = embed.weight.device, embed.weight.dtype
+        pieces: list[torch.Tensor] = []
+        all_ids: list[int] = self._special_prefix() if add_special_tokens else []
+        pending: list[int] = list(all_ids)  # token ids not yet embedded
+
+        def flush() -> None:
+            if pending:
+                pieces.append(embed(torch.tensor(pending, device=dev)))  # (n, d)
+                pending.clear()
+
+        stats = GenerationStats(trained=self.trained, cached_chunks=cached, encode_s=encode_s)
+        cursor = 0
+        for j, (a, b) in enumerate(spans):
+            if a < cursor:
+                raise ValueError("passage spans must be in order and must not overlap.")
+            seg = self.tokenizer(prompt[cursor:a], add_special_tokens=False)["input_ids"]
+            pending.extend(seg)
+            all_ids.extend(seg)
+            entry = self._entry(texts[j])
+            proj = None
+            if not all(decisions[j]):
+                proj = self.chunk_encoder.project(vectors[j]).to(device=dev, dtype=dtype)  # (L, d)
+            for chunk, keep in zip(entry.chunks, decisions[j]):
+                all_ids.extend(chunk.token_ids)
+                stats.context_tokens += len(chunk.token_ids)
+                if keep:
+                    pending.extend(chunk.token_ids)
+                else:
+                    flush()
+                    pieces.append(proj[chunk.index : chunk.index + 1])  # (1, d)
+            stats.chunks += len(entry.chunks)
+            stats.chunks_expanded += sum(decisions[j])
+            stats.expanded.append([i for i, keep in enumerate(decisions[j]) if keep])
+            cursor = b
+        tail = self.tokenizer(prompt[cursor:], add_special_tokens=False)["input_ids"]
+        pending.extend(tail)
+        all_ids.extend(tail)
+        flush()
+        if not pieces:
+            raise ValueError("The prompt is empty.")
+        embeds = torch.cat(pieces, 0)  # (T, d)
+        stats.chunks_compressed = stats.chunks - stats.chunks_expanded
+        stats.prompt_tokens = len(all_ids)
+        stats.positions = embeds.shape[0]
+        return PreparedInput(embeds=embeds, token_ids=all_ids, stats=stats)
+
+    def prepare_rag(
+        self,
+        question: str,
+        passages: Sequence[str],
+        expand: Any = None,
+        *,
+        budget: ExpansionBudget | float | int | None = None,
+        system_prompt: str | None = None,
+    ) -> PreparedInput:
+        """Build the mixed input for a question over passages (see :meth:`build_prompt`)."""
+        if isinstance(passages, str):
+            raise TypeError("passages must be a list of strings, not a single str.")
+        for i, p in enumerate(passages):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"passage {i} is empty or not a string; give non-empty passage texts.")
+        prompt, spans, add_special = self.build_prompt(question, passages, system_prompt)
+        return self.prepare(prompt, spans, expand, query=question, budget=budget, add_special_tokens=add_special)
+
+    # ------------------------------------------------------------------ decoding
+
+    def _autocast(self):
+        return torch.autocast(
+            device_type=self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen_eos = getattr(getattr(self.decoder, "generation_config", None), "eos_token_id", None)
+        for x in (gen_eos, self.tokenizer.eos_token_id):
+            if isinstance(x, int):
+                ids.add(x)
+            elif isinstance(x, (list, tuple)):
+                ids.update(int(i) for i in x)
+        return ids
+
+    @torch.no_grad()
+    def forward_logits(self, prepared: PreparedInput) -> torch.Tensor:
+        """Logits at every position of a prepared input, ``(T, vocab)`` (for tests and eval)."""
+        emb = prepared.embeds.unsqueeze(0)  # (1, T, d)
+        pos = torch.arange(emb.shape[1], device=emb.device).unsqueeze(0)
+        with self._autocast():
+            out = self.decoder(inputs_embeds=emb, position_ids=pos, use_cache=False)
+        return out.logits[0].float()
+
+    def _pick(self, logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> torch.Tensor:
+        logits = logits.float()  # (B, V)
+        if not do_sample:
+            return logits.argmax(-1)
+        logits = logits / max(temperature, 1e-5)
+        probs = torch.softmax(logits, -1)
+        if top_p < 1.0:
+            sorted_p, idx = probs.sort(-1, descending=True)
+            cut = sorted_p.cumsum(-1) - sorted_p > top_p
+            sorted_p = sorted_p.masked_fill(cut, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+    def _decode_steps(
+        self,
+        prepared: Sequence[PreparedInput],
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        t_start: float,
+    ) -> Iterator[tuple[torch.Tensor, float | None]]:
+        """Left-pad, prefill, then decode with the KV cache. Yields ``(next_tokens (B,), ttft)``
+        per step; ttft is set on the first step only."""
+        from transformers import DynamicCache
+
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        lengths = [p.embeds.shape[0] for p in prepared]
+        T, B, d = max(lengths), len(prepared), prepared[0].embeds.shape[1]
+        emb = prepared[0].embeds.new_zeros(B, T, d)  # (B, T, d) left-padded
+        mask = torch.zeros(B, T, dtype=torch.long, device=emb.device)  # (B, T)
+        for b, p in enumerate(prepared):
+            emb[b, T - lengths[b] :] = p.embeds
+            mask[b, T - lengths[b] :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) contiguous positions per request
+        gen = None
+        if do_sample:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(0 if seed is None else seed)
+        cache = DynamicCache()
+        with self._autocast():
+            out = self.decoder(
+                inputs_embeds=emb, attention_mask=mask, position_ids=pos,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
+        nxt = self._pick(out.logits[:, -1].cpu(), do_sample, temperature, top_p, gen).to(emb.device)  # (B,)
+        self._sync()
+        yield nxt, time.perf_counter() - t_start
+        last = pos[:, -1]
+        for _ in range(max_new_tokens - 1):
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            last = last + 1
+            with self._autocast():
+                out = self.decoder(
+                    input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=last.unsqueeze(1),
+                    past_key_values=cache, use_cache=True,
+                )
+            nxt = self._pick(out.logits[:, -1].cpu(), do_sample, temperature, top_p, gen).to(emb.device)
+            yield nxt, None
+
+    @staticmethod
+    def _hold_back(text: str, stop: Sequence[str]) -> int:
+        """Length of ``text`` that can be emitted without risking a partial stop sequence."""
+        safe = len(text)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character
+            safe = len(text) - 1
+        for s in stop:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    safe = min(safe, len(text) - n)
+                    break
+        return safe
+
+    def _run(
+        self,
+        prepared: Sequence[PreparedInput],
+        *,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float,
+        top_p: float,
+        stop: Sequence[str] | None,
+        seed: int | None,
+        t_start: float,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> list[GenerationResult]:
+        stop = [s for s in (stop or []) if s]
+        eos = self._eos_ids()
+        B = len(prepared)
+        ids: list[list[int]] = [[] for _ in range(B)]
+        texts = [""] * B
+        emitted = [0] * B
+        done = [False] * B
+        reasons = ["length"] * B
+        ttft = 0.0
+        with self._lock, torch.no_grad():
+            for step, (nxt, t) in enumerate(
+                self._decode_steps(prepared, max_new_tokens, do_sample, temperature, top_p, seed, t_start)
+            ):
+                if t is not None:
+                    ttft = t
+                for b, tok in enumerate(nxt.tolist()):
+                    if done[b]:
+                        continue
+                    if tok in eos:
+                        done[b], reasons[b] = True, "stop"
+                        continue
+                    ids[b].append(tok)
+                    texts[b] = self.tokenizer.decode(ids[b], skip_special_tokens=True)
+                    hit = min((texts[b].find(s) for s in stop if s in texts[b]), default=-1)
+                    if hit >= 0:
+                        texts[b] = texts[b][:hit]
+                        done[b], reasons[b] = True, "stop"
+                    safe = len(texts[b]) if done[b] else self._hold_back(texts[b], stop)
+                    if on_text is not None and safe > emitted[b]:
+                        on_text(b, texts[b][emitted[b] : safe])
+                        emitted[b] = safe
+                if all(done):
+                    break
+        total = time.perf_counter() - t_start
+        results = []
+        for b, p in enumerate(prepared):
+            stats = p.stats
+            stats.ttft_s, stats.total_s, stats.new_tokens = ttft, total, len(ids[b])
+            if on_text is not None and len(texts[b]) > emitted[b]:
+                on_text(b, texts[b][emitted[b] :])
+            results.append(GenerationResult(texts[b], ids[b], reasons[b], stats))
+        return results
+
+    def generate(
+        self,
+        question: str,
+        passages: Sequence[str] = (),
+        *,
+        expand: Any = None,
+        budget: ExpansionBudget | float | int | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+        system_prompt: str | None = None,
+    ) -> GenerationResult:
+        """Answer ``question`` from ``passages`` with REFRAG decoding.
+
+        Args:
+            question: the user's question (always kept as tokens).
+            passages: retrieved passage texts, in the order they appear in the prompt.
+            expand: which chunks stay tokens: a policy (object or name: ``"all"`` = ordinary RAG,
+                ``"none"``, ``"random"``, ``"relevance"``), explicit per-passage lists of bools,
+                or None (decisions registered by an adapter, else the engine's default policy).
+            budget: expansion budget for a policy: fraction p (float), max count (int), or
+                :class:`ExpansionBudget`; default: the engine's.
+            max_new_tokens: generation limit.
+            do_sample, temperature, top_p, seed: sampling (greedy by default).
+            stop: strings that end generation (not included in the output).
+            system_prompt: replaces the default RAG instruction.
+        """
+        t0 = time.perf_counter()
+        prepared = self.prepare_rag(question, passages, expand, budget=budget, system_prompt=system_prompt)
+        return self._run(
+            [prepared], max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_p=top_p, stop=stop, seed=seed, t_start=t0,
+        )[0]
+
+    def generate_prepared(
+        self, prepared: Sequence[PreparedInput], *, t_start: float | None = None, **gen: Any
+    ) -> list[GenerationResult]:
+        """Generate for already prepared inputs as one left-padded batch."""
+        gen.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        for key, default in (("do_sample", False), ("temperature", 1.0), ("top_p", 1.0), ("stop", None), ("seed", None)):
+            gen.setdefault(key, default)
+        return self._run(list(prepared), t_start=t_start or time.perf_counter(), **gen)
+
+    def generate_batch(self, requests: Sequence[dict[str, Any]], **gen: Any) -> list[GenerationResult]:
+        """Several requests as one left-padded batch. Each request is a dict with ``question``,
+        ``passages`` and optionally ``expand`` / ``budget``; generation settings are shared.
+
+        Example:
+            >>> engine.generate_batch([{"question": "q1", "passages": ["..."]},
+            ...                        {"question": "q2", "passages": ["..."], "expand": "all"}])  # doctest: +SKIP
+        """
+        if not requests:
+            return []
+        t0 = time.perf_counter()
+        prepared = [
+            self.prepare_rag(r["question"], r.get("passages", ()), r.get("expand"), budget=r.get("budget"))
+            for r in requests
+        ]
+        return self.generate_prepared(prepared, t_start=t0, **gen)
+
+    def stream(
+        self,
+        question: str,
+        passages: Sequence[str] = (),
+        *,
+        expand: Any = None,
+        budget: ExpansionBudget | float | int | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+        system_prompt: str | None = None,
+    ) -> TokenStream:
+        """Like :meth:`generate`, but returns a :class:`TokenStream` that yields text pieces as
+        they are decoded; its ``result`` has the stats once the stream is exhausted."""
+        t0 = time.perf_counter()
+        prepared = self.prepare_rag(question, passages, expand, budget=budget, system_prompt=system_prompt)
+        return self.stream_prepared(
+            prepared, t_start=t0, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, stop=stop, seed=seed,
+        )
+
+    def stream_prepared(self, prepared: PreparedInput, *, t_start: float | None = None, **gen: Any) -> TokenStream:
+        """Stream the generation of one prepared input (see :meth:`stream`)."""
+        import queue
+
+        q: "queue.Queue[tuple[str, Any]]" = queue.Queue()
+        t0 = t_start or time.perf_counter()
+
+        def work() -> None:
+            try:
+                res = self.generate_prepared([prepared], t_start=t0, on_text=lambda b, s: q.put(("text", s)), **gen)
+                q.put(("done", res[0]))
+            except BaseException as err:  # handed to the consumer, never lost
+                q.put(("error", err))
+
+        stream = TokenStream(iter(()))
+
+        def pieces() -> Iterator[str]:
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            while True:
+                kind, value = q.get()
+                if kind == "text":
+                    yield value
+                elif kind == "done":
+                    stream.result = value
+                    return
+                else:
+                    raise value
+
+        stream._pieces = pieces()
+        return stream

