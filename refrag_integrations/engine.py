@@ -364,6 +364,50 @@ class RefragEngine:
             cursor = at + len(p)
         return spans
 
+    def locate_registered(self, prompt: str) -> list[tuple[int, int]]:
+        """Spans of every occurrence of a registered passage inside ``prompt``, in prompt order.
+
+        A passage that occurs twice is found twice; where two registered passages overlap in the
+        prompt, the one that starts first (then the longer) wins, and the other stays tokens.
+        """
+        with self._lock:
+            texts = [e.text for e in self._cache.values()]
+        hits: list[tuple[int, int]] = []
+        for text in texts:
+            start = prompt.find(text)
+            while start >= 0:
+                hits.append((start, start + len(text)))
+                start = prompt.find(text, start + len(text))
+        hits.sort(key=lambda s: (s[0], -(s[1] - s[0])))
+        spans: list[tuple[int, int]] = []
+        for a, b in hits:
+            if not spans or a >= spans[-1][1]:
+                spans.append((a, b))
+        return spans
+
+    def prepare_prompt(
+        self,
+        prompt: str,
+        *,
+        query: str = "",
+        expand: Any = None,
+        budget: ExpansionBudget | float | int | None = None,
+        add_special_tokens: bool = False,
+    ) -> PreparedInput:
+        """Mixed input for an arbitrary prompt: every registered passage found inside it is
+        compressed (per its registered decision, else per ``expand`` / the default policy);
+        every other character stays ordinary tokens. A prompt without registered passages is
+        ordinary generation. Used by the LangChain and LlamaIndex adapters."""
+        spans = self.locate_registered(prompt)
+        if expand is None and spans:
+            entries = [self._entry(prompt[a:b]) for a, b in spans]
+            if any(e.expand is None for e in entries):
+                # Registered decisions apply per passage; the others follow the default policy.
+                texts = [e.text for e in entries]
+                by_policy = self._resolve_decisions(query, texts, self.policy, budget)[0]
+                expand = [e.expand if e.expand is not None else d for e, d in zip(entries, by_policy)]
+        return self.prepare(prompt, spans, expand, query=query, budget=budget, add_special_tokens=add_special_tokens)
+
     def _special_prefix(self) -> list[int]:
         """Tokens the tokenizer adds in front of plain text (e.g. BOS), if any."""
         with_special = self.tokenizer("a")["input_ids"]

@@ -1,0 +1,49 @@
+"""Helpers shared by CLI commands: reading passage files, building engines, printing stats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def read_passages(path: Path) -> list[str]:
+    """Read passages from a file: ``.jsonl`` (one object per line with ``text`` and optional
+    ``title``) or plain text (passages separated by blank lines)."""
+    if not path.is_file():
+        raise typer.BadParameter(f"passages file {path} does not exist.")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise typer.BadParameter(f"{path} is not UTF-8 text ({err}).") from err
+    passages: list[str] = []
+    if path.suffix in (".jsonl", ".json"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise typer.BadParameter(f"{path}:{n} is not valid JSON ({err}).") from err
+            body = obj.get("text") if isinstance(obj, dict) else None
+            if not isinstance(body, str) or not body.strip():
+                raise typer.BadParameter(f"{path}:{n} has no non-empty 'text' field.")
+            title = obj.get("title")
+            passages.append(f"{title}\n{body.strip()}" if title else body.strip())
+    else:
+        passages = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+    if not passages:
+        raise typer.BadParameter(f"{path} holds no passages.")
+    return passages
+
+
+def stats_line(stats: dict[str, Any]) -> str:
+    return (
+        f"context tokens {stats['context_tokens']}, decoder positions {stats['positions']} "
+        f"(of {stats['prompt_tokens']} prompt tokens, {stats['compression_rate']:.2f}x), "
+        f"chunks expanded {stats['chunks_expanded']}/{stats['chunks']}, "
+        f"TTFT {stats['ttft_s'] * 1000:.0f} ms, total {stats['total_s']:.2f} s"
+    )
