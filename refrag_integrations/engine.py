@@ -10,6 +10,8 @@ rest are decoded with the KV cache.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import threading
 import time
@@ -33,6 +35,19 @@ from .policy import ExpandAll, ExpansionBudget, ExpansionPolicy, ExpandNone, as_
 logger = logging.getLogger(__name__)
 
 Expand = "str | ExpansionPolicy | Sequence[Sequence[bool]] | None"
+
+
+def _locked(method: Callable) -> Callable:
+    """Run an engine method under the engine's RLock: fast tokenizers carry mutable state
+    (``split_special_tokens`` toggles the backend), so tokenising and encoding from several
+    threads at once (LangChain ``batch``/``abatch``) must be serialised like decoding is."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------- outputs
@@ -118,6 +133,7 @@ class _PassageEntry:
     chunks: list[Chunk]
     vectors: torch.Tensor | None = None  # (L, d_enc) pre-projection, float32, cpu
     expand: list[bool] | None = None  # a decision registered by a retriever adapter
+    registered: bool = False  # put here by register_passage: found and compressed in prompts
 
 
 class TokenStream:
@@ -183,6 +199,9 @@ class RefragEngine:
         self.vector_source: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        # transformers 5 renamed forward(past_key_values=...) to forward(cache=...).
+        params = inspect.signature(decoder.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     # ------------------------------------------------------------------ construction
 
@@ -269,6 +288,7 @@ class RefragEngine:
                 without an explicit decision (set by retriever adapters).
         """
         entry = self._entry(text)
+        entry.registered = True
         n = len(entry.chunks)
         if vectors is not None:
             vectors = torch.as_tensor(vectors, dtype=torch.float32).cpu()
@@ -289,10 +309,11 @@ class RefragEngine:
             return self._cache.get(pid)
 
     def registered_passages(self) -> list[str]:
-        """Texts of the passages currently in the cache, most recently used last."""
+        """Texts of the registered passages still in the cache, most recently used last."""
         with self._lock:
-            return [e.text for e in self._cache.values()]
+            return [e.text for e in self._cache.values() if e.registered]
 
+    @_locked
     def chunk_vectors(self, texts: Sequence[str]) -> tuple[list[torch.Tensor], int, float]:
         """Pre-projection chunk vectors for each passage, from the cache, the vector source, or
         the encoder (all missing passages in one batch).
@@ -370,8 +391,7 @@ class RefragEngine:
         A passage that occurs twice is found twice; where two registered passages overlap in the
         prompt, the one that starts first (then the longer) wins, and the other stays tokens.
         """
-        with self._lock:
-            texts = [e.text for e in self._cache.values()]
+        texts = self.registered_passages()
         hits: list[tuple[int, int]] = []
         for text in texts:
             start = prompt.find(text)
@@ -385,6 +405,7 @@ class RefragEngine:
                 spans.append((a, b))
         return spans
 
+    @_locked
     def prepare_prompt(
         self,
         prompt: str,
@@ -407,6 +428,31 @@ class RefragEngine:
                 by_policy = self._resolve_decisions(query, texts, self.policy, budget)[0]
                 expand = [e.expand if e.expand is not None else d for e, d in zip(entries, by_policy)]
         return self.prepare(prompt, spans, expand, query=query, budget=budget, add_special_tokens=add_special_tokens)
+
+    @_locked
+    def decide(
+        self,
+        query: str,
+        texts: Sequence[str],
+        expand: Any = None,
+        budget: ExpansionBudget | float | int | None = None,
+    ) -> list[list[bool]]:
+        """Per-chunk expansion decisions for passages: one joint call of the policy over all
+        their chunks, exactly as :meth:`prepare` would make them (used by retriever adapters,
+        which then :meth:`register_passage` each passage with its decision).
+
+        Args:
+            query: the question (used by query-aware policies).
+            texts: passage texts.
+            expand: a policy (object or name) or explicit decisions; None = the engine's
+                default policy (decisions registered earlier are ignored here).
+            budget: overrides the engine's default budget for a policy.
+
+        Example:
+            >>> engine.decide("Who wrote Hamlet?", ["Hamlet is a tragedy by Shakespeare."], "none")  # doctest: +SKIP
+            [[False, False]]
+        """
+        return self._resolve_decisions(query, texts, self.policy if expand is None else expand, budget)[0]
 
     def _special_prefix(self) -> list[int]:
         """Tokens the tokenizer adds in front of plain text (e.g. BOS), if any."""
@@ -467,6 +513,7 @@ class RefragEngine:
             need_vectors()
         return decisions, vectors, cached, encode_s
 
+    @_locked
     def prepare(
         self,
         prompt: str,
@@ -636,7 +683,7 @@ class RefragEngine:
         with self._autocast():
             out = self.decoder(
                 inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
+                use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
             )
         nxt = self._pick(out.logits[:, -1].cpu(), do_sample, temperature, top_p, gen).to(emb.device)  # (B,)
         self._sync()
@@ -648,7 +695,7 @@ class RefragEngine:
             with self._autocast():
                 out = self.decoder(
                     input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=last.unsqueeze(1),
-                    past_key_values=cache, use_cache=True,
+                    use_cache=True, **{self._cache_kw: cache},
                 )
             nxt = self._pick(out.logits[:, -1].cpu(), do_sample, temperature, top_p, gen).to(emb.device)
             yield nxt, None

@@ -1,0 +1,86 @@
+"""TrainConfig: one dataclass for the library, the CLI (`refrag train STAGE`) and YAML files."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("reconstruct", "cpt", "mixed", "sft", "policy")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training stage. Every field has help text; YAML keys are field names.
+
+    Example:
+        >>> cfg = TrainConfig(stage="reconstruct", output_dir="runs/rec", max_steps=10)
+        >>> cfg.stage
+        'reconstruct'
+    """
+
+    stage: str = field(default="reconstruct", metadata={"help": f"One of {STAGES}."})
+    output_dir: str = field(default="runs/refrag", metadata={"help": "Run directory (resume state, checkpoints)."})
+    init_checkpoint: str | None = field(
+        default=None, metadata={"help": "Checkpoint to start from (the previous stage's output)."}
+    )
+    decoder: str | None = field(default=None, metadata={"help": "Decoder (default: RefragConfig's)."})
+    encoder: str | None = field(default=None, metadata={"help": "Encoder (default: RefragConfig's)."})
+    chunk_size: int = field(default=16, metadata={"help": "k, decoder tokens per chunk."})
+    data_dir: str = field(default="../shared/data", metadata={"help": "Directory with the shared data files."})
+    max_chunks: int = field(default=16, metadata={"help": "L_max: most chunks per example (curriculum top)."})
+    continuation_tokens: int = field(default=64, metadata={"help": "o: tokens to predict after the context (cpt)."})
+    expand_fraction: float = field(default=0.0, metadata={"help": "p: fraction of chunks expanded at random."})
+    curriculum_stages: int = field(default=9, metadata={"help": "Stages of the geometric curriculum (paper: 9)."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per micro-batch."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
+    lr: float = field(default=2e-4, metadata={"help": "Peak learning rate (paper: 2e-4 rec, 5e-5 cpt, 2e-5 sft)."})
+    warmup_frac: float = field(default=0.04, metadata={"help": "Warm-up fraction of steps (paper: 4%)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    encoder_trainable_layers: int = field(
+        default=2, metadata={"help": "Top encoder layers trained (-1 = all, 0 = projector only)."}
+    )
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the decoder (0 = decoder frozen)."})
+    warm_start_steps: int = field(
+        default=0, metadata={"help": "Projector regression steps onto mean chunk token embeddings before training."}
+    )
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (never fp16)."})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)."})
+    save_every: int = field(default=50, metadata={"help": "Save resume state every N steps."})
+    eval_every: int = field(default=0, metadata={"help": "Evaluate every N steps (0 = only at the end)."})
+    eval_examples: int = field(default=64, metadata={"help": "Held-out examples per evaluation setting."})
+    seed: int = field(default=0, metadata={"help": "Seed for data sampling and initialisation."})
+    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda if available)."})
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}.")
+        for name in ("chunk_size", "max_chunks", "batch_size", "grad_accum", "max_steps", "curriculum_stages"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
+        if not 0.0 <= self.expand_fraction <= 1.0:
+            raise ValueError(f"expand_fraction must be in [0, 1], got {self.expand_fraction!r}.")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown training config keys {unknown}; known keys: {sorted(known)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)

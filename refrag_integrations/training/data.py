@@ -1,0 +1,102 @@
+"""Training and held-out data from the shared real data (see ../shared/data/README.md).
+
+Splits follow the agreed ones: NQ-open lines 1-2000 train, 2001-2655 eval; Wikipedia articles,
+WikiText-2 valid and the NQ train passages are free for reconstruction / continual pre-training;
+``wikitext2-test.txt`` is held out for evaluation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..chunking import tokenize_text
+
+NQ_FILE = "nq-open-oracle.jsonl.gz"
+NQ_TRAIN_LINES = (1, 2000)  # inclusive, 1-based
+NQ_EVAL_LINES = (2001, 2655)
+ENWIKI_FILE = "enwiki-sample-articles.jsonl"
+WIKITEXT_VALID = "wikitext2-valid.txt"
+WIKITEXT_TEST = "wikitext2-test.txt"
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"Training data file {path} is missing; point --data-dir at ../shared/data.")
+    return path
+
+
+@dataclass(frozen=True)
+class NQExample:
+    """One NQ-open question with its gold passage (``title\\ntext``)."""
+
+    question: str
+    answers: tuple[str, ...]
+    passage: str
+    line: int
+
+
+def load_nq(data_dir: str | Path, split: str) -> list[NQExample]:
+    """The NQ-open oracle examples of the ``train`` (lines 1-2000) or ``eval`` (2001-2655) split,
+    or ``all`` (the whole file, e.g. as a retrieval corpus)."""
+    lo, hi = {"train": NQ_TRAIN_LINES, "eval": NQ_EVAL_LINES, "all": (1, 10**9)}.get(split, (None, None))
+    if lo is None:
+        raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}.")
+    out = []
+    with gzip.open(_require(Path(data_dir) / NQ_FILE), "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not lo <= n <= hi:
+                continue
+            obj = json.loads(line)
+            ctx = obj["ctxs"][0]
+            out.append(NQExample(obj["question"], tuple(obj["answers"]), f"{ctx['title']}\n{ctx['text']}", n))
+    return out
+
+
+def pretraining_documents(data_dir: str | Path) -> list[str]:
+    """Texts for reconstruction / CPT: the 100 Wikipedia articles, WikiText-2 valid, and the NQ
+    *train* gold passages (in-domain for RAG). Never the held-out WikiText-2 test or NQ eval."""
+    data_dir = Path(data_dir)
+    docs = []
+    with open(_require(data_dir / ENWIKI_FILE), encoding="utf-8") as f:
+        docs.extend(json.loads(line)["text"] for line in f if line.strip())
+    docs.append(_require(data_dir / WIKITEXT_VALID).read_text(encoding="utf-8"))
+    docs.extend(ex.passage for ex in load_nq(data_dir, "train"))
+    return docs
+
+
+def heldout_documents(data_dir: str | Path) -> list[str]:
+    """Held-out evaluation text: WikiText-2 test."""
+    return [_require(Path(data_dir) / WIKITEXT_TEST).read_text(encoding="utf-8")]
+
+
+class TokenCorpus:
+    """Documents tokenized with the decoder's tokenizer; draws token windows at random.
+
+    Windows are drawn from documents in proportion to their usable length, so short passages and
+    long articles are sampled fairly per token.
+    """
+
+    def __init__(self, docs: Iterable[str], tokenizer: Any) -> None:
+        self.docs = [np.asarray(tokenize_text(d, tokenizer)[0], dtype=np.int64) for d in docs if d.strip()]
+        if not self.docs:
+            raise ValueError("TokenCorpus got no non-empty documents.")
+        self.tokens = int(sum(len(d) for d in self.docs))
+
+    def window(self, rng: random.Random, length: int) -> list[int]:
+        """One window of exactly ``length`` tokens (documents shorter than that are skipped)."""
+        weights = [max(len(d) - length + 1, 0) for d in self.docs]
+        if not any(weights):
+            raise ValueError(f"No document has {length} tokens; lower max_chunks or continuation_tokens.")
+        doc = rng.choices(self.docs, weights=weights)[0]
+        start = rng.randrange(0, len(doc) - length + 1)
+        return doc[start : start + length].tolist()
+
+    def windows(self, rng: random.Random, length: int, n: int) -> list[list[int]]:
+        return [self.window(rng, length) for _ in range(n)]

@@ -1,0 +1,77 @@
+"""Tiny random models built from configs (no download), for fast unit tests.
+
+``make_tiny_models(root)`` writes a 2-layer Llama decoder with a byte-level BPE tokenizer trained
+on a paragraph of real text, and a 2-layer BERT encoder, as ordinary local model directories, so
+the same loading code path as for real models is exercised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# A real paragraph (WikiText-2 test split, CC BY-SA 3.0) to train the tiny BPE vocabulary on.
+CORPUS = (
+    "Robert Boulter is an English film, television and theatre actor. He had a guest starring role "
+    "on the television series The Bill in 2000. This was followed by a starring role in the play "
+    "Herons written by Simon Stephens, which was performed in 2001 at the Royal Court Theatre. He "
+    "had a guest role in the television series Judge John Deed in 2002. In 2004 Boulter landed a "
+    "role as Craig in the episode Teddy's Story of the television series The Long Firm; he starred "
+    "alongside actors Mark Strong and Derek Jacobi. He was cast in the 2005 theatre productions of "
+    "the Philip Ridley play Mercury Fur, which was performed at the Drum Theatre in Plymouth and the "
+    "Menier Chocolate Factory in London. Question: Answer the question using the passages. "
+    "Who is the Eiffel Tower named after? Gustave Eiffel designed the tower in Paris, France. "
+    "0123456789 .,;:!?'\"()[]-"
+)
+
+SPECIAL = ["<s>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _tokenizer(chat: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_models(root: Path, chat: bool = False, seed: int = 0) -> tuple[Path, Path]:
+    """Write a tiny decoder and encoder under ``root``; return their directories."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = _tokenizer(chat)
+    dec_dir, enc_dir = root / "tiny-decoder", root / "tiny-encoder"
+    dcfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(dcfg).save_pretrained(dec_dir)
+    tok.save_pretrained(dec_dir)
+    ecfg = BertConfig(
+        vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+    )
+    BertModel(ecfg).save_pretrained(enc_dir)
+    tok.save_pretrained(enc_dir)
+    return dec_dir, enc_dir
