@@ -8,6 +8,8 @@ refrag_config.json        RefragConfig (base model names + weight fingerprints, 
 projector.safetensors     the 2-layer MLP projector
 encoder_delta.safetensors encoder parameters that training changed (optional)
 decoder_delta.safetensors decoder parameters that training changed (optional)
+decoder_lora.safetensors  low-rank decoder updates ``adapter{i}.{module}.lora_A/B/scale``,
+                          merged into the decoder weights at load (optional)
 policy.safetensors        learned expansion policy weights (optional) + policy_config.json
 metrics.json              the evaluation the checkpoint was trained to (optional)
 ```
@@ -42,6 +44,7 @@ CONFIG_FILE = "refrag_config.json"
 PROJECTOR_FILE = "projector.safetensors"
 ENCODER_DELTA_FILE = "encoder_delta.safetensors"
 DECODER_DELTA_FILE = "decoder_delta.safetensors"
+DECODER_LORA_FILE = "decoder_lora.safetensors"
 POLICY_FILE = "policy.safetensors"
 POLICY_CONFIG_FILE = "policy_config.json"
 METRICS_FILE = "metrics.json"
@@ -61,6 +64,7 @@ class Checkpoint:
     projector: dict[str, torch.Tensor]
     encoder_delta: dict[str, torch.Tensor] = field(default_factory=dict)
     decoder_delta: dict[str, torch.Tensor] = field(default_factory=dict)
+    decoder_lora: list[dict[str, torch.Tensor]] = field(default_factory=list)
     policy: dict[str, torch.Tensor] | None = None
     policy_config: dict[str, Any] | None = None
     trained_stages: list[str] = field(default_factory=list)
@@ -81,6 +85,7 @@ def save_checkpoint(
     *,
     encoder_delta: dict[str, torch.Tensor] | None = None,
     decoder_delta: dict[str, torch.Tensor] | None = None,
+    decoder_lora: list[dict[str, torch.Tensor]] | None = None,
     policy: dict[str, torch.Tensor] | None = None,
     policy_config: dict[str, Any] | None = None,
     trained_stages: list[str] | None = None,
@@ -93,6 +98,7 @@ def save_checkpoint(
         config: the RefragConfig, with ``decoder_fingerprint`` / ``encoder_fingerprint`` filled.
         projector: the projector's state dict.
         encoder_delta / decoder_delta: parameters that training changed (name -> tensor).
+        decoder_lora: LoRA adapters (one dict per stage that trained one), applied in order.
         policy, policy_config: a learned expansion policy's weights and
             ``{"class": "module:Class", ...}`` (the class must offer ``from_state(config, state)``).
         trained_stages: e.g. ``["reconstruct", "cpt"]``; empty means untrained.
@@ -114,6 +120,8 @@ def save_checkpoint(
             dump(encoder_delta, ENCODER_DELTA_FILE)
         if decoder_delta:
             dump(decoder_delta, DECODER_DELTA_FILE)
+        if decoder_lora:
+            dump({f"adapter{i}.{k}": v for i, a in enumerate(decoder_lora) for k, v in a.items()}, DECODER_LORA_FILE)
         if policy is not None:
             dump(policy, POLICY_FILE)
             (tmp / POLICY_CONFIG_FILE).write_text(json.dumps(policy_config or {}, indent=2))
@@ -157,11 +165,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         return load_file(str(path / name)) if (path / name).is_file() else {}
 
     policy = opt(POLICY_FILE) or None
+    adapters: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in opt(DECODER_LORA_FILE).items():
+        head, _, rest = key.partition(".")
+        adapters.setdefault(int(head.removeprefix("adapter")), {})[rest] = value
     return Checkpoint(
         config=RefragConfig.from_dict(meta["config"]),
         projector=load_file(str(path / PROJECTOR_FILE)),
         encoder_delta=opt(ENCODER_DELTA_FILE),
         decoder_delta=opt(DECODER_DELTA_FILE),
+        decoder_lora=[adapters[i] for i in sorted(adapters)],
         policy=policy,
         policy_config=json.loads((path / POLICY_CONFIG_FILE).read_text()) if policy is not None else None,
         trained_stages=list(meta.get("trained_stages", [])),
@@ -281,6 +294,11 @@ def build_engine(
         chunk_encoder.projector.load_state_dict(ckpt.projector)
         _apply_delta(enc_model, ckpt.encoder_delta, "encoder")
         _apply_delta(dec_model, ckpt.decoder_delta, "decoder")
+        if ckpt.decoder_lora:
+            from .training.lora import merge_lora
+
+            for adapter in ckpt.decoder_lora:
+                merge_lora(dec_model, adapter)
         trained = bool(ckpt.trained_stages)
         if ckpt.policy is not None:
             learned_policy = load_policy(ckpt.policy, ckpt.policy_config or {})

@@ -197,6 +197,10 @@ class RefragEngine:
         # Optional source of precomputed chunk vectors (e.g. the Chroma ChunkStore):
         # called with a list of passage ids, returns {passage_id: Tensor(L, d_enc)} for the hits.
         self.vector_source: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
+        # Optional sink for chunk vectors encoded at query time (e.g. the ChunkStore's write-back):
+        # called with {passage_id: Tensor(L, d_enc)} for the passages that had to be encoded.
+        self.vector_sink: Callable[[dict[str, torch.Tensor]], None] | None = None
+        self._chunk_vector_fingerprint: str | None = None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         # transformers 5 renamed forward(past_key_values=...) to forward(cache=...).
@@ -343,7 +347,28 @@ class RefragEngine:
                 e.vectors = flat[i : i + len(e.chunks)]
                 i += len(e.chunks)
             encode_s = time.perf_counter() - t0
+            if self.vector_sink is not None:
+                self.vector_sink({passage_id(e.text): e.vectors for e in missing})
         return [e.vectors for e in entries], cached, encode_s
+
+    def chunk_vector_fingerprint(self, refresh: bool = False) -> str:
+        """Fingerprint of everything the pre-projection chunk vectors depend on: the encoder's
+        weights (after any trained encoder delta), its tokenizer, pooling and length limit, k, and
+        the decoder's tokenizer (chunks are cut on decoder tokens). The projector is not part of
+        it: c_i is stored before projection. Computed once and cached; pass ``refresh=True`` after
+        changing the encoder in place (e.g. during training).
+
+        Example:
+            >>> engine.chunk_vector_fingerprint()   # doctest: +SKIP
+            '3f2a9c0d1e7b4a65'
+        """
+        if self._chunk_vector_fingerprint is None or refresh:
+            from .store import compute_chunk_vector_fingerprint
+
+            self._chunk_vector_fingerprint = compute_chunk_vector_fingerprint(
+                self.chunk_encoder, self.tokenizer, self.k
+            )
+        return self._chunk_vector_fingerprint
 
     # ------------------------------------------------------------------ prompts
 
@@ -469,10 +494,11 @@ class RefragEngine:
         texts: Sequence[str],
         expand: Any,
         budget: ExpansionBudget | float | int | None,
+        vectors: list[torch.Tensor] | None = None,
     ) -> tuple[list[list[bool]], list[torch.Tensor] | None, int, float]:
         entries = [self._entry(t) for t in texts]
         counts = [len(e.chunks) for e in entries]
-        vectors, cached, encode_s = None, 0, 0.0
+        cached, encode_s = 0, 0.0
 
         def need_vectors() -> None:
             nonlocal vectors, cached, encode_s
@@ -523,6 +549,7 @@ class RefragEngine:
         query: str = "",
         budget: ExpansionBudget | float | int | None = None,
         add_special_tokens: bool = False,
+        vectors: Sequence[torch.Tensor] | None = None,
     ) -> PreparedInput:
         """Build the mixed input for a prompt whose passages sit at ``spans``.
 
@@ -534,12 +561,18 @@ class RefragEngine:
             query: the question (used by query-aware policies).
             budget: overrides the engine's default budget for a policy.
             add_special_tokens: prepend the tokenizer's BOS (for prompts without a chat template).
+            vectors: per-passage pre-projection chunk vectors to use instead of the cache (e.g.
+                computed with gradients during training); not stored.
         """
         texts = [prompt[a:b] for a, b in spans]
         for i, t in enumerate(texts):
             if not t.strip():
                 raise ValueError(f"passage {i} is empty; remove it or give it some text.")
-        decisions, vectors, cached, encode_s = self._resolve_decisions(query, texts, expand, budget)
+        if vectors is not None:
+            vectors = list(vectors)
+            if len(vectors) != len(texts):
+                raise ValueError(f"vectors has {len(vectors)} entries for {len(texts)} passages.")
+        decisions, vectors, cached, encode_s = self._resolve_decisions(query, texts, expand, budget, vectors)
 
         embed = self.decoder.get_input_embeddings()
         dev, dtype = embed.weight.device, embed.weight.dtype
@@ -596,6 +629,7 @@ class RefragEngine:
         *,
         budget: ExpansionBudget | float | int | None = None,
         system_prompt: str | None = None,
+        vectors: Sequence[torch.Tensor] | None = None,
     ) -> PreparedInput:
         """Build the mixed input for a question over passages (see :meth:`build_prompt`)."""
         if isinstance(passages, str):
@@ -604,7 +638,9 @@ class RefragEngine:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"passage {i} is empty or not a string; give non-empty passage texts.")
         prompt, spans, add_special = self.build_prompt(question, passages, system_prompt)
-        return self.prepare(prompt, spans, expand, query=question, budget=budget, add_special_tokens=add_special)
+        return self.prepare(
+            prompt, spans, expand, query=question, budget=budget, add_special_tokens=add_special, vectors=vectors
+        )
 
     # ------------------------------------------------------------------ decoding
 

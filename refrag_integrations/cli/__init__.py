@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import ask
+from . import ask, train
 
 app = typer.Typer(
     name="refrag",
@@ -13,6 +13,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("ask")(ask.ask)
+app.command("train")(train.train)
 
 
 @app.callback()

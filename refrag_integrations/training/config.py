@@ -30,6 +30,7 @@ class TrainConfig:
     chunk_size: int = field(default=16, metadata={"help": "k, decoder tokens per chunk."})
     data_dir: str = field(default="../shared/data", metadata={"help": "Directory with the shared data files."})
     max_chunks: int = field(default=16, metadata={"help": "L_max: most chunks per example (curriculum top)."})
+    num_passages: int = field(default=5, metadata={"help": "sft: passages per question (gold + distractors)."})
     continuation_tokens: int = field(default=64, metadata={"help": "o: tokens to predict after the context (cpt)."})
     expand_fraction: float = field(default=0.0, metadata={"help": "p: fraction of chunks expanded at random."})
     curriculum_stages: int = field(default=9, metadata={"help": "Stages of the geometric curriculum (paper: 9)."})

@@ -100,3 +100,22 @@ class TokenCorpus:
 
     def windows(self, rng: random.Random, length: int, n: int) -> list[list[int]]:
         return [self.window(rng, length) for _ in range(n)]
+
+
+def rag_passages(rng: random.Random, examples: list[NQExample], index: int, num_passages: int) -> tuple[list[str], int]:
+    """Gold passage of ``examples[index]`` plus ``num_passages - 1`` distractors (other examples'
+    gold passages), in random order. Returns (passages, position of the gold passage)."""
+    if num_passages < 1:
+        raise ValueError(f"num_passages must be >= 1, got {num_passages}.")
+    if num_passages > len(examples):
+        raise ValueError(f"num_passages={num_passages} exceeds the {len(examples)} available passages.")
+    gold = examples[index].passage
+    others = [j for j in rng.sample(range(len(examples)), min(len(examples), num_passages + 4)) if j != index]
+    distractors = []
+    for j in others:
+        if examples[j].passage != gold and examples[j].passage not in distractors:
+            distractors.append(examples[j].passage)
+        if len(distractors) == num_passages - 1:
+            break
+    pos = rng.randrange(num_passages)
+    return distractors[:pos] + [gold] + distractors[pos:], pos

@@ -65,10 +65,13 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.output_dir)
         self.prev_stages: list[str] = []
+        self.prev = None  # the init checkpoint's contents, carried into this stage's export
+        if cfg.init_checkpoint:
+            self.prev = load_checkpoint(cfg.init_checkpoint)
+            self.prev_stages = self.prev.trained_stages
         if engine is None:
             kwargs: dict[str, Any] = {"device": cfg.device}
             if cfg.init_checkpoint:
-                self.prev_stages = load_checkpoint(cfg.init_checkpoint).trained_stages
                 engine = RefragEngine.from_pretrained(cfg.init_checkpoint, decoder=cfg.decoder, encoder=cfg.encoder, **kwargs)
             else:
                 torch.manual_seed(cfg.seed)
@@ -106,6 +109,10 @@ class Trainer:
             p.requires_grad_(False)
         for p in enc.projector.parameters():
             p.requires_grad_(True)
+        if self.cfg.lora_rank > 0:
+            from .lora import add_lora
+
+            add_lora(dec, self.cfg.lora_rank)
         n = self.cfg.encoder_trainable_layers
         if n < 0:
             for p in enc.encoder.parameters():
@@ -215,12 +222,24 @@ class Trainer:
         return True
 
     def save_checkpoint(self, metrics: dict[str, Any] | None = None) -> Path:
-        """Export the trained weights as a REFRAG checkpoint directory (``output_dir/checkpoint``)."""
+        """Export the trained weights as a REFRAG checkpoint directory (``output_dir/checkpoint``):
+        everything the init checkpoint changed plus what this stage changed."""
+        from .lora import lora_state
+
         st = self.trainable_state()
         eng = self.engine
+        enc_delta = dict(self.prev.encoder_delta) if self.prev else {}
+        enc_delta.update(st["encoder"])
+        dec_delta = dict(self.prev.decoder_delta) if self.prev else {}
+        dec_delta.update({n: v for n, v in st["decoder"].items() if ".lora_" not in n})
+        adapters = list(self.prev.decoder_lora) if self.prev else []
+        if self.cfg.lora_rank > 0:
+            adapters.append(lora_state(eng.decoder))
         return save_checkpoint(
             self.out / CHECKPOINT_DIR, eng.config, st["projector"],
-            encoder_delta=st["encoder"] or None, decoder_delta=st["decoder"] or None,
+            encoder_delta=enc_delta or None, decoder_delta=dec_delta or None, decoder_lora=adapters or None,
+            policy=self.prev.policy if self.prev else None,
+            policy_config=self.prev.policy_config if self.prev else None,
             trained_stages=self.prev_stages + [self.cfg.stage], metrics=metrics,
         )
 

@@ -1,0 +1,98 @@
+"""RAG fine-tuning (``sft``) on the NQ *train* split with the inference prompt format.
+
+Each example: the question, its gold passage plus distractors (other train questions' gold
+passages) in random order, a random fraction p of chunks expanded, and the gold answer as the
+target (followed by end-of-turn). The prompt is built by the engine's own ``prepare_rag`` so
+training and inference share it exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from .trainer import Trainer
+
+
+class SFTTrainer(Trainer):
+    """Runs the ``sft`` stage (see :class:`Trainer` for the loop, resume and checkpoints)."""
+
+    def data(self):
+        if self._data is None:
+            from .data import load_nq
+
+            self._data = load_nq(self.cfg.data_dir, "train")
+        return self._data
+
+    def answer_ids(self, answer: str) -> list[int]:
+        tok = self.engine.tokenizer
+        ids = tok(answer.strip(), add_special_tokens=False)["input_ids"]
+        eos = tok.eos_token_id
+        return ids + ([eos] if eos is not None else [])
+
+    def example_loss(self, question: str, passages: list[str], answer: str, rng: random.Random) -> tuple[torch.Tensor, float]:
+        """Answer NLL for one RAG example with random expansion; returns (mean NLL, token acc)."""
+        from .objectives import _lm_loss
+
+        eng = self.engine
+        chunk_lists = [eng.chunk(p) for p in passages]
+        flat = [c.text for cl in chunk_lists for c in cl]
+        vecs = eng.chunk_encoder.encode(flat)  # (sum L, d_enc), with grad
+        per, i = [], 0
+        for cl in chunk_lists:
+            per.append(vecs[i : i + len(cl)])
+            i += len(cl)
+        n_expand = int(self.cfg.expand_fraction * len(flat))
+        picked = set(rng.sample(range(len(flat)), n_expand))
+        decisions, i = [], 0
+        for cl in chunk_lists:
+            decisions.append([(i + j) in picked for j in range(len(cl))])
+            i += len(cl)
+        prepared = eng.prepare_rag(question, passages, decisions, vectors=per)
+        target = torch.tensor([self.answer_ids(answer)], device=eng.device)
+        nll, correct = _lm_loss(eng, prepared.embeds.unsqueeze(0), target)
+        return nll.mean(), float(correct.float().mean())
+
+    def loss_for_step(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        from .data import rag_passages
+
+        cfg = self.cfg
+        rng = random.Random((cfg.seed * 1_000_003 + step) * 64 + micro)
+        examples = self.data()
+        losses, accs = [], []
+        for _ in range(cfg.batch_size):
+            idx = rng.randrange(len(examples))
+            passages, _ = rag_passages(rng, examples, idx, cfg.num_passages)
+            ex = examples[idx]
+            loss, acc = self.example_loss(ex.question, passages, ex.answers[0], rng)
+            losses.append(loss)
+            accs.append(acc)
+        return torch.stack(losses).mean(), {"acc": sum(accs) / len(accs)}
+
+    def evaluate(self) -> dict[str, Any]:
+        """Match on the first ``eval_examples`` NQ eval questions with ``num_passages`` passages:
+        closed-book, full context, and compressed (p = 0 and p = expand_fraction, relevance)."""
+        from ..evaluation.metrics import match as match_score
+        from .data import load_nq, rag_passages
+
+        cfg = self.cfg
+        was = self.engine.chunk_encoder.training
+        self.engine.chunk_encoder.eval()
+        eval_set = load_nq(cfg.data_dir, "eval")[: cfg.eval_examples]
+        pool = load_nq(cfg.data_dir, "eval")
+        settings = {"closed_book": ("all", 0.0, 0), "full": ("all", 0.0, cfg.num_passages),
+                    "compressed_p0": ("none", 0.0, cfg.num_passages),
+                    f"relevance_p{cfg.expand_fraction}": ("relevance", cfg.expand_fraction, cfg.num_passages)}
+        out: dict[str, Any] = {"examples": len(eval_set), "num_passages": cfg.num_passages}
+        for name, (policy, p, n) in settings.items():
+            hits = []
+            for i, ex in enumerate(eval_set):
+                rng = random.Random(10_000 + i)
+                passages = rag_passages(rng, pool, pool.index(ex), n)[0] if n else []
+                res = self.engine.generate(ex.question, passages, expand=policy, budget=p, max_new_tokens=24)
+                hits.append(match_score(res.text, ex.answers))
+            out[name] = {"match": sum(hits) / len(hits)}
+        self.engine.chunk_encoder.train(was)
+        return out
