@@ -56,5 +56,8 @@ def train(
         from ..training.policy_rl import PolicyTrainer as runner_cls
     else:
         from ..training.trainer import Trainer as runner_cls
+    import os
+
     metrics = runner_cls(cfg).train(resume=resume)
-    typer.echo(json.dumps(metrics, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, print once
+        typer.echo(json.dumps(metrics, indent=2))

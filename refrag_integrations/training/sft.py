@@ -59,7 +59,7 @@ class SFTTrainer(Trainer):
         from .data import rag_passages
 
         cfg = self.cfg
-        rng = random.Random((cfg.seed * 1_000_003 + step) * 64 + micro)
+        rng = self.micro_rng(step, micro)
         examples = self.data()
         losses, accs = [], []
         for _ in range(cfg.batch_size):

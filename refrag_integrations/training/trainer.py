@@ -1,12 +1,50 @@
 """The training loop shared by all stages: AdamW, warm-up + cosine, bf16 autocast, gradient
-accumulation, progress bar, checkpoints every N steps and on SIGINT/SIGTERM, exact resume.
+accumulation, progress bar, checkpoints every N steps and on SIGINT/SIGTERM, exact resume, and
+data-parallel scale-out.
 
-Data for step t is drawn from an RNG seeded by (seed, t), so resuming at step t replays exactly
-the batches an uninterrupted run would have seen; optimizer, scheduler and RNG states are saved.
+Data for step t is drawn from an RNG seeded by (seed, t, micro-batch index), and each micro-batch
+runs under its own seeded torch RNG (dropout), so resuming at step t replays exactly the batches an
+uninterrupted run would have seen; optimizer, scheduler and RNG states are saved.
+
+Scale-out (DDP). The same :class:`Trainer` runs under ``torchrun --nproc_per_node N`` or
+``accelerate launch``: it reads ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` (and ``MASTER_ADDR`` /
+``MASTER_PORT``), joins the process group (nccl on CUDA, gloo on CPU) and puts each rank on
+``cuda:LOCAL_RANK``. One optimizer step consumes ``world_size * grad_accum`` micro-batches; rank r
+draws micro-batches ``r * grad_accum ... r * grad_accum + grad_accum - 1`` of the step, so an
+N-rank run sees exactly the data (and dropout masks) of a single process with ``N * grad_accum``
+accumulation steps, and a single-process run is unchanged. Gradients of the trainable parameters
+are averaged with an all-reduce after the backward passes (the chunk encoder and the decoder are
+called through the engine's helpers, so there is no single module to wrap in
+``DistributedDataParallel``); clipping and the AdamW step then run identically on every rank, and
+the initial trainable weights are broadcast from rank 0. Only rank 0 writes the resume state, the
+checkpoint, the logs and the progress bar, and runs the evaluations; every rank resumes from the
+same ``trainer_state.pt`` (``output_dir`` must be on a filesystem all ranks see). A SIGINT/SIGTERM
+on any rank stops all ranks after the same step and saves. Mind torchrun's deadline: it forwards a
+SIGTERM to every worker and kills them 30 s later, so a step longer than that loses the work since
+the last ``save_every`` save; signalling one worker process directly has no deadline.
+
+    torchrun --nproc_per_node 4 --no-python refrag train cpt --init-checkpoint runs/rec/checkpoint
+    accelerate launch --num_processes 4 --no_python refrag train cpt --init-checkpoint runs/rec/checkpoint
+
+FSDP (not implemented; how to add it). DDP replicates the decoder on every GPU. The stages as
+configured train only the chunk encoder, the projector and LoRA adapters, so the replicated decoder
+is frozen: no gradients or optimizer state, only its weights (4 bytes per parameter in fp32, as the
+engine loads it today; 2 in bf16), so a 7B decoder (28 GB) still fits one 80 GB GPU with room for
+activations. FSDP pays off for larger decoders or full decoder fine-tuning. To add it: after
+``add_lora``, call ``torch.distributed.fsdp.fully_shard`` on each decoder layer and then on the
+decoder, with ``ignored_params`` = the input embedding's weight (the engine embeds tokens and chunk
+vectors outside the decoder's forward, so that weight must stay a plain replicated tensor);
+all-reduce only the non-FSDP gradients (encoder, projector), since FSDP reduce-scatters its own;
+clip with the norms of the DTensor shards and the plain tensors combined; gather full state dicts
+for ``trainer_state.pt`` and the export with
+``torch.distributed.checkpoint.state_dict.get_model_state_dict`` / ``get_optimizer_state_dict``
+(``StateDictOptions(full_state_dict=True, cpu_offload=True)``); and run the evaluations on all
+ranks, because every forward of a sharded decoder is a collective.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -14,8 +52,10 @@ import os
 import random
 import signal
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -26,6 +66,16 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_DIR = "checkpoint"
+
+# Micro-batch seeds: (seed * SEED_STEP_STRIDE + step) * MICRO_SEED_STRIDE + index for the first
+# MICRO_SEED_STRIDE micro-batches of a step (the historical formula, so runs resume with the same
+# data); larger indices (many ranks x accumulation) use a string seed that cannot collide.
+SEED_STEP_STRIDE = 1_000_003
+MICRO_SEED_STRIDE = 64
+# Rank 0 alone evaluates and writes while the other ranks wait at a barrier: allow it an hour.
+DIST_TIMEOUT_S = 3600
+# Gradients are all-reduced in flat buckets of at most this many elements (bounds the extra memory).
+GRAD_BUCKET_ELEMENTS = 1 << 25
 
 
 def lr_lambda(step: int, total: int, warmup_frac: float) -> float:
@@ -49,12 +99,109 @@ def _encoder_layers(encoder: torch.nn.Module) -> torch.nn.ModuleList | None:
     return None
 
 
+def micro_batch_seed(seed: int, step: int, index: int) -> int | str:
+    """Seed of the data RNG for micro-batch ``index`` (0-based, across all ranks) of ``step``.
+
+    Example:
+        >>> micro_batch_seed(0, 3, 1)
+        193
+    """
+    if index < MICRO_SEED_STRIDE:
+        return (seed * SEED_STEP_STRIDE + step) * MICRO_SEED_STRIDE + index
+    return f"{seed}/{step}/{index}"
+
+
+# ---------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in a data-parallel run; ``world_size == 1`` is a plain single process.
+
+    Attributes:
+        world_size: number of ranks.
+        rank: this process's rank (0 writes files and logs).
+        local_rank: rank on this machine (selects ``cuda:local_rank``).
+        owns_group: True if :func:`init_distributed` created the process group (and so destroys it).
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}.") from None
+
+
+def init_distributed(device_type: str) -> DistContext:
+    """Join the process group described by ``torchrun`` / ``accelerate launch``.
+
+    Reads ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` (``MASTER_ADDR`` / ``MASTER_PORT`` are read by
+    torch's ``env://`` rendezvous). Without ``WORLD_SIZE`` (or with 1) this is a single process. An
+    already initialised process group is used as it is.
+
+    Args:
+        device_type: ``"cuda"`` (nccl backend, and this rank is pinned to ``cuda:LOCAL_RANK``) or
+            ``"cpu"`` (gloo backend).
+
+    Example:
+        >>> init_distributed("cpu").world_size  # a plain `python` run
+        1
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+        return DistContext(world, rank, _env_int("LOCAL_RANK", rank), owns_group=False)
+    world = _env_int("WORLD_SIZE", 1)
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE must be >= 1, got {world}.")
+    if world == 1:
+        return DistContext()
+    rank = _env_int("RANK", -1)
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK must be in 0..{world - 1} when WORLD_SIZE={world}, got {os.environ.get('RANK')!r}.")
+    local_rank = _env_int("LOCAL_RANK", rank)
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed support.")
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(
+        backend="nccl" if device_type == "cuda" else "gloo", init_method="env://",
+        world_size=world, rank=rank, timeout=timedelta(seconds=DIST_TIMEOUT_S),
+    )
+    return DistContext(world, rank, local_rank, owns_group=True)
+
+
 class Trainer:
     """Runs one stage of the REFRAG recipe.
 
+    Under ``torchrun`` / ``accelerate launch`` it trains data-parallel (see the module docstring).
+
     Args:
         cfg: the stage's :class:`TrainConfig`.
-        engine: an already built engine (tests); default: built from ``cfg``.
+        engine: an already built engine (tests); default: built from ``cfg`` (on
+            ``cuda:LOCAL_RANK`` in a multi-GPU run).
+
+    Example:
+        >>> cfg = TrainConfig(stage="reconstruct", output_dir="runs/rec", max_steps=2000)  # doctest: +SKIP
+        >>> metrics = Trainer(cfg).train()   # Ctrl-C saves; rerunning resumes  # doctest: +SKIP
     """
 
     def __init__(self, cfg: TrainConfig, engine=None) -> None:
@@ -63,6 +210,11 @@ class Trainer:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if engine is not None:
+            device_type = engine.device.type
+        else:
+            device_type = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+        self.dist = init_distributed(device_type)
         self.out = Path(cfg.output_dir)
         self.prev_stages: list[str] = []
         self.prev = None  # the init checkpoint's contents, carried into this stage's export
@@ -70,7 +222,10 @@ class Trainer:
             self.prev = load_checkpoint(cfg.init_checkpoint)
             self.prev_stages = self.prev.trained_stages
         if engine is None:
-            kwargs: dict[str, Any] = {"device": cfg.device}
+            device = cfg.device
+            if self.dist.enabled and device_type == "cuda" and (device is None or torch.device(device).index is None):
+                device = f"cuda:{self.dist.local_rank}"
+            kwargs: dict[str, Any] = {"device": device}
             if cfg.init_checkpoint:
                 engine = RefragEngine.from_pretrained(cfg.init_checkpoint, decoder=cfg.decoder, encoder=cfg.encoder, **kwargs)
             else:
@@ -93,6 +248,8 @@ class Trainer:
         self.step = 0
         self._stop = False
         self._data = None
+        self._heldout = None
+        self._broadcast_params()
 
     # ------------------------------------------------------------------ parameters
 
@@ -154,17 +311,27 @@ class Trainer:
         return self._data
 
     def heldout(self):
-        from .data import TokenCorpus, heldout_documents
+        if self._heldout is None:
+            from .data import TokenCorpus, heldout_documents
 
-        return TokenCorpus(heldout_documents(self.cfg.data_dir), self.engine.tokenizer)
+            self._heldout = TokenCorpus(heldout_documents(self.cfg.data_dir), self.engine.tokenizer)
+        return self._heldout
+
+    def micro_rng(self, step: int, micro: int) -> random.Random:
+        """The data RNG of micro-batch ``micro`` (global index) of optimizer step ``step``."""
+        return random.Random(micro_batch_seed(self.cfg.seed, step, micro))
 
     def loss_for_step(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of micro-batch ``micro`` of optimizer step ``step`` (data seeded by both)."""
+        """Loss of micro-batch ``micro`` of optimizer step ``step`` (data seeded by both).
+
+        ``micro`` is the micro-batch's index in the step's global batch (``rank * grad_accum +``
+        the local index), so every rank draws different data and a single process draws the same.
+        """
         from .curriculum import sample_chunk_count
         from .objectives import continuation_loss, random_expansion, reconstruction_loss
 
         cfg = self.cfg
-        rng = random.Random((cfg.seed * 1_000_003 + step) * 64 + micro)
+        rng = self.micro_rng(step, micro)
         L = sample_chunk_count(rng, step, cfg.max_steps, cfg.curriculum_stages, cfg.max_chunks)
         k = cfg.chunk_size
         dev = self.engine.device
@@ -182,36 +349,166 @@ class Trainer:
         m["chunks"] = L
         return loss, m
 
+    # ------------------------------------------------------------------ distributed
+
+    def _barrier(self) -> None:
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _broadcast_params(self) -> None:
+        """Start every rank from rank 0's trainable weights (fresh projector / LoRA init)."""
+        if not self.dist.enabled:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for p in self.params:
+                dist.broadcast(p.data, src=0)
+
+    def _broadcast_object(self, obj: Any) -> Any:
+        if not self.dist.enabled:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _count_ranks(self, flag: bool) -> int:
+        """On every rank: the number of ranks where ``flag`` is True."""
+        if not self.dist.enabled:
+            return int(flag)
+        import torch.distributed as dist
+
+        t = torch.tensor([float(flag)], device=self._comm_device())
+        dist.all_reduce(t)
+        return int(round(t.item()))
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any rank."""
+        return self._count_ranks(flag) > 0
+
+    def _comm_device(self) -> torch.device:
+        return self.engine.device
+
+    def _all_reduce_grads(self) -> None:
+        """Average the trainable parameters' gradients over the ranks (flat buckets).
+
+        A parameter without a gradient on some ranks counts as zero there; one without a gradient
+        on every rank keeps ``grad=None`` (the optimizer then skips it, as in a single process).
+        """
+        if not self.dist.enabled:
+            return
+        import torch.distributed as dist
+
+        world = self.dist.world_size
+        has = torch.tensor([float(p.grad is not None) for p in self.params], device=self._comm_device())
+        dist.all_reduce(has)
+        live = [p for p, h in zip(self.params, has.tolist()) if h > 0]
+        for p in live:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        buckets: list[list[torch.nn.Parameter]] = []
+        size = 0
+        for p in live:
+            if not buckets or size + p.numel() > GRAD_BUCKET_ELEMENTS or buckets[-1][0].grad.dtype != p.grad.dtype:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(p)
+            size += p.numel()
+        for bucket in buckets:
+            flat = torch.cat([p.grad.reshape(-1) for p in bucket])  # (n,)
+            dist.all_reduce(flat)
+            flat.div_(world)
+            offset = 0
+            for p in bucket:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+
+    def _reduce_metrics(self, metrics: dict[str, float]) -> tuple[dict[str, float], bool]:
+        """Average the step's metrics over the ranks and agree on stopping (any rank signalled).
+
+        Every rank must report the same metric names.
+        """
+        if not self.dist.enabled:
+            return metrics, self._stop
+        import torch.distributed as dist
+
+        keys = sorted(metrics)
+        vals = [float(metrics[k]) for k in keys] + [float(self._stop)]
+        t = torch.tensor(vals, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        out = {k: float(v) / self.dist.world_size for k, v in zip(keys, t[:-1].tolist())}
+        return out, bool(t[-1].item() > 0)
+
+    def close(self) -> None:
+        """Leave the process group if this trainer created it (end of a torchrun job). A multi-rank
+        trainer cannot train again afterwards; build a new one (as a new process would)."""
+        if self.dist.owns_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.dist = DistContext(self.dist.world_size, self.dist.rank, self.dist.local_rank, owns_group=False)
+
     # ------------------------------------------------------------------ state
 
     def save_state(self) -> None:
-        """Write the resume state atomically (trainable weights, optimizer, scheduler, RNG)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        state = {
-            "step": self.step,
-            "config": self.cfg.to_dict(),
-            "trainable": self.trainable_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        }
-        tmp = self.out / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / STATE_FILE)
+        """Write the resume state atomically (trainable weights, optimizer, scheduler, RNG).
+
+        Call it on every rank: rank 0 writes, the others wait for it (the ranks hold the same
+        weights and optimizer state).
+        """
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            state = {
+                "step": self.step,
+                "config": self.cfg.to_dict(),
+                "trainable": self.trainable_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "world_size": self.dist.world_size,
+            }
+            tmp = self.out / (STATE_FILE + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self.out / STATE_FILE)
+        self._barrier()
 
     def try_resume(self) -> bool:
         """Continue from ``output_dir``'s resume state if there is one. Returns True if resumed."""
         path = self.out / STATE_FILE
-        if not path.is_file():
+        found = path.is_file()
+        if self.dist.enabled:
+            seen = self._count_ranks(found)
+            if 0 < seen < self.dist.world_size:
+                raise ValueError(
+                    f"{path} is visible on {seen} of {self.dist.world_size} ranks; put output_dir on a "
+                    "filesystem that every rank shares."
+                )
+        if not found:
             return False
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location="cpu")
         saved = dict(state["config"])
-        for key in ("stage", "chunk_size", "max_steps", "batch_size", "grad_accum", "seed", "max_chunks"):
+        for key in ("stage", "chunk_size", "max_steps", "batch_size", "seed", "max_chunks"):
             if saved.get(key) != getattr(self.cfg, key):
                 raise ValueError(
                     f"{path} was written with {key}={saved.get(key)!r} but this run has {key}={getattr(self.cfg, key)!r}; "
                     "use the same settings to resume, or another --output-dir to start afresh."
                 )
+        # The data of a step depends only on its global micro-batch count, so a run may resume on
+        # another number of ranks as long as world_size * grad_accum stays the same.
+        saved_world = int(state.get("world_size", 1))
+        saved_global = int(saved.get("grad_accum", 1)) * saved_world
+        global_micro = self.cfg.grad_accum * self.dist.world_size
+        if saved_global != global_micro:
+            raise ValueError(
+                f"{path} was written by {saved_world} rank(s) x grad_accum={saved.get('grad_accum')!r} "
+                f"= {saved_global} micro-batches per step, but this run has {self.dist.world_size} rank(s) x "
+                f"grad_accum={self.cfg.grad_accum} = {global_micro}; keep world_size * grad_accum the same to resume."
+            )
         self._load_trainable(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -223,9 +520,12 @@ class Trainer:
 
     def save_checkpoint(self, metrics: dict[str, Any] | None = None) -> Path:
         """Export the trained weights as a REFRAG checkpoint directory (``output_dir/checkpoint``):
-        everything the init checkpoint changed plus what this stage changed."""
+        everything the init checkpoint changed plus what this stage changed. Only rank 0 writes
+        (no collectives, so rank 0 may call it alone); returns the directory."""
         from .lora import lora_state
 
+        if not self.dist.is_main:
+            return self.out / CHECKPOINT_DIR
         st = self.trainable_state()
         eng = self.engine
         enc_delta = dict(self.prev.encoder_delta) if self.prev else {}
@@ -249,19 +549,38 @@ class Trainer:
         logger.warning("signal %d: saving at the end of this step", signum)
         self._stop = True
 
+    @contextlib.contextmanager
+    def _micro_torch_rng(self, step: int, micro: int) -> Iterator[None]:
+        """Run a micro-batch under a torch RNG seeded by (seed, step, micro): dropout masks do not
+        depend on which rank runs the micro-batch, and the global RNG stream is left untouched."""
+        device = self.engine.device
+        cuda = device.type == "cuda"
+        seed = random.Random(micro_batch_seed(self.cfg.seed, step, micro)).getrandbits(63)
+        with torch.random.fork_rng(devices=[device] if cuda else []):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)  # this rank's GPU only
+            yield
+
     def train_step(self) -> dict[str, float]:
+        """One optimizer step over this rank's ``grad_accum`` micro-batches (gradients averaged
+        over the ranks). Returns this rank's mean loss and metrics."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         total, agg = 0.0, {}
-        for micro in range(cfg.grad_accum):
-            with self.engine._autocast():
-                loss, m = self.loss_for_step(self.step, micro)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}; lower the learning rate.")
-            (loss / cfg.grad_accum).backward()
+        for local in range(cfg.grad_accum):
+            micro = self.dist.rank * cfg.grad_accum + local  # index in the step's global batch
+            with self._micro_torch_rng(self.step, micro):
+                with self.engine._autocast():
+                    loss, m = self.loss_for_step(self.step, micro)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}; lower the learning rate.")
+                (loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
             for key, v in m.items():
                 agg[key] = agg.get(key, 0.0) + float(v) / cfg.grad_accum
+        self._all_reduce_grads()
         torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -285,50 +604,71 @@ class Trainer:
         return out
 
     def train(self, resume: bool = True) -> dict[str, Any]:
-        """Run (or continue) the stage to ``max_steps``; returns the final metrics."""
+        """Run (or continue) the stage to ``max_steps``; returns the final metrics (on every rank).
+
+        Evaluations, logs and files are rank 0's; in a multi-rank run the trainer leaves the
+        process group it created when it returns.
+        """
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        main = self.dist.is_main
         if resume:
             self.try_resume()
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        before = None
-        if self.step == 0 and not (self.out / "metrics_before.json").exists():
-            before = self.evaluate()
-            (self.out / "metrics_before.json").write_text(json.dumps(before, indent=2))
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            if self.step == 0 and not (self.out / "metrics_before.json").exists():
+                before = self.evaluate()
+                (self.out / "metrics_before.json").write_text(json.dumps(before, indent=2))
+        self._barrier()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        log = open(self.out / "train_log.jsonl", "a")
+        log = open(self.out / "train_log.jsonl", "a") if main else None
+        stop = False
         try:
-            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"refrag {cfg.stage}", dynamic_ncols=True)
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"refrag {cfg.stage}", dynamic_ncols=True,
+                       disable=not main)
             t_last = time.perf_counter()
-            while self.step < cfg.max_steps and not self._stop:
+            while self.step < cfg.max_steps and not stop:
                 m = self.train_step()
+                m, stop = self._reduce_metrics(m)  # every rank takes the same decision
                 dt = time.perf_counter() - t_last
                 t_last = time.perf_counter()
                 m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], sec=dt)
-                log.write(json.dumps(m) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(m) + "\n")
+                    log.flush()
                 bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m.get('acc', 0):.2f}", L=int(m.get("chunks", 0)))
                 bar.update(1)
-                if self.step % cfg.save_every == 0 or self._stop:
+                if self.step % cfg.save_every == 0 or stop:
                     self.save_state()
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
-                    ev = self.evaluate()
-                    log.write(json.dumps({"step": self.step, "eval": ev}) + "\n")
-                    self.save_checkpoint({"step": self.step, "after": ev})
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps and not stop:
+                    if main:
+                        ev = self.evaluate()
+                        log.write(json.dumps({"step": self.step, "eval": ev}) + "\n")
+                        self.save_checkpoint({"step": self.step, "after": ev})
+                    self._barrier()
             bar.close()
             self.save_state()
+            # A signal that arrived after the last step's agreement still stops every rank alike.
+            stop = self._any_rank(stop or self._stop)
         finally:
-            log.close()
+            if log is not None:
+                log.close()
             for s, h in old.items():
                 signal.signal(s, h)
-        if self._stop:
+        if stop:
             logger.warning("stopped at step %d; rerun the same command to resume", self.step)
+            self.close()
             return {"stopped_at": self.step}
-        after = self.evaluate()
-        metrics = {"stage": cfg.stage, "steps": self.step, "after": after}
-        if (self.out / "metrics_before.json").exists():
-            metrics["before"] = json.loads((self.out / "metrics_before.json").read_text())
-        self.save_checkpoint(metrics)
+        metrics = None
+        if main:
+            after = self.evaluate()
+            metrics = {"stage": cfg.stage, "steps": self.step, "after": after}
+            if (self.out / "metrics_before.json").exists():
+                metrics["before"] = json.loads((self.out / "metrics_before.json").read_text())
+            self.save_checkpoint(metrics)
+        self._barrier()
+        metrics = self._broadcast_object(metrics)
+        self.close()
         return metrics

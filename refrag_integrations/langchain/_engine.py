@@ -1,0 +1,116 @@
+"""Where the LangChain adapters get their :class:`RefragEngine`: one given by the user, or one
+loaded lazily and shared by every adapter that names the same settings.
+
+Sharing matters for more than memory: the retriever side registers passages in the engine's
+process-local cache and the chat model side looks them up there, so both must use one engine.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from ..engine import RefragEngine
+
+_ENGINES: dict[tuple[Any, ...], RefragEngine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def shared_engine(
+    checkpoint: str | None = None,
+    *,
+    decoder: str | None = None,
+    encoder: str | None = None,
+    chunk_size: int | None = None,
+    device: str | None = None,
+) -> RefragEngine:
+    """The process-wide engine for these settings, loaded on first use and reused afterwards.
+
+    Arguments are those of :meth:`RefragEngine.from_pretrained`; with none, the offline default
+    models (and the packaged trained checkpoint, when there is one).
+
+    Example:
+        >>> from refrag_integrations.langchain import shared_engine
+        >>> engine = shared_engine()                                    # doctest: +SKIP
+        >>> engine is shared_engine()                                   # doctest: +SKIP
+        True
+    """
+    key = (checkpoint, decoder, encoder, chunk_size, device)
+    with _ENGINES_LOCK:  # held while loading, so two threads never load the same models twice
+        engine = _ENGINES.get(key)
+        if engine is None:
+            engine = RefragEngine.from_pretrained(
+                checkpoint, decoder=decoder, encoder=encoder, chunk_size=chunk_size, device=device
+            )
+            _ENGINES[key] = engine
+        return engine
+
+
+class RefragEngineFields(BaseModel):
+    """The fields every adapter uses to find its engine (mixed into the LangChain classes)."""
+
+    engine: Any = Field(
+        default=None,
+        exclude=True,
+        repr=False,
+        description="A loaded RefragEngine. If None, one is loaded on first use from the settings "
+        "below and shared with every adapter that names the same settings.",
+    )
+    checkpoint: str | None = Field(
+        default=None, description="REFRAG checkpoint directory (None: the packaged default, if any)."
+    )
+    decoder: str | None = Field(default=None, description="Decoder: HF id, local path or default name.")
+    encoder: str | None = Field(default=None, description="Chunk encoder: HF id, local path or default name.")
+    chunk_size: int | None = Field(default=None, description="k, decoder tokens per chunk (None: the default).")
+    device: str | None = Field(default=None, description="Device for the models (None: cuda if available).")
+
+    @field_validator("engine")
+    @classmethod
+    def _check_engine(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, RefragEngine):
+            raise TypeError(f"engine must be a RefragEngine or None, got {type(value).__name__}.")
+        return value
+
+    @model_validator(mode="after")
+    def _engine_or_settings(self) -> "RefragEngineFields":
+        named = [n for n in ("checkpoint", "decoder", "encoder", "chunk_size", "device") if getattr(self, n) is not None]
+        if self.engine is not None and named:
+            raise ValueError(
+                f"Give either engine= or the settings to load one ({', '.join(named)}), not both."
+            )
+        return self
+
+    def get_engine(self) -> RefragEngine:
+        """The engine: the one given, else the shared one for these settings (loaded now if needed)."""
+        if self.engine is not None:
+            return self.engine
+        return shared_engine(
+            self.checkpoint, decoder=self.decoder, encoder=self.encoder,
+            chunk_size=self.chunk_size, device=self.device,
+        )
+
+    def _decoder_name(self) -> str:
+        """The decoder's name without loading anything (for tracing and response metadata)."""
+        from ..config import DEFAULT_DECODER
+
+        if self.engine is not None:
+            return str(self.engine.config.decoder)
+        if self.decoder is not None:
+            return self.decoder
+        key = (self.checkpoint, self.decoder, self.encoder, self.chunk_size, self.device)
+        loaded = _ENGINES.get(key)
+        if loaded is not None:
+            return str(loaded.config.decoder)
+        if self.checkpoint is not None:  # the checkpoint names its decoder in its small json file
+            import json
+            from pathlib import Path
+
+            from ..checkpoint import CONFIG_FILE
+
+            try:
+                return str(json.loads((Path(self.checkpoint) / CONFIG_FILE).read_text())["config"]["decoder"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return str(self.checkpoint)
+        return DEFAULT_DECODER
