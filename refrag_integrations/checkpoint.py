@@ -310,6 +310,8 @@ def build_engine(
     dec_model.to(dev)
     chunk_encoder.to(dev)
     chunk_encoder.eval()
+    if learned_policy is not None and hasattr(learned_policy, "attach_encoder"):
+        learned_policy.attach_encoder(chunk_encoder)  # a query-conditioned policy embeds the query with it
     if isinstance(policy, str):
         policy = make_policy(policy, encoder=chunk_encoder)
     return RefragEngine(

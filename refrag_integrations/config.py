@@ -32,6 +32,34 @@ POOLINGS = ("mean", "cls")
 # The instruction that frames retrieved passages. Training (sft) and inference share it.
 RAG_SYSTEM_PROMPT = "Answer the question using the passages. Reply with a short answer."
 
+# Indexing and retrieval (store.py, index.py; `refrag index`, `refrag ask --index`, `refrag demo`).
+DEFAULT_COLLECTION = "refrag"  # Chroma collections are named <collection>_passages, <collection>_chunks_<fp>
+PASSAGE_MIN_WORDS = 100  # a passage ends at the first paragraph boundary once it has this many words
+PASSAGE_MAX_WORDS = 200  # ... and never grows past this many (split on sentences, then on words)
+MAX_PARAGRAPH_CHARS = 1 << 16  # a longer run of text without a blank line is cut (bounded memory)
+MAX_JSONL_LINE_CHARS = 1 << 24  # a longer JSON line is reported and skipped, never loaded
+READ_BLOCK_CHARS = 1 << 20  # files are streamed in blocks of this size
+DEFAULT_INDEX_BATCH_SIZE = 64  # passages embedded and written per round trip
+# Chunk vectors are fetched by passage id, never searched by similarity, so their collection gets
+# the cheapest HNSW graph Chroma allows (writes ~3x faster); passages get cosine search.
+CHUNK_COLLECTION_HNSW = {"space": "l2", "ef_construction": 16, "max_neighbors": 4}
+PASSAGE_COLLECTION_HNSW = {"space": "cosine"}
+DEFAULT_TOP_K = 8  # passages retrieved per question
+DEMO_QUESTIONS = 5  # questions `refrag demo` asks
+DEMO_MAX_NEW_TOKENS = 32  # answer length limit in `refrag demo` (short NQ answers)
+
+# The learned expansion policy (training/policy_rl.py, `refrag train policy`): the paper's 2-layer
+# transformer over the pre-projection chunk vectors c_i, one logit per chunk.
+POLICY_WIDTH = 128  # transformer width; c_i is projected from the encoder width to this
+POLICY_HEADS = 4  # attention heads (must divide POLICY_WIDTH)
+POLICY_LAYERS = 2  # the paper's 2 layers
+POLICY_MAX_CHUNK_INDEX = 64  # learned embeddings of a chunk's index inside its passage; later chunks share the last
+POLICY_SIM_SCALE = 10.0  # query variant: initial weight of cos(c_i, query) in the logits (starts near "relevance")
+POLICY_REWARD_BATCH = 16  # decoder rows per batched answer-NLL forward (rewards, evaluation)
+POLICY_PAD_TOLERANCE = 1.25  # a row joins a batch only if it is at most this much longer than the batch's first
+GRPO_STD_EPS = 1e-6  # advantage = (r - mean) / (std + eps) within a group
+POLICY_EVAL_SEED = 10_000  # eval question i draws its distractors with seed + i (as the sft evaluation does)
+
 
 def cache_dir() -> Path:
     """Where converted default models and other derived files are kept.
@@ -42,6 +70,16 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "refrag-integrations"
     )
     return Path(root)
+
+
+def default_index_dir() -> Path:
+    """Where `refrag index` and `refrag ask` keep the embedded Chroma index by default."""
+    return cache_dir() / "index"
+
+
+def demo_index_dir() -> Path:
+    """Where `refrag demo` keeps the index of the shipped demo corpus (reused on later runs)."""
+    return cache_dir() / "demo-index"
 
 
 @dataclass

@@ -58,6 +58,10 @@ def train(
         from ..training.trainer import Trainer as runner_cls
     import os
 
-    metrics = runner_cls(cfg).train(resume=resume)
+    try:
+        runner = runner_cls(cfg)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    metrics = runner.train(resume=resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, print once
         typer.echo(json.dumps(metrics, indent=2))

@@ -30,7 +30,15 @@ class TrainConfig:
     chunk_size: int = field(default=16, metadata={"help": "k, decoder tokens per chunk."})
     data_dir: str = field(default="../shared/data", metadata={"help": "Directory with the shared data files."})
     max_chunks: int = field(default=16, metadata={"help": "L_max: most chunks per example (curriculum top)."})
-    num_passages: int = field(default=5, metadata={"help": "sft: passages per question (gold + distractors)."})
+    num_passages: int = field(default=5, metadata={"help": "sft, policy: passages per question (gold + distractors)."})
+    group_size: int = field(default=8, metadata={"help": "policy: G action sequences sampled per question (GRPO group)."})
+    ppo_epochs: int = field(default=4, metadata={"help": "policy: PPO updates on each batch of rollouts."})
+    ppo_clip: float = field(default=0.2, metadata={"help": "policy: PPO clipping epsilon of the probability ratio."})
+    policy_variant: str = field(
+        default="query",
+        metadata={"help": "policy: learned policy exported into the checkpoint: 'query' (query-conditioned) or "
+                          "'chunks' (the paper's, ignores the query). Both are trained and evaluated."},
+    )
     continuation_tokens: int = field(default=64, metadata={"help": "o: tokens to predict after the context (cpt)."})
     expand_fraction: float = field(default=0.0, metadata={"help": "p: fraction of chunks expanded at random."})
     curriculum_stages: int = field(default=9, metadata={"help": "Stages of the geometric curriculum (paper: 9)."})
@@ -45,9 +53,6 @@ class TrainConfig:
         default=2, metadata={"help": "Top encoder layers trained (-1 = all, 0 = projector only)."}
     )
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the decoder (0 = decoder frozen)."})
-    warm_start_steps: int = field(
-        default=0, metadata={"help": "Projector regression steps onto mean chunk token embeddings before training."}
-    )
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast (never fp16)."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)."})
     save_every: int = field(default=50, metadata={"help": "Save resume state every N steps."})
@@ -62,6 +67,17 @@ class TrainConfig:
         for name in ("chunk_size", "max_chunks", "batch_size", "grad_accum", "max_steps", "curriculum_stages"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
+        for name in ("save_every", "eval_examples", "num_passages", "continuation_tokens", "group_size", "ppo_epochs"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
+        if self.eval_every < 0 or self.lora_rank < 0:
+            raise ValueError("eval_every and lora_rank must be >= 0.")
+        if self.encoder_trainable_layers < -1:
+            raise ValueError(f"encoder_trainable_layers must be -1 (all), 0 or a positive count, got {self.encoder_trainable_layers!r}.")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac!r}.")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm!r}.")
         if not 0.0 <= self.expand_fraction <= 1.0:
             raise ValueError(f"expand_fraction must be in [0, 1], got {self.expand_fraction!r}.")
         if self.lr <= 0:

@@ -1,0 +1,949 @@
+"""The RL selective-expansion policy (stage ``policy``) and the perplexity-desc baseline.
+
+The paper's policy (training recipe, step 6): a 2-layer transformer reads the pre-projection chunk
+vectors c_i of all retrieved chunks and gives one logit per chunk; it picks T' = floor(p L) chunks
+one after another, sampling from a softmax over the logits with the already picked chunks masked
+out (the logits are computed once, not after each pick). It is trained with a GRPO-style group
+baseline: for each question G action sequences are sampled, each is rewarded with the negative
+log-perplexity of the gold answer under the mixed input it produces, advantages are
+(r - mean) / std within the group, and the PPO clipped-ratio objective is averaged over the T'
+steps. The REFRAG model (encoder, projector, decoder) stays frozen; only the policy learns.
+
+Two learned variants are trained side by side on the same questions:
+
+* ``chunks``: the paper's policy, which sees only the chunk vectors.
+* ``query``: our query-conditioned variant: the question, embedded by the same chunk encoder, is an
+  extra input token, and cos(c_i, query) enters each chunk's logit with a learned weight (so it
+  starts close to the training-free relevance heuristic and learns where that heuristic is wrong).
+
+Position information: each chunk gets a learned embedding of its index *inside its passage*
+(capped at ``POLICY_MAX_CHUNK_INDEX``), and no global position. Retrieved passages arrive in an
+arbitrary order (the gold passage sits at a random position in training), so a global position
+would only teach the policy a prior that does not transfer; the index inside a passage does
+carry meaning (chunk 0 holds the title and the opening sentence).
+
+Example:
+    >>> from refrag_integrations import RefragEngine                          # doctest: +SKIP
+    >>> engine = RefragEngine.from_pretrained("runs/policy/checkpoint")        # doctest: +SKIP
+    >>> engine.generate("Who wrote Hamlet?", passages, budget=0.25).text       # doctest: +SKIP
+
+    The checkpoint's learned policy is the engine's default policy; ``budget`` may be left out,
+    the policy then expands the fraction p it was trained for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import save_checkpoint
+from ..config import (
+    DEFAULT_EXPAND_FRACTION,
+    DEFAULT_PASSAGE_CACHE_SIZE,
+    GRPO_STD_EPS,
+    POLICY_EVAL_SEED,
+    POLICY_HEADS,
+    POLICY_LAYERS,
+    POLICY_MAX_CHUNK_INDEX,
+    POLICY_PAD_TOLERANCE,
+    POLICY_REWARD_BATCH,
+    POLICY_SIM_SCALE,
+    POLICY_WIDTH,
+)
+from ..policy import (
+    ExpandAll,
+    ExpandNone,
+    ExpansionBudget,
+    ExpansionPolicy,
+    QueryRelevancePolicy,
+    RandomPolicy,
+    as_budget,
+    top_k_mask,
+)
+from .config import TrainConfig
+from .trainer import CHECKPOINT_DIR, Trainer, _env_int, micro_batch_seed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..chunking import Chunk
+    from ..encoder import ChunkEncoder
+    from ..engine import RefragEngine
+
+logger = logging.getLogger(__name__)
+
+POLICY_CLASS = "refrag_integrations.training.policy_rl:LearnedPolicy"
+POLICY_FORMAT = 1
+VARIANTS = ("chunks", "query")  # the paper's policy, the query-conditioned one
+
+
+# --------------------------------------------------------------------------- sampling + objective
+
+
+def sample_sequences(logits: torch.Tensor, n: int, group: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample ``group`` action sequences of ``n`` distinct chunks each: at every step, one chunk
+    from the softmax over ``logits`` with the chunks picked earlier in that sequence masked out.
+
+    Args:
+        logits: ``(L,)`` one logit per chunk, computed once.
+        n: picks per sequence (T'), ``0 <= n <= L``.
+        group: number of sequences (G).
+        generator: a CPU ``torch.Generator`` for reproducible draws.
+
+    Returns:
+        ``(G, n)`` chunk indices in pick order.
+
+    Example:
+        >>> a = sample_sequences(torch.zeros(5), 3, group=2, generator=torch.Generator().manual_seed(0))
+        >>> a.shape, all(len(set(row.tolist())) == 3 for row in a)
+        (torch.Size([2, 3]), True)
+    """
+    L = logits.shape[0]
+    if not 0 <= n <= L:
+        raise ValueError(f"cannot pick n={n} distinct chunks out of L={L}.")
+    logits = logits.detach().float().cpu()
+    picked = torch.zeros(group, L, dtype=torch.bool)
+    out = torch.empty(group, n, dtype=torch.long)
+    rows = torch.arange(group)
+    for t in range(n):
+        probs = torch.softmax(logits.expand(group, L).masked_fill(picked, float("-inf")), -1)  # (G, L)
+        a = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (G,)
+        out[:, t] = a
+        picked[rows, a] = True
+    return out
+
+
+def sequence_log_probs(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Per-step log-probabilities of action sequences under sequential masked sampling.
+
+    Step t of a sequence has probability softmax(logits with the sequence's first t picks masked)
+    at its pick. Differentiable in ``logits``.
+
+    Args:
+        logits: ``(L,)`` one logit per chunk.
+        actions: ``(G, n)`` chunk indices in pick order (distinct within a row).
+
+    Returns:
+        ``(G, n)`` log-probabilities.
+    """
+    G, n = actions.shape
+    L = logits.shape[0]
+    actions = actions.to(logits.device)
+    onehot = F.one_hot(actions, L)  # (G, n, L)
+    before = (onehot.cumsum(1) - onehot) > 0  # picked at an earlier step of the same sequence
+    masked = logits.float().expand(G, n, L).masked_fill(before, float("-inf"))  # (G, n, L)
+    return masked.log_softmax(-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (G, n)
+
+
+def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """GRPO advantages: ``(r - mean) / std`` within one group of rewards ``(G,)``."""
+    rewards = rewards.float()
+    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + GRPO_STD_EPS)
+
+
+def ppo_clipped_loss(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The PPO clipped-ratio objective, averaged over the T' steps and the group, negated.
+
+    Args:
+        log_probs: ``(G, n)`` per-step log-probabilities under the current policy.
+        old_log_probs: ``(G, n)`` the same under the policy that sampled the actions.
+        advantages: ``(G,)`` one advantage per sequence, shared by its steps.
+        clip: epsilon; the ratio is clipped to ``[1 - clip, 1 + clip]``.
+
+    Returns:
+        (loss to minimise, stats: clipped fraction and approximate KL).
+    """
+    ratio = torch.exp(log_probs - old_log_probs)  # (G, n)
+    adv = advantages.unsqueeze(1).to(ratio.dtype)  # (G, 1)
+    objective = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)  # (G, n)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": float(((ratio - 1.0).abs() > clip).float().mean()),
+            "kl": float((old_log_probs - log_probs).mean()),
+        }
+    return -objective.mean(), stats
+
+
+# --------------------------------------------------------------------------- the network
+
+
+class _Block(nn.Module):
+    """Pre-norm bidirectional transformer block over one sequence of chunk tokens ``(N, w)``."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, w = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(N, 3, self.heads, w // self.heads).permute(1, 2, 0, 3)  # (H, N, dh) each
+        att = F.scaled_dot_product_attention(q, k, v)  # (H, N, dh), every chunk sees every chunk
+        x = x + self.proj(att.transpose(0, 1).reshape(N, w))  # (N, w)
+        return x + self.mlp(self.ln2(x))
+
+
+class PolicyNetwork(nn.Module):
+    """c_i -> one logit per chunk: input projection, index-in-passage embedding, a small
+    transformer, a linear head (zero-initialised, so an untrained policy is uniform).
+
+    Args:
+        encoder_dim: width of the chunk vectors c_i.
+        width, heads, layers: transformer size (paper: 2 layers).
+        max_chunk_index: learned index-in-passage embeddings; larger indices share the last one.
+        query_conditioned: add the query token and the cosine term (the ``query`` variant).
+        sim_scale: initial weight of cos(c_i, query) in the logits (query variant).
+    """
+
+    def __init__(
+        self,
+        encoder_dim: int,
+        width: int = POLICY_WIDTH,
+        heads: int = POLICY_HEADS,
+        layers: int = POLICY_LAYERS,
+        max_chunk_index: int = POLICY_MAX_CHUNK_INDEX,
+        query_conditioned: bool = False,
+        sim_scale: float = POLICY_SIM_SCALE,
+    ) -> None:
+        super().__init__()
+        for name, value in (("encoder_dim", encoder_dim), ("width", width), ("heads", heads),
+                            ("layers", layers), ("max_chunk_index", max_chunk_index)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if width % heads:
+            raise ValueError(f"width={width} must be divisible by heads={heads}.")
+        self.query_conditioned = bool(query_conditioned)
+        self.max_chunk_index = max_chunk_index
+        self.in_proj = nn.Linear(encoder_dim, width)
+        self.chunk_index = nn.Embedding(max_chunk_index, width)
+        self.blocks = nn.ModuleList(_Block(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        if self.query_conditioned:
+            self.query_type = nn.Parameter(torch.zeros(width))
+            self.sim_scale = nn.Parameter(torch.tensor(float(sim_scale)))
+
+    def forward(self, vectors: torch.Tensor, index: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(L,)`` for chunk vectors ``(L, d_enc)`` with index-in-passage ``(L,)`` and,
+        for the query variant, the query vector ``(d_enc,)``."""
+        x = self.in_proj(vectors) + self.chunk_index(index.clamp(max=self.max_chunk_index - 1))  # (L, w)
+        if self.query_conditioned:
+            if query is None:
+                raise ValueError("the query-conditioned policy needs the query vector.")
+            x = torch.cat([(self.in_proj(query) + self.query_type).unsqueeze(0), x], 0)  # (1 + L, w)
+        for block in self.blocks:
+            x = block(x)
+        if self.query_conditioned:
+            x = x[1:]  # (L, w): no logit for the query token
+        logits = self.head(self.norm(x)).squeeze(-1)  # (L,)
+        if self.query_conditioned:
+            logits = logits + self.sim_scale * F.cosine_similarity(vectors, query.unsqueeze(0), dim=-1)
+        return logits
+
+
+# --------------------------------------------------------------------------- the policies
+
+
+class LearnedPolicy(ExpansionPolicy):
+    """The learned selective-expansion policy, usable wherever an :class:`ExpansionPolicy` is.
+
+    :meth:`select` is greedy (the T' highest logits; deterministic); training samples with
+    :func:`sample_sequences`. Without a budget (``None`` or an unlimited
+    :class:`ExpansionBudget`), it expands the fraction p it was trained for; pass
+    ``expand="all"`` to the engine to expand everything.
+
+    Args:
+        encoder_dim: width of the chunk vectors c_i (the chunk encoder's hidden size).
+        query_conditioned: the query variant (needs the chunk encoder to embed the query).
+        expand_fraction: the p this policy was trained for (its default budget).
+        width, heads, layers, max_chunk_index: network size (see :class:`PolicyNetwork`).
+        encoder: the :class:`ChunkEncoder` (or any ``str -> Tensor(d_enc)`` callable) that
+            embeds the query; can be attached later with :meth:`attach_encoder`.
+
+    Example:
+        >>> policy = LearnedPolicy(384, query_conditioned=True, encoder=engine.chunk_encoder)  # doctest: +SKIP
+        >>> engine.generate(question, passages, expand=policy, budget=0.25)                    # doctest: +SKIP
+        >>> save_checkpoint(path, ..., policy=policy.state_dict(), policy_config=policy.policy_config())  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        encoder_dim: int,
+        *,
+        query_conditioned: bool = False,
+        expand_fraction: float = DEFAULT_EXPAND_FRACTION,
+        width: int = POLICY_WIDTH,
+        heads: int = POLICY_HEADS,
+        layers: int = POLICY_LAYERS,
+        max_chunk_index: int = POLICY_MAX_CHUNK_INDEX,
+        encoder: "ChunkEncoder | Callable[[str], torch.Tensor] | None" = None,
+    ) -> None:
+        if not 0.0 <= float(expand_fraction) <= 1.0:
+            raise ValueError(f"expand_fraction must be in [0, 1], got {expand_fraction!r}.")
+        self.encoder_dim = int(encoder_dim)
+        self.query_conditioned = bool(query_conditioned)
+        self.expand_fraction = float(expand_fraction)
+        self.net = PolicyNetwork(
+            self.encoder_dim, width=width, heads=heads, layers=layers,
+            max_chunk_index=max_chunk_index, query_conditioned=self.query_conditioned,
+        )
+        self._arch = {"width": width, "heads": heads, "layers": layers, "max_chunk_index": max_chunk_index}
+        self._encoder = encoder
+        self.name = "learned-query" if self.query_conditioned else "learned"
+
+    # ------------------------------------------------------------------ persistence
+
+    def attach_encoder(self, encoder: "ChunkEncoder | Callable[[str], torch.Tensor]") -> None:
+        """Give the policy the chunk encoder that embeds queries (``build_engine`` calls this)."""
+        self._encoder = encoder
+
+    def parameters(self):
+        return self.net.parameters()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The network's weights (what ``save_checkpoint(policy=...)`` stores)."""
+        return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        try:
+            self.net.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"the policy weights do not fit this policy's configuration: {err}") from err
+
+    def policy_config(self) -> dict[str, Any]:
+        """The JSON config ``checkpoint.load_policy`` rebuilds this policy from."""
+        return {
+            "class": POLICY_CLASS,
+            "format": POLICY_FORMAT,
+            "encoder_dim": self.encoder_dim,
+            "query_conditioned": self.query_conditioned,
+            "expand_fraction": self.expand_fraction,
+            **self._arch,
+        }
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], state: dict[str, torch.Tensor]) -> "LearnedPolicy":
+        """Rebuild a policy from :meth:`policy_config` and :meth:`state_dict` output."""
+        cfg = dict(config)
+        cfg.pop("class", None)
+        fmt = cfg.pop("format", POLICY_FORMAT)
+        if fmt != POLICY_FORMAT:
+            raise ValueError(f"policy format {fmt!r} is not supported; this version reads {POLICY_FORMAT}.")
+        known = {"encoder_dim", "query_conditioned", "expand_fraction", "width", "heads", "layers", "max_chunk_index"}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"Unknown policy_config keys {unknown}; known keys are {sorted(known)}.")
+        if "encoder_dim" not in cfg:
+            raise ValueError("policy_config lacks 'encoder_dim'; it was not written by LearnedPolicy.policy_config().")
+        policy = cls(cfg.pop("encoder_dim"), **cfg)
+        policy.load_state_dict({k: v.float() for k, v in state.items()})
+        return policy
+
+    # ------------------------------------------------------------------ inference
+
+    def resolve_budget(self, budget: ExpansionBudget | float | int | None) -> ExpansionBudget:
+        """The budget to use: the given one, or the trained fraction p when it sets no limit."""
+        b = as_budget(budget)
+        if b.fraction is None and b.max_count is None:
+            return ExpansionBudget(fraction=self.expand_fraction)
+        return b
+
+    def embed_query(self, query: str) -> torch.Tensor:
+        """The query's vector ``(d_enc,)`` from the chunk encoder (query variant)."""
+        if self._encoder is None:
+            raise ValueError(
+                "The query-conditioned policy needs the chunk encoder to embed the query: call "
+                "policy.attach_encoder(engine.chunk_encoder) (engines loaded from a checkpoint do this)."
+            )
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("The query-conditioned policy needs a non-empty query.")
+        with torch.no_grad():
+            if hasattr(self._encoder, "encode"):
+                q = self._encoder.encode([query])[0]
+            else:
+                q = torch.as_tensor(self._encoder(query))
+        return q.detach().float().cpu()
+
+    @staticmethod
+    def chunk_index(chunks: Sequence["Chunk"]) -> torch.Tensor:
+        """``(L,)`` index of each chunk inside its passage."""
+        try:
+            return torch.tensor([int(c.index) for c in chunks], dtype=torch.long)
+        except AttributeError as err:
+            raise TypeError("LearnedPolicy needs Chunk objects (with .index), as the engine passes them.") from err
+
+    def forward_logits(
+        self, vectors: torch.Tensor, index: torch.Tensor, query_vector: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits ``(L,)`` from chunk vectors ``(L, d_enc)``, indices ``(L,)`` and the query vector."""
+        if vectors.dim() != 2 or vectors.shape[1] != self.encoder_dim:
+            raise ValueError(
+                f"chunk vectors must have shape (L, {self.encoder_dim}), got {tuple(vectors.shape)}; "
+                "was this policy trained with another chunk encoder?"
+            )
+        if self.query_conditioned and query_vector is None:
+            raise ValueError("the query-conditioned policy needs query_vector.")
+        q = query_vector.float().cpu() if (self.query_conditioned and query_vector is not None) else None
+        return self.net(vectors.float().cpu(), index.cpu(), q)
+
+    def logits(self, query: str, chunks: Sequence["Chunk"], chunk_vectors: torch.Tensor) -> torch.Tensor:
+        """One logit per chunk ``(L,)`` (with gradients when grad is enabled)."""
+        if chunk_vectors is None:
+            raise ValueError("LearnedPolicy needs the chunk vectors c_i.")
+        if len(chunks) != chunk_vectors.shape[0]:
+            raise ValueError(f"{len(chunks)} chunks but {chunk_vectors.shape[0]} chunk vectors.")
+        q = self.embed_query(query) if self.query_conditioned else None
+        return self.forward_logits(chunk_vectors, self.chunk_index(chunks), q)
+
+    def select(self, query, chunks, chunk_vectors, budget=None) -> list[bool]:
+        L = len(chunks)
+        n = self.resolve_budget(budget).count(L)
+        if n == 0:
+            return [False] * L
+        if n >= L:
+            return [True] * L
+        with torch.no_grad():
+            logits = self.logits(query, chunks, chunk_vectors)
+        return top_k_mask(logits, n)  # = sequential greedy picks with masking
+
+    def __repr__(self) -> str:
+        return f"LearnedPolicy(query_conditioned={self.query_conditioned}, expand_fraction={self.expand_fraction})"
+
+
+class PerplexityDescPolicy(ExpansionPolicy):
+    """The perplexity-desc baseline: compress the low-perplexity chunks, i.e. expand the chunks
+    whose tokens the decoder finds hardest to predict (mean token NLL of the chunk given the
+    preceding text of its passage, scored after the tokenizer's BOS, else EOS, token).
+
+    Needs the engine's decoder; it works on the chunks the engine passes to :meth:`select`
+    (whole passages in prompt order). Scores are cached per passage.
+
+    Args:
+        engine: the :class:`RefragEngine` whose decoder scores the chunks.
+        cache_size: passages whose scores are kept.
+
+    Example:
+        >>> engine.generate(question, passages, expand=PerplexityDescPolicy(engine), budget=0.25)  # doctest: +SKIP
+    """
+
+    name = "perplexity-desc"
+
+    def __init__(self, engine: "RefragEngine", cache_size: int = DEFAULT_PASSAGE_CACHE_SIZE) -> None:
+        tok = engine.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise ValueError("PerplexityDescPolicy needs a tokenizer with a BOS or EOS token to score first tokens.")
+        self.engine = engine
+        self._start = int(start)
+        self._cache: OrderedDict[tuple[int, ...], list[float]] = OrderedDict()
+        self._cache_size = int(cache_size)
+
+    @staticmethod
+    def _passages(chunks: Sequence["Chunk"]) -> list[list["Chunk"]]:
+        groups: list[list[Chunk]] = []
+        for c in chunks:
+            index = getattr(c, "index", None)
+            if index is None or not hasattr(c, "token_ids"):
+                raise TypeError("PerplexityDescPolicy needs Chunk objects (with .index and .token_ids).")
+            if index == 0:
+                groups.append([c])
+            elif groups and index == groups[-1][-1].index + 1:
+                groups[-1].append(c)
+            else:
+                raise ValueError("chunks must be whole passages in order (chunk indices 0, 1, 2, ... per passage).")
+        return groups
+
+    @torch.no_grad()
+    def _passage_scores(self, chunks: list["Chunk"]) -> list[float]:
+        ids = [t for c in chunks for t in c.token_ids]
+        key = tuple(ids)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        eng = self.engine
+        x = torch.tensor([[self._start] + ids], device=eng.device)  # (1, 1 + n)
+        with eng._autocast():
+            logits = eng.decoder(input_ids=x, use_cache=False).logits[0, :-1].float()  # (n, V)
+        nll = F.cross_entropy(logits, x[0, 1:], reduction="none").cpu()  # (n,)
+        scores, i = [], 0
+        for c in chunks:
+            scores.append(float(nll[i : i + len(c.token_ids)].mean()))
+            i += len(c.token_ids)
+        self._cache[key] = scores
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return scores
+
+    def chunk_perplexities(self, chunks: Sequence["Chunk"]) -> torch.Tensor:
+        """Mean token NLL (log-perplexity) of each chunk given its passage's preceding text ``(L,)``."""
+        return torch.tensor([s for group in self._passages(chunks) for s in self._passage_scores(group)])
+
+    def select(self, query, chunks, chunk_vectors, budget=None) -> list[bool]:
+        n = as_budget(budget).count(len(chunks))
+        if n == 0 or len(chunks) == 0:
+            return [False] * len(chunks)
+        return top_k_mask(self.chunk_perplexities(chunks), n)
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+def _length_batches(lengths: Sequence[int], max_rows: int, tolerance: float) -> list[list[int]]:
+    """Split positions of ascending ``lengths`` into batches of at most ``max_rows`` rows whose
+    longest row is at most ``tolerance`` times the first (little padding)."""
+    batches: list[list[int]] = []
+    for j, n in enumerate(lengths):
+        if batches and len(batches[-1]) < max_rows and n <= lengths[batches[-1][0]] * tolerance:
+            batches[-1].append(j)
+        else:
+            batches.append([j])
+    return batches
+
+
+@torch.no_grad()
+def answer_nll(engine: "RefragEngine", prefixes: Sequence[torch.Tensor], target: Sequence[int]) -> torch.Tensor:
+    """Mean per-token NLL of ``target`` (answer ids + EOS) after each prefix, teacher-forced.
+
+    Prefixes of similar length run as one left-padded batch (attention mask, contiguous positions
+    per row), under the engine's autocast.
+
+    Args:
+        engine: the engine whose decoder scores the answer.
+        prefixes: mixed inputs ``(P_i, d)`` (``PreparedInput.embeds``).
+        target: the answer token ids.
+
+    Returns:
+        ``(len(prefixes),)`` float32 on CPU; the reward is its negative.
+    """
+    if len(target) == 0:
+        raise ValueError("target is empty: score at least one answer token.")
+    embed = engine.decoder.get_input_embeddings()
+    tgt = torch.tensor(list(target), device=engine.device)  # (T,)
+    T = tgt.shape[0]
+    tgt_emb = embed(tgt[:-1])  # (T-1, d)
+    order = sorted(range(len(prefixes)), key=lambda i: prefixes[i].shape[0])
+    out = torch.empty(len(prefixes))
+    for batch in _length_batches([prefixes[i].shape[0] for i in order], POLICY_REWARD_BATCH, POLICY_PAD_TOLERANCE):
+        rows = [order[j] for j in batch]
+        seqs = [torch.cat([prefixes[r].to(tgt_emb.device, tgt_emb.dtype), tgt_emb], 0) for r in rows]
+        S, B, d = max(s.shape[0] for s in seqs), len(seqs), tgt_emb.shape[1]
+        x = tgt_emb.new_zeros(B, S, d)  # (B, S, d) left-padded
+        mask = torch.zeros(B, S, dtype=torch.long, device=x.device)
+        for b, s in enumerate(seqs):
+            x[b, S - s.shape[0] :] = s
+            mask[b, S - s.shape[0] :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, S)
+        with engine._autocast():
+            logits = engine.decoder(
+                inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=T
+            ).logits.float()  # (B, T, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), tgt.expand(B, T), reduction="none")  # (B, T)
+        out[rows] = nll.mean(1).cpu()
+    return out
+
+
+@dataclass
+class Episode:
+    """One question's frozen inputs: passages, chunks, chunk vectors, query vector, T'."""
+
+    question: str
+    passages: list[str]
+    target: list[int]
+    chunks: list["Chunk"]
+    vectors: list[torch.Tensor]  # per passage (L_j, d_enc)
+    query_vector: torch.Tensor  # (d_enc,)
+    n: int  # T': chunks to expand
+
+    @property
+    def flat_vectors(self) -> torch.Tensor:
+        return torch.cat(self.vectors, 0)  # (L, d_enc)
+
+    def decisions(self, picked: Sequence[int]) -> list[list[bool]]:
+        """Per-passage expansion decisions that expand the flat chunk indices ``picked``."""
+        chosen, out, i = set(int(a) for a in picked), [], 0
+        for v in self.vectors:
+            out.append([(i + j) in chosen for j in range(v.shape[0])])
+            i += v.shape[0]
+        return out
+
+
+@dataclass
+class Rollout:
+    """G sampled action sequences of one variant on one episode, with what PPO needs."""
+
+    episode: Episode
+    variant: str
+    actions: torch.Tensor  # (G, n)
+    old_log_probs: torch.Tensor  # (G, n)
+    rewards: torch.Tensor  # (G,)
+    advantages: torch.Tensor  # (G,)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class PolicyTrainer(Trainer):
+    """Trains both learned policy variants with GRPO + PPO on NQ *train*; the REFRAG model stays
+    frozen. Resume, signals and checkpoints work as in :class:`Trainer`; the exported checkpoint is
+    the init checkpoint plus the ``cfg.policy_variant`` policy, and its ``metrics.json`` compares
+    both variants with the random, perplexity-desc and relevance policies at the same p.
+
+    Args:
+        cfg: a :class:`TrainConfig` with ``stage="policy"`` and ``expand_fraction`` p > 0.
+        engine: an already built engine (tests); default: built from ``cfg``.
+
+    Example:
+        >>> cfg = TrainConfig(stage="policy", init_checkpoint="runs/sft/checkpoint",
+        ...                   output_dir="runs/policy", expand_fraction=0.25, num_passages=10)  # doctest: +SKIP
+        >>> metrics = PolicyTrainer(cfg).train()                                               # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: TrainConfig, engine: "RefragEngine | None" = None) -> None:
+        if cfg.stage != "policy":
+            raise ValueError(f"PolicyTrainer runs the 'policy' stage, got stage={cfg.stage!r}.")
+        if not 0.0 < cfg.expand_fraction < 1.0:
+            raise ValueError(
+                f"the policy stage needs an expand fraction 0 < p < 1 (chunks to choose), got {cfg.expand_fraction!r}; "
+                f"e.g. --set expand_fraction={DEFAULT_EXPAND_FRACTION}."
+            )
+        if cfg.group_size < 2:
+            raise ValueError(f"group_size (G) must be >= 2 for a group baseline, got {cfg.group_size!r}.")
+        if cfg.ppo_epochs < 1:
+            raise ValueError(f"ppo_epochs must be >= 1, got {cfg.ppo_epochs!r}.")
+        if not 0.0 < cfg.ppo_clip < 1.0:
+            raise ValueError(f"ppo_clip must be in (0, 1), got {cfg.ppo_clip!r}.")
+        if cfg.policy_variant not in VARIANTS:
+            raise ValueError(f"policy_variant must be one of {VARIANTS}, got {cfg.policy_variant!r}.")
+        world = _env_int("WORLD_SIZE", 1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+        if world > 1:
+            raise ValueError(
+                f"the policy stage runs in one process (got a world of {world}): its cost is the frozen "
+                "decoder's reward forwards, which one GPU handles; launch it with plain `refrag train policy`."
+            )
+        self.policies: dict[str, LearnedPolicy] = {}
+        super().__init__(cfg, engine)
+        self.budget = ExpansionBudget(fraction=cfg.expand_fraction)
+        self._eval_data = None
+
+    # ------------------------------------------------------------------ parameters
+
+    def _set_trainable(self) -> None:
+        eng, cfg = self.engine, self.cfg
+        for p in list(eng.decoder.parameters()) + list(eng.chunk_encoder.parameters()):
+            p.requires_grad_(False)
+        eng.decoder.eval()
+        eng.chunk_encoder.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.policies = {
+                v: LearnedPolicy(
+                    eng.chunk_encoder.encoder_dim, query_conditioned=(v == "query"),
+                    expand_fraction=cfg.expand_fraction, encoder=eng.chunk_encoder,
+                )
+                for v in VARIANTS
+            }
+
+    def _modules_params(self):
+        for v in VARIANTS:
+            yield from self.policies[v].parameters()
+
+    def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {v: self.policies[v].state_dict() for v in VARIANTS}
+
+    def _load_trainable(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        for v in VARIANTS:
+            self.policies[v].load_state_dict(state[v])
+
+    def try_resume(self) -> bool:
+        from .trainer import STATE_FILE
+
+        path = self.out / STATE_FILE
+        if path.is_file():
+            saved = torch.load(path, weights_only=False, map_location="cpu")["config"]
+            for key in ("num_passages", "expand_fraction", "group_size", "ppo_epochs", "ppo_clip", "lr"):
+                if saved.get(key) != getattr(self.cfg, key):
+                    raise ValueError(
+                        f"{path} was written with {key}={saved.get(key)!r} but this run has "
+                        f"{key}={getattr(self.cfg, key)!r}; use the same settings to resume, or another --output-dir."
+                    )
+        return super().try_resume()
+
+    # ------------------------------------------------------------------ data
+
+    def data(self):
+        if self._data is None:
+            from .data import load_nq
+
+            self._data = load_nq(self.cfg.data_dir, "train")
+        return self._data
+
+    def eval_data(self):
+        if self._eval_data is None:
+            from .data import load_nq
+
+            self._eval_data = load_nq(self.cfg.data_dir, "eval")
+        return self._eval_data
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """The target: the answer's tokens followed by EOS (as in the sft stage)."""
+        tok = self.engine.tokenizer
+        ids = tok(answer.strip(), add_special_tokens=False)["input_ids"]
+        return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+
+    def make_episode(self, question: str, passages: list[str], answer: str) -> Episode:
+        """Chunk vectors c_i (once, no grad; cached by the engine per passage), query vector, T'."""
+        eng = self.engine
+        chunks = [c for p in passages for c in eng.chunk(p)]
+        query_vector = self.policies["query"].embed_query(question)
+        return Episode(question, list(passages), self.answer_ids(answer), chunks, self.passage_vectors(passages),
+                       query_vector, self.budget.count(len(chunks)))
+
+    def passage_vectors(self, passages: Sequence[str]) -> list[torch.Tensor]:
+        """c_i per passage, each passage encoded on its own (cached by the engine), so the values
+        never depend on which passages happened to share an encoder batch: exact resume."""
+        return [self.engine.chunk_vectors([p])[0][0] for p in passages]
+
+    def episodes_for_step(self, step: int) -> list[Episode]:
+        """The ``batch_size * grad_accum`` questions of optimizer step ``step`` (seeded by it)."""
+        from .data import rag_passages
+
+        cfg = self.cfg
+        rng = self.micro_rng(step, 0)
+        examples = self.data()
+        out = []
+        for _ in range(cfg.batch_size * cfg.grad_accum):
+            idx = rng.randrange(len(examples))
+            passages, _ = rag_passages(rng, examples, idx, cfg.num_passages)
+            out.append(self.make_episode(examples[idx].question, passages, examples[idx].answers[0]))
+        return out
+
+    # ------------------------------------------------------------------ RL
+
+    def _logits(self, variant: str, ep: Episode) -> torch.Tensor:
+        policy = self.policies[variant]
+        return policy.forward_logits(ep.flat_vectors, policy.chunk_index(ep.chunks), ep.query_vector)
+
+    @torch.no_grad()
+    def rewards(self, ep: Episode, action_sets: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Negative log-perplexity of the gold answer under the mixed input of each action set
+        ``(len(action_sets),)``; each distinct set is scored once."""
+        keys = [frozenset(int(a) for a in s) for s in action_sets]
+        unique = list(dict.fromkeys(keys))
+        prefixes = [self.engine.prepare_rag(ep.question, ep.passages, ep.decisions(sorted(s)), vectors=ep.vectors).embeds
+                    for s in unique]
+        nll = dict(zip(unique, answer_nll(self.engine, prefixes, ep.target)))
+        return -torch.stack([nll[k] for k in keys])
+
+    def rollout(self, episodes: Sequence[Episode], step: int) -> list[Rollout]:
+        """Sample G sequences per episode and variant (seeded by step, episode, variant) and score
+        them; one batched reward call per episode covers both variants."""
+        cfg = self.cfg
+        out = []
+        for b, ep in enumerate(episodes):
+            if ep.n == 0 or ep.n >= len(ep.chunks):
+                continue  # nothing to choose
+            sampled = {}
+            for v in VARIANTS:
+                seed = random.Random(f"{micro_batch_seed(cfg.seed, step, b)}/{v}").getrandbits(63)
+                gen = torch.Generator().manual_seed(seed)
+                with torch.no_grad():
+                    logits = self._logits(v, ep)  # (L,)
+                actions = sample_sequences(logits, ep.n, cfg.group_size, gen)  # (G, n)
+                sampled[v] = (actions, sequence_log_probs(logits, actions))
+            rewards = self.rewards(ep, [a.tolist() for v in VARIANTS for a in sampled[v][0]])  # (2G,)
+            for vi, v in enumerate(VARIANTS):
+                r = rewards[vi * cfg.group_size : (vi + 1) * cfg.group_size]
+                out.append(Rollout(ep, v, sampled[v][0], sampled[v][1], r, group_advantages(r)))
+        return out
+
+    def ppo_update(self, rollouts: Sequence[Rollout]) -> dict[str, float]:
+        """``ppo_epochs`` AdamW steps on the clipped objective over all rollouts (both variants).
+        Returns the last epoch's loss, clipped fraction and KL per variant."""
+        cfg = self.cfg
+        stats: dict[str, float] = {}
+        for _ in range(cfg.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            total = None
+            for v in VARIANTS:
+                mine = [r for r in rollouts if r.variant == v]
+                if not mine:
+                    continue
+                losses, clip, kl = [], 0.0, 0.0
+                for r in mine:
+                    loss, st = ppo_clipped_loss(sequence_log_probs(self._logits(v, r.episode), r.actions),
+                                                r.old_log_probs, r.advantages, cfg.ppo_clip)
+                    losses.append(loss)
+                    clip += st["clip_frac"] / len(mine)
+                    kl += st["kl"] / len(mine)
+                loss_v = torch.stack(losses).mean()
+                stats.update({f"loss_{v}": float(loss_v.detach()), f"clip_{v}": clip, f"kl_{v}": kl})
+                total = loss_v if total is None else total + loss_v
+            if total is None:
+                return stats
+            total.backward()
+            for v in VARIANTS:
+                torch.nn.utils.clip_grad_norm_(list(self.policies[v].parameters()), cfg.max_grad_norm)
+            self.optimizer.step()
+        return stats
+
+    def train_step(self) -> dict[str, float]:
+        rollouts = self.rollout(self.episodes_for_step(self.step), self.step)
+        m = self.ppo_update(rollouts)
+        for v in VARIANTS:
+            rs = [r.rewards for r in rollouts if r.variant == v]
+            if rs:
+                m[f"reward_{v}"] = float(torch.cat(rs).mean())
+        m["loss"] = sum(m.get(f"loss_{v}", 0.0) for v in VARIANTS)
+        self.scheduler.step()
+        self.step += 1
+        return m
+
+    # ------------------------------------------------------------------ evaluation + export
+
+    def eval_policies(self) -> dict[str, Callable[[int], ExpansionPolicy]]:
+        """The settings compared at the same p: both learned variants and the baselines, plus
+        p = 0 (``none``) and full context (``all``) for reference. Values map the example
+        number to a policy."""
+        eng = self.engine
+        ppl = PerplexityDescPolicy(eng)
+        rel = QueryRelevancePolicy(eng.chunk_encoder)
+        return {
+            "learned_chunks": lambda i: self.policies["chunks"],
+            "learned_query": lambda i: self.policies["query"],
+            "random": lambda i: RandomPolicy(seed=POLICY_EVAL_SEED + i),
+            "perplexity_desc": lambda i: ppl,
+            "relevance": lambda i: rel,
+            "none": lambda i: ExpandNone(),
+            "all": lambda i: ExpandAll(),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Mean gold-answer NLL on the first ``eval_examples`` NQ *eval* questions (gold +
+        distractors as in the sft evaluation) per setting, with paired differences of each learned
+        variant against every other setting (negative = the learned policy is better)."""
+        from tqdm.auto import tqdm
+
+        from .data import rag_passages
+
+        cfg, eng = self.cfg, self.engine
+        pool = self.eval_data()
+        eval_set = pool[: cfg.eval_examples]
+        settings = self.eval_policies()
+        nll: dict[str, list[float]] = {name: [] for name in settings}
+        for i, ex in enumerate(tqdm(eval_set, desc="policy eval", dynamic_ncols=True)):
+            passages = rag_passages(random.Random(POLICY_EVAL_SEED + i), pool, i, cfg.num_passages)[0]
+            vectors = self.passage_vectors(passages)
+            prefixes = [eng.prepare_rag(ex.question, passages, make(i), budget=self.budget, vectors=vectors).embeds
+                        for make in settings.values()]
+            for name, value in zip(settings, answer_nll(eng, prefixes, self.answer_ids(ex.answers[0])).tolist()):
+                nll[name].append(value)
+
+        def summary(xs: list[float]) -> dict[str, float]:
+            t = torch.tensor(xs, dtype=torch.float64)
+            err = float(t.std() / math.sqrt(len(xs))) if len(xs) > 1 else float("nan")
+            return {"mean": float(t.mean()), "stderr": err}
+
+        out: dict[str, Any] = {
+            "examples": len(eval_set), "num_passages": cfg.num_passages, "expand_fraction": cfg.expand_fraction,
+            "trained_projector": bool(eng.trained), "answer_nll": {k: summary(v) for k, v in nll.items()},
+        }
+        for v in VARIANTS:
+            mine = nll[f"learned_{v}"]
+            out[f"delta_learned_{v}"] = {
+                other: summary([a - b for a, b in zip(mine, xs)]) for other, xs in nll.items() if not other.startswith("learned")
+            }
+        return out
+
+    def save_checkpoint(self, metrics: dict[str, Any] | None = None):
+        """Export ``output_dir/checkpoint``: the init checkpoint (projector, deltas, adapters) plus
+        the ``cfg.policy_variant`` policy."""
+        eng, prev = self.engine, self.prev
+        policy = self.policies[self.cfg.policy_variant]
+        return save_checkpoint(
+            self.out / CHECKPOINT_DIR, eng.config, eng.chunk_encoder.projector.state_dict(),
+            encoder_delta=(prev.encoder_delta or None) if prev else None,
+            decoder_delta=(prev.decoder_delta or None) if prev else None,
+            decoder_lora=(prev.decoder_lora or None) if prev else None,
+            policy=policy.state_dict(), policy_config=policy.policy_config(),
+            trained_stages=self.prev_stages + ["policy"], metrics=metrics,
+        )
+
+    def train(self, resume: bool = True) -> dict[str, Any]:
+        """Run (or continue) to ``max_steps``, evaluate, export; returns the metrics."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if resume:
+            self.try_resume()
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if not self.engine.trained:
+            logger.warning("the REFRAG projector is untrained: compressed chunks are noise, so rewards mostly "
+                           "reflect which chunks stay tokens; train from an sft checkpoint for real use.")
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        log = open(self.out / "train_log.jsonl", "a")
+        try:
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="refrag policy", dynamic_ncols=True)
+            while self.step < cfg.max_steps and not self._stop:
+                t0 = time.perf_counter()
+                m = self.train_step()
+                m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], sec=time.perf_counter() - t0)
+                log.write(json.dumps(m) + "\n")
+                log.flush()
+                bar.set_postfix({f"r_{v}": f"{m[f'reward_{v}']:.3f}" for v in VARIANTS if f"reward_{v}" in m})
+                bar.update(1)
+                if self.step % cfg.save_every == 0 or self._stop:
+                    self.save_state()
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps and not self._stop:
+                    ev = self.evaluate()
+                    log.write(json.dumps({"step": self.step, "eval": ev}) + "\n")
+                    self.save_checkpoint({"stage": "policy", "step": self.step, "after": ev})
+            bar.close()
+            self.save_state()
+        finally:
+            log.close()
+            for s, h in old.items():
+                signal.signal(s, h)
+        if self._stop:
+            logger.warning("stopped at step %d; rerun the same command to resume", self.step)
+            return {"stopped_at": self.step}
+        metrics: dict[str, Any] = {"stage": "policy", "steps": self.step, "exported_variant": cfg.policy_variant,
+                                   "after": self.evaluate()}
+        if self.prev is not None and self.prev.metrics:
+            metrics["init_checkpoint_metrics"] = self.prev.metrics
+        self.save_checkpoint(metrics)
+        return metrics
+
+
+__all__ = [
+    "LearnedPolicy",
+    "PerplexityDescPolicy",
+    "PolicyNetwork",
+    "PolicyTrainer",
+    "answer_nll",
+    "group_advantages",
+    "ppo_clipped_loss",
+    "sample_sequences",
+    "sequence_log_probs",
+]

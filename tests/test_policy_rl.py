@@ -1,0 +1,367 @@
+"""The RL selective-expansion policy (training/policy_rl.py) on tiny random models."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from refrag_integrations import RefragEngine
+from refrag_integrations.checkpoint import load_checkpoint, save_checkpoint
+from refrag_integrations.policy import ExpansionBudget
+from refrag_integrations.training.config import TrainConfig
+from refrag_integrations.training.data import NQExample
+from refrag_integrations.training.objectives import _lm_loss
+from refrag_integrations.training.policy_rl import (
+    VARIANTS,
+    LearnedPolicy,
+    PerplexityDescPolicy,
+    PolicyTrainer,
+    answer_nll,
+    group_advantages,
+    ppo_clipped_loss,
+    sample_sequences,
+    sequence_log_probs,
+)
+
+# Sentences from the tiny tokenizer's corpus (WikiText-2, CC BY-SA 3.0), as NQ-style examples.
+EXAMPLES = [
+    NQExample("Who wrote the play Herons?", ("Simon Stephens",),
+              "Herons\nThis was followed by a starring role in the play Herons written by Simon Stephens, "
+              "which was performed in 2001 at the Royal Court Theatre.", 1),
+    NQExample("Who is the Eiffel Tower named after?", ("Gustave Eiffel",),
+              "Eiffel Tower\nGustave Eiffel designed the tower in Paris, France.", 2),
+    NQExample("Where was Mercury Fur performed?", ("Drum Theatre",),
+              "Mercury Fur\nHe was cast in the 2005 theatre productions of the Philip Ridley play Mercury Fur, "
+              "which was performed at the Drum Theatre in Plymouth.", 3),
+    NQExample("Which series did Boulter guest star in in 2000?", ("The Bill",),
+              "Robert Boulter\nRobert Boulter is an English film, television and theatre actor. He had a guest "
+              "starring role on the television series The Bill in 2000.", 4),
+]
+PASSAGES = [EXAMPLES[0].passage, EXAMPLES[3].passage]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, tiny models are ~10x faster without thread hand-offs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dirs):
+    """A private tiny engine (the trainer freezes its modules; the shared fixture stays untouched)."""
+    dec, enc = tiny_dirs
+    return RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu")
+
+
+def _cfg(out, **kw) -> TrainConfig:
+    base = dict(stage="policy", output_dir=str(out), chunk_size=4, expand_fraction=0.25, num_passages=2,
+                batch_size=2, group_size=4, ppo_epochs=2, max_steps=4, save_every=1, bf16=False,
+                eval_examples=2, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _trainer(engine, out, **kw) -> PolicyTrainer:
+    tr = PolicyTrainer(_cfg(out, **kw), engine=engine)
+    tr._data, tr._eval_data = EXAMPLES, EXAMPLES
+    return tr
+
+
+def _randomized(policy: LearnedPolicy, seed: int) -> LearnedPolicy:
+    """Non-trivial weights (a fresh policy has a zero head, i.e. uniform logits)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return policy
+
+
+def _flat(engine, passages):
+    chunks = [c for p in passages for c in engine.chunk(p)]
+    return chunks, torch.cat(engine.chunk_vectors(passages)[0], 0)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_sampled_sequences_are_distinct_and_sized():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, generator=g) * 3
+    for n in range(8):
+        a = sample_sequences(logits, n, group=6, generator=g)
+        assert a.shape == (6, n)
+        assert all(len(set(row)) == n and all(0 <= i < 7 for i in row) for row in a.tolist())
+    with pytest.raises(ValueError, match="distinct chunks"):
+        sample_sequences(logits, 8, group=2)
+
+
+def test_log_probs_match_a_step_by_step_recomputation():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, generator=g) * 2
+    actions = sample_sequences(logits, 4, group=5, generator=g)
+    got = sequence_log_probs(logits, actions)
+    for b, row in enumerate(actions.tolist()):
+        left = list(range(6))
+        for t, a in enumerate(row):
+            want = logits[a] - torch.logsumexp(logits[left], 0)
+            assert float(got[b, t]) == pytest.approx(float(want), abs=1e-5)
+            left.remove(a)
+    # The sequence probabilities over all ordered picks sum to one (a proper distribution).
+    perms = torch.tensor(list(itertools.permutations(range(6), 3)))
+    assert float(sequence_log_probs(logits, perms).sum(1).exp().sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_sampling_frequencies_follow_the_masked_softmax():
+    logits = torch.tensor([2.0, 0.0, -1.0])
+    a = sample_sequences(logits, 2, group=20000, generator=torch.Generator().manual_seed(0))
+    perms = torch.tensor(list(itertools.permutations(range(3), 2)))
+    probs = sequence_log_probs(logits, perms).sum(1).exp()
+    for seq, p in zip(perms.tolist(), probs.tolist()):
+        freq = float((a == torch.tensor(seq)).all(1).float().mean())
+        assert freq == pytest.approx(p, abs=0.015)
+
+
+def test_group_advantages_and_ppo_clipping():
+    adv = group_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]))
+    assert float(adv.mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(adv.std(unbiased=False)) == pytest.approx(1.0, abs=1e-4)
+    assert torch.equal(group_advantages(torch.full((4,), 2.5)), torch.zeros(4))
+    old = torch.log(torch.full((2, 3), 0.2))
+    a = torch.tensor([1.0, -1.0])
+    loss, st = ppo_clipped_loss(old.clone(), old, a, 0.2)
+    assert float(loss) == pytest.approx(0.0, abs=1e-7) and st["clip_frac"] == 0.0
+    new = (old + torch.log(torch.tensor(2.0))).requires_grad_(True)  # ratio 2 on every step
+    loss, st = ppo_clipped_loss(new, old, a, 0.2)
+    # positive advantage: clipped at 1.2; negative advantage: min(-2, -1.2) = -2 (not clipped)
+    assert float(loss.detach()) == pytest.approx(-(1.2 - 2.0) / 2, abs=1e-5)
+    loss.backward()
+    assert torch.all(new.grad[0] == 0) and torch.all(new.grad[1] != 0)
+    assert st["clip_frac"] == 1.0
+
+
+# --------------------------------------------------------------------------- the learned policy
+
+
+@pytest.mark.parametrize("query_conditioned", [False, True])
+def test_learned_policy_respects_budget_and_never_repeats(engine, query_conditioned):
+    policy = _randomized(LearnedPolicy(engine.chunk_encoder.encoder_dim, query_conditioned=query_conditioned,
+                                       expand_fraction=0.25, encoder=engine.chunk_encoder), seed=0)
+    chunks, vecs = _flat(engine, PASSAGES)
+    L = len(chunks)
+    q = EXAMPLES[0].question
+    assert policy.select(q, chunks, vecs, 0) == [False] * L
+    assert policy.select(q, chunks, vecs, ExpansionBudget(fraction=0.0)) == [False] * L
+    assert policy.select(q, chunks, vecs, L) == [True] * L
+    assert policy.select(q, chunks, vecs, 1.0) == [True] * L
+    for budget, want in ((3, 3), (0.5, L // 2), (ExpansionBudget(fraction=0.5, max_count=2), 2),
+                         (None, int(0.25 * L)), (ExpansionBudget(), int(0.25 * L))):
+        got = policy.select(q, chunks, vecs, budget)
+        assert len(got) == L and sum(got) == want
+    # Through the engine: one decision per chunk per passage, budget over all passages jointly.
+    dec = engine.decide(q, PASSAGES, policy, 0.5)
+    assert [len(d) for d in dec] == [len(engine.chunk(p)) for p in PASSAGES]
+    assert sum(map(sum, dec)) == L // 2
+
+
+@pytest.mark.parametrize("query_conditioned", [False, True])
+def test_greedy_selection_is_deterministic_top_logits(engine, query_conditioned):
+    policy = _randomized(LearnedPolicy(engine.chunk_encoder.encoder_dim, query_conditioned=query_conditioned,
+                                       encoder=engine.chunk_encoder), seed=1)
+    chunks, vecs = _flat(engine, PASSAGES)
+    q = EXAMPLES[0].question
+    first = policy.select(q, chunks, vecs, 4)
+    assert all(policy.select(q, chunks, vecs, 4) == first for _ in range(3))
+    logits = policy.logits(q, chunks, vecs)
+    top = set(torch.argsort(logits, descending=True)[:4].tolist())
+    assert {i for i, x in enumerate(first) if x} == top
+    other = policy.logits(EXAMPLES[1].question, chunks, vecs)
+    assert torch.equal(other, logits) is (not query_conditioned)  # only the query variant reads the query
+
+
+def test_learned_policy_input_errors(engine):
+    chunks, vecs = _flat(engine, PASSAGES)
+    no_encoder = LearnedPolicy(engine.chunk_encoder.encoder_dim, query_conditioned=True)
+    with pytest.raises(ValueError, match="attach_encoder"):
+        no_encoder.select("q?", chunks, vecs, 2)
+    policy = LearnedPolicy(engine.chunk_encoder.encoder_dim)
+    with pytest.raises(ValueError, match="shape"):
+        policy.select("q?", chunks, vecs[:, :5], 2)
+    with pytest.raises(TypeError, match="Chunk objects"):
+        policy.select("q?", list(range(len(chunks))), vecs, 2)
+    with pytest.raises(ValueError, match="expand_fraction"):
+        LearnedPolicy(8, expand_fraction=1.5)
+    with pytest.raises(ValueError, match="divisible"):
+        LearnedPolicy(8, width=30, heads=4)
+    with pytest.raises(ValueError, match="Unknown policy_config"):
+        LearnedPolicy.from_state({**policy.policy_config(), "bogus": 1}, policy.state_dict())
+    with pytest.raises(ValueError, match="do not fit"):
+        LearnedPolicy.from_state({**policy.policy_config(), "width": 64}, policy.state_dict())
+
+
+# --------------------------------------------------------------------------- perplexity-desc
+
+
+def test_perplexity_desc_expands_the_highest_nll_chunks(engine):
+    policy = PerplexityDescPolicy(engine)
+    chunks, vecs = _flat(engine, PASSAGES)
+    scores = policy.chunk_perplexities(chunks)
+    # Independent computation: each passage scored alone after the BOS token, means per chunk.
+    embed = engine.decoder.get_input_embeddings()
+    want = []
+    with torch.no_grad():
+        for p in PASSAGES:
+            cs = engine.chunk(p)
+            ids = torch.tensor([[t for c in cs for t in c.token_ids]])
+            start = embed(torch.tensor([[engine.tokenizer.bos_token_id]]))
+            nll = _lm_loss(engine, start, ids)[0][0]
+            i = 0
+            for c in cs:
+                want.append(float(nll[i : i + len(c.token_ids)].mean()))
+                i += len(c.token_ids)
+    torch.testing.assert_close(scores, torch.tensor(want), atol=1e-4, rtol=1e-4)
+    got = policy.select("q", chunks, vecs, 3)
+    assert {i for i, x in enumerate(got) if x} == set(torch.argsort(scores, descending=True)[:3].tolist())
+    assert policy.select("q", chunks, vecs, 0) == [False] * len(chunks)
+    dec = engine.decide("q", PASSAGES, policy, 3)  # usable through the engine
+    assert [x for d in dec for x in d] == got
+    with pytest.raises(ValueError, match="whole passages"):
+        policy.select("q", chunks[1:], vecs[1:], 2)
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+def test_batched_answer_nll_matches_unbatched_loss(engine):
+    chunks, _ = _flat(engine, PASSAGES)
+    L = len(chunks)
+    decisions = [[[False] * len(engine.chunk(p)) for p in PASSAGES]]
+    for pick in ([0], [1, L - 1], list(range(L // 2))):
+        flat = [i in pick for i in range(L)]
+        n0 = len(engine.chunk(PASSAGES[0]))
+        decisions.append([flat[:n0], flat[n0:]])
+    prefixes = [engine.prepare_rag("Who?", PASSAGES, d).embeds for d in decisions]
+    assert len({p.shape[0] for p in prefixes}) > 1  # rows of different lengths share a padded batch
+    target = engine.tokenizer("Simon Stephens", add_special_tokens=False)["input_ids"] + [engine.tokenizer.eos_token_id]
+    got = answer_nll(engine, prefixes, target)
+    with torch.no_grad():
+        want = [float(_lm_loss(engine, p.unsqueeze(0), torch.tensor([target]))[0].mean()) for p in prefixes]
+    torch.testing.assert_close(got, torch.tensor(want), atol=1e-4, rtol=1e-4)
+
+
+def test_config_errors(engine, tmp_path):
+    for kw, match in ((dict(expand_fraction=0.0), "expand fraction"), (dict(group_size=1), "group_size"),
+                      (dict(policy_variant="both"), "policy_variant"), (dict(ppo_clip=0.0), "ppo_clip"),
+                      (dict(stage="sft"), "policy")):
+        with pytest.raises(ValueError, match=match):
+            PolicyTrainer(_cfg(tmp_path, **kw), engine=engine)
+
+
+def test_refuses_a_multi_process_launch(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="one process"):
+        PolicyTrainer(_cfg(tmp_path), engine=engine)
+
+
+# --------------------------------------------------------------------------- GRPO learns
+
+
+def _expected_reward(tr, variant, ep, reward_of) -> float:
+    """Exact E[reward] under the policy's sequential sampling (enumerating every ordered pick)."""
+    with torch.no_grad():
+        logits = tr._logits(variant, ep)
+    perms = torch.tensor(list(itertools.permutations(range(len(ep.chunks)), ep.n)))
+    probs = sequence_log_probs(logits, perms).sum(1).exp()
+    return float((probs * torch.stack([reward_of[frozenset(p)] for p in perms.tolist()])).sum())
+
+
+def test_grpo_steps_raise_the_expected_reward(engine, tmp_path):
+    tr = _trainer(engine, tmp_path, group_size=8, ppo_epochs=4, warmup_frac=0.0, max_steps=100)
+    ex0, ex1, ex3 = EXAMPLES[0], EXAMPLES[1], EXAMPLES[3]
+    episodes = [
+        dataclasses.replace(tr.make_episode(ex1.question, [ex1.passage, ex3.passage[:60]], ex1.answers[0]), n=2),
+        dataclasses.replace(tr.make_episode(ex0.question, [ex0.passage[:80]], ex0.answers[0]), n=2),
+    ]
+    rewards, best = [], []
+    for ep in episodes:
+        sets = [frozenset(c) for c in itertools.combinations(range(len(ep.chunks)), ep.n)]
+        r = tr.rewards(ep, [sorted(s) for s in sets])
+        rewards.append(dict(zip(sets, r)))
+        best.append(float(r.max()))
+        assert float(r.max() - r.min()) > 0  # the choice matters
+    before = {v: [_expected_reward(tr, v, ep, rw) for ep, rw in zip(episodes, rewards)] for v in VARIANTS}
+    for it in range(12):
+        tr.ppo_update(tr.rollout(episodes, it))
+    for v in VARIANTS:
+        after = [_expected_reward(tr, v, ep, rw) for ep, rw in zip(episodes, rewards)]
+        closed = [(a - b) / (m - b) for a, b, m in zip(after, before[v], best)]
+        assert all(c > 0.1 for c in closed), (v, closed)  # every episode improves
+        assert sum(closed) / len(closed) > 0.4, (v, closed)  # and the gap to the best set shrinks a lot
+
+
+# --------------------------------------------------------------------------- checkpoints + resume
+
+
+def test_checkpoint_round_trip_gives_the_same_selections(engine, tiny_dirs, tmp_path):
+    dec, enc = tiny_dirs
+    for variant in VARIANTS:
+        tr = _trainer(engine, tmp_path / variant, policy_variant=variant)
+        policy = _randomized(tr.policies[variant], seed=2)
+        path = tr.save_checkpoint({"note": "round trip"})
+        ckpt = load_checkpoint(path)
+        assert ckpt.trained_stages == ["policy"] and ckpt.policy_config["query_conditioned"] is (variant == "query")
+        loaded = RefragEngine.from_pretrained(path, decoder=str(dec), encoder=str(enc), device="cpu")
+        assert isinstance(loaded.policy, LearnedPolicy) and loaded.policy.query_conditioned is (variant == "query")
+        for q in (EXAMPLES[0].question, EXAMPLES[2].question):
+            for budget in (None, 3, 0.5):
+                want = engine.decide(q, PASSAGES, policy, budget if budget is not None else 0.25)
+                assert loaded.decide(q, PASSAGES, budget=budget) == want  # the checkpoint's policy is the default
+        # The same weights through save_checkpoint directly, onto a checkpoint with no policy before.
+        direct = save_checkpoint(tmp_path / f"direct-{variant}", engine.config, engine.chunk_encoder.projector.state_dict(),
+                                 policy=policy.state_dict(), policy_config=policy.policy_config(), trained_stages=["sft"])
+        again = RefragEngine.from_pretrained(direct, decoder=str(dec), encoder=str(enc), device="cpu")
+        assert again.decide(EXAMPLES[0].question, PASSAGES, budget=0.5) == engine.decide(
+            EXAMPLES[0].question, PASSAGES, policy, 0.5)
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(engine, tmp_path):
+    full = _trainer(engine, tmp_path / "full")
+    metrics_full = full.train()
+    assert metrics_full["steps"] == 4 and set(metrics_full["after"]["answer_nll"]) == {
+        "learned_chunks", "learned_query", "random", "perplexity_desc", "relevance", "none", "all"}
+
+    cut = _trainer(engine, tmp_path / "cut")
+    step = cut.train_step
+
+    def step_then_interrupt():
+        m = step()
+        if cut.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled by the trainer: save and stop after this step
+        return m
+
+    cut.train_step = step_then_interrupt
+    assert cut.train() == {"stopped_at": 2}
+    with pytest.raises(ValueError, match="group_size"):
+        _trainer(engine, tmp_path / "cut", group_size=8).train()
+    resumed = _trainer(engine, tmp_path / "cut")
+    metrics_resumed = resumed.train()
+    for v in VARIANTS:
+        a, b = full.policies[v].state_dict(), resumed.policies[v].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics_resumed == metrics_full
+
+    def log(path):
+        rows = [json.loads(x) for x in (path / "train_log.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "sec"} for r in rows]
+
+    assert log(tmp_path / "cut") == log(tmp_path / "full")
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint")
+    assert saved.policy_config["query_conditioned"] is True and saved.metrics["steps"] == 4
