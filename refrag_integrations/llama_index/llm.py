@@ -1,0 +1,431 @@
+"""RefragLLM: a LlamaIndex LLM that decodes with REFRAG.
+
+It renders what LlamaIndex sends (chat messages through the decoder's chat template, or a
+completion prompt), finds the passages that :class:`RefragNodePostprocessor` registered *whole*
+inside that prompt, compresses exactly those per their expansion decisions, and leaves every other
+character (template, question, a passage that LlamaIndex split across calls) as ordinary tokens.
+A prompt without registered passages is ordinary generation on the same decoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+import time
+from typing import Any, Iterator, List, Optional, Sequence
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+
+from ..chunking import passage_id
+from ..config import DEFAULT_MAX_NEW_TOKENS, PROMPT_RESERVE_TOKENS
+from ..engine import GenerationResult, GenerationStats, PreparedInput, RefragEngine
+from ..policy import ExpandAll, ExpandNone, ExpansionBudget, ExpansionPolicy, as_budget
+from ._request import current_decisions, shared_engine, stats_sink
+
+STATS_KEY = "refrag_stats"  # key of the stats dict in every response's additional_kwargs
+
+# LlamaIndex roles that chat templates do not know, mapped onto ones they do.
+_ROLES = {"chatbot": "assistant", "model": "assistant", "developer": "system"}
+_GEN_KEYS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
+_WINDOW_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+class ContextWindowExceededError(RuntimeError):
+    """A prompt needs more decoder positions than the decoder's window.
+
+    A RuntimeError rather than a ValueError on purpose: LlamaIndex's refine loop catches
+    ValueError/TypeError from the LLM and silently answers "Empty Response"; this must surface.
+    """
+
+
+def compressed_context_window(window: int, k: int, expand_fraction: float, reserve: int) -> int:
+    """The context window to report to LlamaIndex when passages are compressed.
+
+    ``reserve`` tokens (template, question, answer) stay tokens; the rest of the decoder's window
+    holds passage text at the effective compression rate ``k / (1 - p + k p)`` (the paper's rate
+    with a fraction p of chunks expanded). A prompt packed to the reported window then fits the
+    real one as long as its uncompressed part stays within ``reserve``.
+
+    Example:
+        >>> compressed_context_window(8192, 16, 0.0, 320)
+        126272
+        >>> compressed_context_window(8192, 16, 1.0, 320)
+        8192
+    """
+    if not 0.0 <= expand_fraction <= 1.0:
+        raise ValueError(f"expand_fraction must be in [0, 1], got {expand_fraction!r}.")
+    if window <= reserve:
+        return window
+    rate = k / (1.0 - expand_fraction + k * expand_fraction)
+    return reserve + int((window - reserve) * rate)
+
+
+def expected_expand_fraction(policy: "ExpansionPolicy | str", budget: "ExpansionBudget | float | int | None") -> float:
+    """The fraction p of chunks a policy keeps as tokens under a budget, for sizing the window:
+    ``none`` 0, ``all`` 1, a selective policy its budget's fraction, or 1 (nothing assumed
+    compressed) when only a count or no limit is set.
+
+    Example:
+        >>> expected_expand_fraction("relevance", 0.25)
+        0.25
+    """
+    name = policy if isinstance(policy, str) else getattr(policy, "name", "")
+    if isinstance(policy, ExpandNone) or name == "none":
+        return 0.0
+    fraction = as_budget(budget).fraction
+    if isinstance(policy, ExpandAll) or name == "all" or fraction is None:
+        return 1.0
+    return float(fraction)
+
+
+class RefragLLM(CustomLLM):
+    """A LlamaIndex LLM over a :class:`~refrag_integrations.RefragEngine`.
+
+    Use it with :class:`RefragNodePostprocessor` on the same engine (or let
+    :class:`RefragQueryEngine` wire both). ``metadata.context_window`` is the decoder's window
+    scaled by the expected compression, so COMPACT synthesis packs all retrieved nodes into one
+    call; every response carries its :class:`~refrag_integrations.GenerationStats` as a dict in
+    ``additional_kwargs["refrag_stats"]`` (see also :attr:`last_stats` and
+    :func:`collect_generation_stats`).
+
+    Args:
+        engine: the engine shared with the postprocessor (default: the process-wide
+            :func:`shared_engine`, loaded on first use).
+        **kwargs: the fields below.
+
+    Example:
+        >>> llm = RefragLLM(engine=engine, max_new_tokens=32)                  # doctest: +SKIP
+        >>> llm.complete("Who wrote Hamlet?").text                             # doctest: +SKIP
+        >>> baseline = RefragLLM(engine=engine, compress=False)  # ordinary decoding, same model  # doctest: +SKIP
+    """
+
+    model_name: str = Field(default="", description="Model name reported in metadata; empty = the decoder's name.")
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, gt=0, description="Generation limit (tokens).")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy decoding; > 0 samples at this temperature.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (when sampling).")
+    seed: Optional[int] = Field(default=None, description="Random seed for sampling.")
+    stop: List[str] = Field(default_factory=list, description="Strings that end generation (not included).")
+    compress: bool = Field(
+        default=True,
+        description="False = ordinary generation on the same decoder: registered passages stay tokens "
+        "and the real context window is reported (the full-context baseline).",
+    )
+    expand_fraction: Optional[float] = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Fraction p of passage chunks the postprocessor keeps as tokens; only sets the "
+        "reported context window (rate k / (1 - p + k p)). None = from the engine's default policy "
+        "and budget.",
+    )
+    context_window: Optional[int] = Field(
+        default=None, gt=0, description="The decoder's real window in positions; None = from its config."
+    )
+    is_chat: Optional[bool] = Field(
+        default=None,
+        description="Report a chat model (messages rendered with the decoder's chat template); "
+        "None = whether the tokenizer has a chat template.",
+    )
+    checkpoint: Optional[str] = Field(
+        default=None,
+        description="REFRAG checkpoint directory for the shared engine when no engine is given "
+        "(None: the packaged default, if any).",
+    )
+
+    _engine: Optional[RefragEngine] = PrivateAttr(default=None)
+    _last_stats: Optional[GenerationStats] = PrivateAttr(default=None)
+    _engine_lock: Any = PrivateAttr(default_factory=threading.Lock)
+    _tokenizer: Any = PrivateAttr(default=None)
+    _tokenizer_lock: Any = PrivateAttr(default_factory=threading.Lock)
+
+    def __init__(self, engine: Optional[RefragEngine] = None, **kwargs: Any) -> None:
+        if engine is not None and not isinstance(engine, RefragEngine):
+            raise TypeError(f"engine must be a RefragEngine, got {type(engine).__name__}.")
+        super().__init__(**kwargs)
+        self._engine = engine
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RefragLLM"
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def engine(self) -> RefragEngine:
+        """The engine (loaded on first use when none was given)."""
+        if self._engine is None:
+            with self._engine_lock:
+                if self._engine is None:
+                    self._engine = shared_engine(self.checkpoint)
+        return self._engine
+
+    @property
+    def last_stats(self) -> Optional[GenerationStats]:
+        """Stats of the most recent generation by this object (any thread)."""
+        return self._last_stats
+
+    @property
+    def decoder_window(self) -> int:
+        """The decoder's real context window, in positions."""
+        if self.context_window is not None:
+            return self.context_window
+        cfg = self.engine.decoder.config
+        for attr in _WINDOW_ATTRS:
+            value = getattr(cfg, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        raise ValueError(
+            f"Cannot read the decoder's context window from its config (none of {_WINDOW_ATTRS}); "
+            "pass RefragLLM(context_window=...)."
+        )
+
+    def expected_expand_fraction(self) -> float:
+        """The p used for the reported window: the field, else what the engine's default policy
+        and budget imply (see :func:`expected_expand_fraction`)."""
+        if self.expand_fraction is not None:
+            return self.expand_fraction
+        return expected_expand_fraction(self.engine.policy, self.engine.budget)
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        window = self.decoder_window
+        if self.compress:
+            window = compressed_context_window(
+                window, self.engine.k, self.expected_expand_fraction(), PROMPT_RESERVE_TOKENS + self.max_new_tokens
+            )
+        return LLMMetadata(
+            context_window=window,
+            num_output=self.max_new_tokens,
+            is_chat_model=self._is_chat(),
+            model_name=self.model_name or self.engine.config.decoder,
+        )
+
+    def tokenize(self, text: str) -> List[int]:
+        """Decoder token ids of ``text`` (no special tokens); pass it as a PromptHelper's tokenizer
+        so LlamaIndex counts the tokens the decoder will see.
+
+        Uses a private copy of the decoder's tokenizer: a fast tokenizer must not be called from
+        two threads at once, and LlamaIndex counts tokens on the event loop's thread while another
+        request may be generating, so sharing the engine's (and its lock) would stall the loop."""
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                engine = self.engine
+                with engine._lock:  # copy while no engine thread is using it
+                    self._tokenizer = copy.deepcopy(engine.tokenizer)
+            return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _is_chat(self) -> bool:
+        if self.is_chat is not None:
+            return self.is_chat
+        return bool(getattr(self.engine.tokenizer, "chat_template", None))
+
+    # ------------------------------------------------------------------ prompt -> mixed input
+
+    def _render_chat(self, messages: Sequence[ChatMessage]) -> tuple[str, bool]:
+        """Prompt text for chat messages and whether the tokenizer's BOS must still be added."""
+        tokenizer = self.engine.tokenizer
+        if self._is_chat() and getattr(tokenizer, "chat_template", None):
+            turns = [{"role": _ROLES.get(m.role.value, m.role.value), "content": m.content or ""} for m in messages]
+            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True), False
+        return self.messages_to_prompt(messages), True
+
+    def _render_completion(self, prompt: str, formatted: bool) -> tuple[str, bool]:
+        if formatted:  # already the exact text to decode (LlamaIndex's predict path for non-chat LLMs)
+            return prompt, True
+        if self._is_chat() and getattr(self.engine.tokenizer, "chat_template", None):
+            messages = [ChatMessage(role=MessageRole.USER, content=prompt)]
+            if self.system_prompt:
+                messages.insert(0, ChatMessage(role=MessageRole.SYSTEM, content=self.system_prompt))
+            return self._render_chat(messages)
+        text = self.completion_to_prompt(prompt)
+        if self.system_prompt:
+            text = f"{self.system_prompt}\n\n{text}"
+        return text, True
+
+    def _prepare(self, prompt: str, add_special: bool, query: str, decisions: dict) -> PreparedInput:
+        """Compress the registered passages found whole in ``prompt``: with this request's decisions
+        (from its postprocessor), else the registered ones, else the engine's default policy."""
+        engine = self.engine
+        spans = engine.locate_registered(prompt) if self.compress else []
+        texts = [prompt[a:b] for a, b in spans]
+        expand: list = []
+        for text in texts:
+            pid = passage_id(text)
+            decision = decisions.get(pid)
+            if decision is None:
+                entry = engine.lookup_passage(pid)
+                decision = entry.expand if entry is not None else None
+            expand.append(decision)
+        missing = [i for i, d in enumerate(expand) if d is None]
+        if missing:
+            for i, d in zip(missing, engine.decide(query, [texts[i] for i in missing]), strict=True):
+                expand[i] = d
+        prepared = engine.prepare(
+            prompt, spans, [list(d) for d in expand], query=query, add_special_tokens=add_special
+        )
+        need, window = prepared.stats.positions + self.max_new_tokens, self.decoder_window
+        if need > window:
+            raise ContextWindowExceededError(
+                f"The prompt needs {prepared.stats.positions} decoder positions plus {self.max_new_tokens} "
+                f"for the answer, more than the decoder's window of {window}. Only passages registered by "
+                f"RefragNodePostprocessor and found whole in the prompt are compressed "
+                f"({prepared.stats.chunks_compressed} chunks here); everything else, including a node that "
+                "LlamaIndex split across calls, stays tokens. Retrieve fewer or smaller nodes, lower "
+                "expand_fraction, or give the synthesizer a PromptHelper with tokenizer=llm.tokenize."
+            )
+        return prepared
+
+    def _gen_kwargs(self, overrides: dict) -> dict:
+        unknown = sorted(set(overrides) - set(_GEN_KEYS) - {"max_tokens"})
+        if unknown:
+            raise TypeError(f"Unknown generation arguments {unknown}; RefragLLM accepts {list(_GEN_KEYS)}.")
+        gen = {
+            "max_new_tokens": overrides.get("max_new_tokens", overrides.get("max_tokens", self.max_new_tokens)),
+            "temperature": overrides.get("temperature", self.temperature),
+            "top_p": overrides.get("top_p", self.top_p),
+            "stop": list(overrides.get("stop", self.stop) or []),
+            "seed": overrides.get("seed", self.seed),
+        }
+        gen["do_sample"] = gen["temperature"] > 0
+        gen["temperature"] = gen["temperature"] or 1.0
+        return gen
+
+    def _record(self, stats: GenerationStats, sink: list | None) -> dict:
+        self._last_stats = stats
+        if sink is not None:
+            sink.append(stats)
+        return stats.to_dict()
+
+    # ------------------------------------------------------------------ generation (sync cores)
+
+    def _generate(self, prompt: str, add_special: bool, query: str, overrides: dict) -> tuple[GenerationResult, dict]:
+        decisions, sink = current_decisions(), stats_sink()
+        gen = self._gen_kwargs(overrides)
+        t0 = time.perf_counter()
+        prepared = self._prepare(prompt, add_special, query, decisions)
+        result = self.engine.generate_prepared([prepared], t_start=t0, **gen)[0]
+        return result, self._record(result.stats, sink)
+
+    def _stream(
+        self, prompt: str, add_special: bool, query: str, overrides: dict
+    ) -> Iterator[tuple[str, str, dict | None]]:
+        """Yields ``(delta, text so far, None)`` per piece, then ``("", text, stats)`` once. The
+        request's decisions and stats sink are taken now; the work starts on the first ``next``."""
+        decisions, sink = current_decisions(), stats_sink()
+        gen = self._gen_kwargs(overrides)
+
+        def pieces() -> Iterator[tuple[str, str, dict | None]]:
+            t0 = time.perf_counter()
+            prepared = self._prepare(prompt, add_special, query, decisions)
+            stream = self.engine.stream_prepared(prepared, t_start=t0, **gen)
+            text = ""
+            for piece in stream:
+                text += piece
+                yield piece, text, None
+            yield "", text, self._record(stream.result.stats, sink)
+
+        return pieces()
+
+    def _complete_response(self, prompt: str, formatted: bool, overrides: dict) -> CompletionResponse:
+        text, add_special = self._render_completion(prompt, formatted)
+        result, stats = self._generate(text, add_special, prompt, overrides)
+        return CompletionResponse(text=result.text, additional_kwargs={STATS_KEY: stats})
+
+    def _complete_stream(self, prompt: str, formatted: bool, overrides: dict) -> Iterator[CompletionResponse]:
+        text, add_special = self._render_completion(prompt, formatted)
+        items = self._stream(text, add_special, prompt, overrides)  # takes the request's context now
+        return (
+            CompletionResponse(text=so_far, delta=delta, additional_kwargs={STATS_KEY: stats} if stats else {})
+            for delta, so_far, stats in items
+        )
+
+    def _chat_response(self, messages: Sequence[ChatMessage], overrides: dict) -> ChatResponse:
+        text, add_special = self._render_chat(messages)
+        result, stats = self._generate(text, add_special, _last_user(messages), overrides)
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), additional_kwargs={STATS_KEY: stats}
+        )
+
+    def _chat_stream(self, messages: Sequence[ChatMessage], overrides: dict) -> Iterator[ChatResponse]:
+        text, add_special = self._render_chat(messages)
+        items = self._stream(text, add_special, _last_user(messages), overrides)
+        return (
+            ChatResponse(
+                message=ChatMessage(role=MessageRole.ASSISTANT, content=so_far),
+                delta=delta,
+                additional_kwargs={STATS_KEY: stats} if stats else {},
+            )
+            for delta, so_far, stats in items
+        )
+
+    # ------------------------------------------------------------------ LlamaIndex API
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """Generate a completion. ``formatted=True``: ``prompt`` is decoded as is; otherwise it is
+        wrapped as a user turn in the decoder's chat template (when it has one)."""
+        return self._complete_response(prompt, formatted, kwargs)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        """Stream a completion; the last item has empty ``delta`` and the stats."""
+        return self._complete_stream(prompt, formatted, kwargs)
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Render ``messages`` with the decoder's chat template and generate the reply."""
+        return self._chat_response(messages, kwargs)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return self._chat_stream(messages, kwargs)
+
+    # Async versions run the engine in a worker thread, so the event loop keeps serving others.
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return await asyncio.to_thread(self._complete_response, prompt, formatted, kwargs)
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        return _in_thread(self._complete_stream(prompt, formatted, kwargs))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return await asyncio.to_thread(self._chat_response, messages, kwargs)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        return _in_thread(self._chat_stream(messages, kwargs))
+
+
+def _last_user(messages: Sequence[ChatMessage]) -> str:
+    """The latest user turn (the query a query-aware policy sees for unregistered decisions)."""
+    for m in reversed(messages):
+        if m.role == MessageRole.USER:
+            return m.content or ""
+    return ""
+
+
+async def _in_thread(items: Iterator[Any]):
+    """Drive a blocking iterator from a worker thread, one item at a time."""
+    end = object()
+    while True:
+        item = await asyncio.to_thread(next, items, end)
+        if item is end:
+            return
+        yield item

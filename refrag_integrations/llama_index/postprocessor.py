@@ -1,0 +1,200 @@
+"""RefragNodePostprocessor: register retrieved nodes with the engine so RefragLLM compresses them.
+
+For the retrieved nodes it gets the chunk vectors (engine cache, the engine's vector source such
+as the Chroma chunk store, or the encoder), runs the expansion policy with the query over all
+chunks at once, registers each node's prompt text (content hash -> chunk vectors + decision) in the
+engine's bounded cache, and returns the nodes in the same order with the same scores, carrying only
+small metadata that never reaches a prompt or an embedding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, List, Optional
+
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+
+from ..chunking import passage_id
+from ..engine import RefragEngine
+from ..policy import POLICY_NAMES, ExpansionBudget, ExpansionPolicy, make_policy
+from ._request import set_decisions, shared_engine
+
+METADATA_PASSAGE_ID = "refrag_passage_id"
+METADATA_EXPANDED = "refrag_expanded"
+METADATA_CHUNKS = "refrag_chunks"
+_METADATA_KEYS = (METADATA_PASSAGE_ID, METADATA_EXPANDED, METADATA_CHUNKS)
+
+
+def prompt_text(node: Any) -> str:
+    """The text LlamaIndex puts into a prompt for ``node``, as the response synthesizers render it
+    (``get_content(MetadataMode.LLM)``) and as ``PromptHelper.repack`` strips it."""
+    return node.get_content(metadata_mode=MetadataMode.LLM).strip()
+
+
+class RefragNodePostprocessor(BaseNodePostprocessor):
+    """Decide per chunk what stays tokens, and register each retrieved node with the engine.
+
+    Put it last in ``node_postprocessors`` (after anything that filters or rewrites nodes) and use
+    a :class:`~refrag_integrations.llama_index.RefragLLM` on the same engine. Nodes come back in
+    the same order with the same scores, as copies whose metadata gains ``refrag_passage_id``,
+    ``refrag_expanded`` (expanded chunk indices) and ``refrag_chunks``, all listed in
+    ``excluded_llm_metadata_keys`` and ``excluded_embed_metadata_keys``.
+
+    Args:
+        engine: the :class:`~refrag_integrations.RefragEngine` shared with the LLM (default: the
+            process-wide :func:`~refrag_integrations.llama_index.shared_engine`).
+        policy: an expansion policy object or name (``relevance``, ``random``, ``none``, ``all``);
+            None = the engine's default (a trained checkpoint's learned policy, if it has one).
+        expand_fraction: fraction p of all retrieved chunks to keep as tokens.
+        max_expanded: at most this many chunks kept as tokens.
+
+    Example:
+        >>> pp = RefragNodePostprocessor(engine=engine, policy="relevance", expand_fraction=0.25)  # doctest: +SKIP
+        >>> nodes = pp.postprocess_nodes(retriever.retrieve("Who wrote Hamlet?"),
+        ...                              query_str="Who wrote Hamlet?")                        # doctest: +SKIP
+        >>> nodes[0].node.metadata["refrag_expanded"]                                          # doctest: +SKIP
+        [3, 4]
+    """
+
+    policy: Optional[str] = Field(
+        default=None,
+        description="Expansion policy name (relevance, random, none, all); None = the engine's "
+        "default policy (a trained checkpoint's learned policy, if any).",
+    )
+    expand_fraction: Optional[float] = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Fraction p of all retrieved chunks kept as tokens; None (and no max_expanded) "
+        "= the engine's default budget.",
+    )
+    max_expanded: Optional[int] = Field(
+        default=None, ge=0, description="At most this many chunks kept as tokens over all retrieved nodes."
+    )
+    checkpoint: Optional[str] = Field(
+        default=None,
+        description="REFRAG checkpoint directory for the shared engine when no engine is given "
+        "(None: the packaged default, if any).",
+    )
+
+    _engine: Optional[RefragEngine] = PrivateAttr(default=None)
+    _policy: Optional[ExpansionPolicy] = PrivateAttr(default=None)
+
+    def __init__(
+        self,
+        engine: Optional[RefragEngine] = None,
+        policy: "str | ExpansionPolicy | None" = None,
+        **kwargs: Any,
+    ) -> None:
+        if engine is not None and not isinstance(engine, RefragEngine):
+            raise TypeError(f"engine must be a RefragEngine, got {type(engine).__name__}.")
+        policy_obj = None
+        if isinstance(policy, ExpansionPolicy):
+            policy_obj, policy = policy, policy.name
+        elif policy is not None and not isinstance(policy, str):
+            raise TypeError(
+                f"policy must be an ExpansionPolicy, a policy name or None, got {type(policy).__name__}."
+            )
+        super().__init__(policy=policy, **kwargs)
+        self._engine = engine
+        if policy_obj is None and policy is not None and policy not in POLICY_NAMES:
+            raise ValueError(f"Unknown expansion policy {policy!r}; choose one of {POLICY_NAMES}.")
+        self._policy = policy_obj
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RefragNodePostprocessor"
+
+    @property
+    def engine(self) -> RefragEngine:
+        """The engine whose cache the nodes are registered in."""
+        if self._engine is None:
+            self._engine = shared_engine(self.checkpoint)
+        return self._engine
+
+    def _resolved_policy(self) -> ExpansionPolicy | None:
+        if self._policy is None and self.policy is not None:
+            self._policy = make_policy(self.policy, encoder=self.engine.chunk_encoder)
+        return self._policy  # None = the engine's default
+
+    def _budget(self) -> ExpansionBudget | None:
+        if self.expand_fraction is None and self.max_expanded is None:
+            return None  # the engine's default
+        return ExpansionBudget(fraction=self.expand_fraction, max_count=self.max_expanded)
+
+    # ------------------------------------------------------------------ work
+
+    def _plan(self, nodes: List[NodeWithScore], query: str) -> list[tuple[NodeWithScore, Any, str | None, Any]]:
+        """Copy the nodes with our metadata keys excluded, render their prompt text, and decide the
+        expansion of all their chunks in one policy call. Heavy part (may run in a thread)."""
+        copies = []
+        for nws in nodes:
+            node = nws.node
+            update = {
+                "metadata": dict(node.metadata),
+                "excluded_llm_metadata_keys": _with_keys(node.excluded_llm_metadata_keys),
+                "excluded_embed_metadata_keys": _with_keys(node.excluded_embed_metadata_keys),
+            }
+            for key in _METADATA_KEYS:  # a node postprocessed before: drop stale values
+                update["metadata"].pop(key, None)
+            copy = node.model_copy(update=update)
+            text = prompt_text(copy)
+            copies.append((nws, copy, text or None))
+        unique = list(dict.fromkeys(t for _, _, t in copies if t))
+        plan: dict[str, tuple[Any, list[bool]]] = {}
+        if unique:
+            engine = self.engine
+            policy = self._resolved_policy()
+            decisions = engine.decide(query, unique, policy, self._budget())
+            if all(all(d) for d in decisions):  # nothing compressed: no chunk vectors needed
+                vectors = [None] * len(unique)
+            else:  # computed by decide already (or fetched now): from the cache, store or encoder
+                vectors, _, _ = engine.chunk_vectors(unique)
+            for text, vec, dec in zip(unique, vectors, decisions, strict=True):
+                plan[text] = (vec, dec)
+        return [(nws, copy, text, plan.get(text)) for nws, copy, text in copies]
+
+    def _apply(self, planned: list) -> List[NodeWithScore]:
+        """Register the passages, tag the copies, publish the decisions to this request's context."""
+        engine = self.engine
+        out: List[NodeWithScore] = []
+        decisions: dict[str, tuple[bool, ...]] = {}
+        for nws, copy, text, decided in planned:
+            if decided is not None:
+                vec, dec = decided
+                pid = engine.register_passage(text, vec, dec)
+                decisions[pid] = tuple(dec)
+                copy.metadata[METADATA_PASSAGE_ID] = pid
+                copy.metadata[METADATA_EXPANDED] = [i for i, keep in enumerate(dec) if keep]
+                copy.metadata[METADATA_CHUNKS] = len(dec)
+            out.append(NodeWithScore(node=copy, score=nws.score))
+        set_decisions(decisions)
+        return out
+
+    @staticmethod
+    def _query(query_bundle: Optional[QueryBundle]) -> str:
+        return query_bundle.query_str if query_bundle is not None else ""
+
+    def _postprocess_nodes(
+        self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None
+    ) -> List[NodeWithScore]:
+        return self._apply(self._plan(nodes, self._query(query_bundle)))
+
+    async def _apostprocess_nodes(
+        self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None
+    ) -> List[NodeWithScore]:
+        # Encoding and the policy run in a worker thread; registering and publishing the decisions
+        # happen here, in the query's own context, so its LLM call sees them.
+        planned = await asyncio.to_thread(self._plan, nodes, self._query(query_bundle))
+        return self._apply(planned)
+
+
+def _with_keys(keys: List[str]) -> List[str]:
+    return list(keys) + [k for k in _METADATA_KEYS if k not in keys]
+
+
+def passage_id_of(node: Any) -> str:
+    """The passage id RefragNodePostprocessor registers for ``node`` (its prompt text's hash)."""
+    return passage_id(prompt_text(node))
