@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint clean benchmarks bench-docs
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,16 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Benchmarks and evaluation (docs/benchmarks.md). Run on a quiet machine: timings are only as good as
+# the machine is idle. Every command is resumable: rerun the target after an interruption.
+QA_LIMIT ?= 200
+benchmarks: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/refrag bench --out runs/bench
+	HF_HUB_OFFLINE=1 $(BIN)/refrag eval ppl --out runs/eval-ppl
+	HF_HUB_OFFLINE=1 $(BIN)/refrag eval qa --limit $(QA_LIMIT) --out runs/eval-qa
+	$(BIN)/refrag eval report
+
+# Rewrite docs/benchmarks.md from the results already in runs/ (no measuring).
+bench-docs: $(STAMP)
+	$(BIN)/refrag eval report

@@ -1,0 +1,130 @@
+"""``refrag bench``: TTFT, TTIT, throughput, peak memory and KV-cache size of REFRAG (cached and
+not cached) against full-context RAG, on one decoder, in one resumable run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import typer
+
+from ..evaluation.config import (
+    BENCH_CORPORA,
+    BENCH_POLICY,
+    DEFAULT_BENCH_DIR,
+    DEFAULT_DATA_DIR,
+    DEFAULT_DOC,
+    DEFAULT_PPL_DIR,
+    DEFAULT_QA_DIR,
+)
+
+T = TypeVar("T")
+
+
+def parse_list(value: Optional[str], cast: Callable[[str], T], name: str) -> Optional[tuple[T, ...]]:
+    """Parse ``"512,1024"`` into ``(512, 1024)``; None stays None."""
+    if value is None:
+        return None
+    try:
+        items = tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError as err:
+        raise typer.BadParameter(f"{name} must be a comma-separated list of numbers, got {value!r}.") from err
+    if not items:
+        raise typer.BadParameter(f"{name} is empty.")
+    return items
+
+
+def load_engine(checkpoint: Optional[str], bf16: bool, threads: Optional[int], device: Optional[str]):
+    """Build the engine for a benchmark or evaluation, with the thread count fixed first."""
+    import torch
+
+    from ..engine import RefragEngine
+
+    if threads is not None:
+        if threads < 1:
+            raise typer.BadParameter(f"--threads must be >= 1, got {threads}.")
+        torch.set_num_threads(threads)
+    return RefragEngine.from_pretrained(checkpoint, autocast_dtype=torch.bfloat16 if bf16 else None, device=device)
+
+
+def warn_if_busy() -> None:
+    """Say so when other work is loading the machine: timings will be noisy."""
+    import os
+
+    from ..evaluation.runs import load_average
+
+    load, cores = load_average(), os.cpu_count() or 1
+    if load and load[0] > cores / 2:
+        typer.echo(f"warning: 1-minute load average {load[0]:.1f} on {cores} cores: other work is running, "
+                   "timings will be noisy. Benchmark on a quiet machine.", err=True)
+
+
+def bench(
+    lengths: Optional[str] = typer.Option(None, help="Context lengths in tokens, comma-separated (default 512,1024,2048,4096,8192)."),
+    k: Optional[str] = typer.Option(None, "--k", help="Compression rates k, comma-separated (default 8,16,32)."),
+    p: Optional[str] = typer.Option(None, "--p", help="Expand fractions p, comma-separated (default 0,0.1,0.25)."),
+    repeats: Optional[int] = typer.Option(None, help="Timed repeats per setting, median reported (default 3)."),
+    output_tokens: Optional[int] = typer.Option(None, help="Tokens decoded per request for TTIT/throughput (default 32)."),
+    policy: str = typer.Option(BENCH_POLICY, help="Expansion policy for p > 0: relevance, random, or learned (checkpoint's)."),
+    corpus: str = typer.Option("nq", help=f"Context text: {' or '.join(BENCH_CORPORA)} (NQ gold passages / Wikipedia)."),
+    data_dir: Path = typer.Option(Path(DEFAULT_DATA_DIR), help="The shared data directory."),
+    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint (default: the packaged one, if any)."),
+    out: Path = typer.Option(Path(DEFAULT_BENCH_DIR), help="Results directory (bench.json, bench.md, PNGs)."),
+    limit: Optional[int] = typer.Option(None, help="Measure at most this many new settings now (rerun to continue)."),
+    quick: bool = typer.Option(False, help="Small defaults: lengths 512,1024, k=16, p=0, 1 repeat, 8 output tokens."),
+    bf16: bool = typer.Option(False, help="bfloat16 autocast for the decoder (both RAG and REFRAG)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    overwrite: bool = typer.Option(False, help="Discard results in --out made with other settings."),
+    docs: Optional[Path] = typer.Option(None, help=f"Also rewrite this Markdown page from the results (e.g. {DEFAULT_DOC})."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Measure REFRAG's speed and memory against full-context RAG on the same decoder."""
+    from ..evaluation.bench import BenchSettings, bench_contexts, run_bench
+    from ..evaluation.config import (
+        BENCH_KS,
+        BENCH_LENGTHS,
+        BENCH_OUTPUT_TOKENS,
+        BENCH_PS,
+        BENCH_QUICK,
+        BENCH_REPEATS,
+    )
+
+    if corpus not in BENCH_CORPORA:
+        raise typer.BadParameter(f"--corpus must be one of {BENCH_CORPORA}, got {corpus!r}.")
+    if policy not in ("relevance", "random", "learned"):
+        raise typer.BadParameter(f"--policy must be relevance, random or learned, got {policy!r}.")
+    base = BENCH_QUICK if quick else {
+        "lengths": BENCH_LENGTHS, "ks": BENCH_KS, "ps": BENCH_PS, "repeats": BENCH_REPEATS,
+        "output_tokens": BENCH_OUTPUT_TOKENS,
+    }
+    try:
+        settings = BenchSettings(
+            lengths=parse_list(lengths, int, "--lengths") or base["lengths"],
+            ks=parse_list(k, int, "--k") or base["ks"],
+            ps=parse_list(p, float, "--p") or base["ps"],
+            repeats=repeats if repeats is not None else base["repeats"],
+            output_tokens=output_tokens if output_tokens is not None else base["output_tokens"],
+            policy=policy,
+            extra={"corpus": corpus},
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    warn_if_busy()
+    engine = load_engine(checkpoint, bf16, threads, device)
+    from ..evaluation.bench import learned_policy
+
+    if policy == "learned" and learned_policy(engine) is None:
+        raise typer.BadParameter("--policy learned needs a checkpoint with a learned expansion policy.")
+    question, contexts = bench_contexts(engine.tokenizer, settings.lengths, corpus, data_dir)
+    try:
+        doc = run_bench(engine, question, contexts, settings, out, limit=limit, overwrite=overwrite, progress=progress)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    typer.echo((out / "bench.md").read_text(encoding="utf-8"))
+    done = len(doc["results"])
+    typer.echo(f"{done} settings in {out / 'bench.json'}" + ("" if doc["complete"] else " (incomplete: rerun to continue)"))
+    if docs is not None:
+        from ..evaluation.report import write_benchmarks_doc
+
+        typer.echo(f"wrote {write_benchmarks_doc(out, DEFAULT_QA_DIR, DEFAULT_PPL_DIR, docs)}")

@@ -1,0 +1,155 @@
+"""``refrag eval qa|ppl|report``: answer quality with N passages, held-out log-perplexity, and
+the benchmark page built from the results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..evaluation.config import (
+    DEFAULT_BENCH_DIR,
+    DEFAULT_DATA_DIR,
+    DEFAULT_DOC,
+    DEFAULT_PPL_DIR,
+    DEFAULT_QA_DIR,
+    PPL_CONTEXT_TOKENS,
+    PPL_CONTINUATION_TOKENS,
+    PPL_WINDOWS,
+    QA_MAX_NEW_TOKENS,
+    QA_SEED,
+)
+from .bench import load_engine, parse_list
+
+app = typer.Typer(help="Evaluate answer quality (qa), perplexity (ppl), and write the benchmark page (report).",
+                  no_args_is_help=True)
+
+
+@app.command("qa")
+def qa(
+    data: Optional[Path] = typer.Option(None, help="QA JSONL(.gz) in NQ-open shape (default: the shared NQ-open file)."),
+    split: Optional[str] = typer.Option(None, help="train, eval or all (default: eval for the shared NQ file, else all)."),
+    data_dir: Path = typer.Option(Path(DEFAULT_DATA_DIR), help="The shared data directory."),
+    n: str = typer.Option("1,5,10,20", "--n", help="Passage counts N, comma-separated."),
+    policies: str = typer.Option("relevance,random", help="Selective expansion policies for p > 0: relevance, random, perplexity-desc (a checkpoint's learned policy is added)."),
+    p: str = typer.Option("0,0.1,0.25", "--p", help="Expand fractions p, comma-separated (0 = compress every chunk)."),
+    retrieval: str = typer.Option("distractors", help="'distractors' (gold + other questions' gold passages) or 'chroma' (top-N retrieved)."),
+    index_dir: Optional[Path] = typer.Option(None, help="Chroma directory for --retrieval chroma (default: <out>/chroma)."),
+    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint to evaluate (default: the packaged one, if any)."),
+    limit: Optional[int] = typer.Option(None, help="Answer only the first N questions (rerun with a larger limit to extend)."),
+    max_new_tokens: int = typer.Option(QA_MAX_NEW_TOKENS, help="Answer length limit (greedy)."),
+    seed: int = typer.Option(QA_SEED, help="Seed of distractors, gold position and the random policy."),
+    out: Path = typer.Option(Path(DEFAULT_QA_DIR), help="Results directory."),
+    bf16: bool = typer.Option(False, help="bfloat16 autocast for the decoder."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda."),
+    overwrite: bool = typer.Option(False, help="Start over even if --out holds a run with other settings."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """QA with N passages: closed-book, full-context RAG, REFRAG per policy and p.
+
+    Match, EM, F1 with bootstrap 95% CIs, TTFT per setting, an accuracy-vs-TTFT plot and the
+    equal-latency comparison. Resumable per answer.
+    """
+    from ..evaluation.bench import learned_policy
+    from ..evaluation.data import load_qa, nq_path
+    from ..evaluation.qa import PLOT_FILE, TABLE_FILE, qa_settings, run_qa
+
+    if retrieval not in ("distractors", "chroma"):
+        raise typer.BadParameter(f"--retrieval must be 'distractors' or 'chroma', got {retrieval!r}.")
+    path = data if data is not None else nq_path(data_dir)
+    split = split or ("eval" if data is None else "all")
+    try:
+        examples = load_qa(path, split)
+        ns = parse_list(n, int, "--n")
+        names = [x.strip() for x in policies.split(",") if x.strip()]
+        engine = load_engine(checkpoint, bf16, threads, device)
+        if learned_policy(engine) is not None and "learned" not in names:
+            names.append("learned")
+        settings = qa_settings(names, parse_list(p, float, "--p"))
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err)) from err
+    retrieve = None
+    if retrieval == "chroma":
+        from ..evaluation.retrieval import ChromaRetriever
+
+        # The retrieval corpus is every gold passage of the file (train and eval), as agreed.
+        corpus = [e.passage for e in load_qa(path, "all")]
+        retriever = ChromaRetriever(corpus, index_dir or out / "chroma", progress=progress)
+        retrieve = retriever.search
+    try:
+        doc = run_qa(
+            engine, examples, out, ns=ns, settings=settings, limit=limit, max_new_tokens=max_new_tokens, seed=seed,
+            retrieve=retrieve, overwrite=overwrite, progress=progress,
+            signature={"data": str(path), "split": split, "checkpoint": checkpoint},
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    typer.echo((out / TABLE_FILE).read_text(encoding="utf-8"))
+    if doc["rows"]:
+        typer.echo(f"plot: {out / PLOT_FILE}")
+
+
+@app.command("ppl")
+def ppl(
+    data: Optional[Path] = typer.Option(None, help="Held-out text file (default: the shared wikitext2-test.txt)."),
+    data_dir: Path = typer.Option(Path(DEFAULT_DATA_DIR), help="The shared data directory."),
+    context_tokens: int = typer.Option(PPL_CONTEXT_TOKENS, help="s: context tokens per window."),
+    continuation_tokens: int = typer.Option(PPL_CONTINUATION_TOKENS, help="o: continuation tokens scored per window."),
+    k: str = typer.Option("8,16,32", "--k", help="Compression rates k, comma-separated."),
+    p: str = typer.Option("0", "--p", help="Expand fractions p (random chunks expanded), comma-separated."),
+    limit: int = typer.Option(PPL_WINDOWS, help="Windows scored (rerun with a larger limit to extend)."),
+    seed: int = typer.Option(0, help="Seed of the random expansion for p > 0."),
+    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint to evaluate (default: the packaged one, if any)."),
+    out: Path = typer.Option(Path(DEFAULT_PPL_DIR), help="Results directory."),
+    bf16: bool = typer.Option(False, help="bfloat16 autocast for the decoder."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda."),
+    overwrite: bool = typer.Option(False, help="Start over even if --out holds a run with other settings."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Held-out log-perplexity: no context, full context, REFRAG-compressed context per k.
+
+    Resumable per window.
+    """
+    from ..evaluation.config import WIKITEXT_TEST
+    from ..evaluation.data import heldout_windows
+    from ..evaluation.ppl import PLOT_FILE, TABLE_FILE, run_ppl
+
+    path = data if data is not None else data_dir / WIKITEXT_TEST
+    if not path.is_file():
+        raise typer.BadParameter(f"{path} does not exist; pass --data or --data-dir.")
+    try:
+        engine = load_engine(checkpoint, bf16, threads, device)
+        windows = heldout_windows(path.read_text(encoding="utf-8"), engine.tokenizer, context_tokens,
+                                  continuation_tokens, limit=limit)
+        doc = run_ppl(
+            engine, windows, out, ks=parse_list(k, int, "--k"), ps=parse_list(p, float, "--p"), seed=seed,
+            signature={"data": str(path), "context_tokens": context_tokens,
+                       "continuation_tokens": continuation_tokens, "checkpoint": checkpoint},
+            overwrite=overwrite, progress=progress,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    typer.echo((out / TABLE_FILE).read_text(encoding="utf-8"))
+    if doc["rows"]:
+        typer.echo(f"plot: {out / PLOT_FILE}")
+
+
+@app.command("report")
+def report(
+    bench_dir: Path = typer.Option(Path(DEFAULT_BENCH_DIR), help="Results of `refrag bench`."),
+    qa_dir: Path = typer.Option(Path(DEFAULT_QA_DIR), help="Results of `refrag eval qa`."),
+    ppl_dir: Path = typer.Option(Path(DEFAULT_PPL_DIR), help="Results of `refrag eval ppl`."),
+    out: Path = typer.Option(Path(DEFAULT_DOC), help="The Markdown page to write (plots go to <stem>/ beside it)."),
+    label: Optional[str] = typer.Option(None, help="A line shown at the top, e.g. 'quick runs on a loaded machine'."),
+) -> None:
+    """Write the benchmark page (machine, commands, tables, plots) from the result directories."""
+    from ..evaluation.report import write_benchmarks_doc
+
+    try:
+        path = write_benchmarks_doc(bench_dir, qa_dir, ppl_dir, out, label=label)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,346 @@
+"""Question answering with N passages: closed-book, full-context RAG and REFRAG per expansion
+policy and fraction p, on one engine and the same passages; Match / EM / F1 with bootstrap 95%
+CIs, TTFT per setting, and the equal-latency comparison (REFRAG with more passages against RAG
+with fewer, as in the paper).
+
+Every request goes through :meth:`RefragEngine.generate`, i.e. the engine's own RAG prompt, which
+the SFT stage trains on. Passages for N are the gold passage plus N-1 distractors (other
+questions' gold passages, gold at a random position, fixed seed), or the top-N retrieved from the
+whole corpus through Chroma. REFRAG runs with precomputed chunk vectors ("cached"): TTFT is the
+query-time cost after indexing. Predictions are appended to ``predictions.jsonl`` as they finish;
+a rerun continues where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import statistics
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from .config import QA_MAX_NEW_TOKENS, QA_PASSAGE_COUNTS, QA_POLICIES, QA_PS, QA_SEED
+from .data import QAExample, with_distractors
+from .metrics import bootstrap_ci, median, qa_scores
+from .runs import JsonlLog, check_signature, command_line, machine_info, now_iso, write_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import RefragEngine
+
+PREDICTIONS_FILE = "predictions.jsonl"
+SUMMARY_FILE = "summary.json"
+TABLE_FILE = "summary.md"
+PLOT_FILE = "qa_tradeoff.png"
+SIGNATURE_FILE = "run.json"
+UNTRAINED_NOTE = (
+    "The REFRAG projector is UNTRAINED: compressed chunks carry no usable information, so the "
+    "REFRAG rows are NOT REFRAG quality; they only show that the harness runs. Closed-book and "
+    "RAG rows are the plain decoder."
+)
+
+
+@dataclass(frozen=True)
+class QASetting:
+    """One way of answering: ``closed_book`` (no passages), ``rag`` (all chunks expanded), or
+    REFRAG with an expansion policy at fraction p (``refrag_p0`` compresses everything)."""
+
+    name: str
+    expand: str  # "all", "none", or a policy name ("relevance", "random", "learned")
+    p: float | None = None
+
+    @property
+    def uses_passages(self) -> bool:
+        return self.name != "closed_book"
+
+    @property
+    def is_refrag(self) -> bool:
+        return self.expand != "all"
+
+
+# Selective policies for p > 0: query relevance, random, the paper's perplexity-desc baseline, and
+# the checkpoint's learned (RL) policy.
+SELECTIVE_POLICIES = ("relevance", "random", "perplexity-desc", "learned")
+
+
+def qa_settings(policies: Sequence[str] = QA_POLICIES, ps: Sequence[float] = QA_PS) -> list[QASetting]:
+    """Closed-book, RAG, REFRAG at p = 0, then every (policy, p > 0).
+
+    Example:
+        >>> [s.name for s in qa_settings(["relevance"], [0.0, 0.25])]
+        ['closed_book', 'rag', 'refrag_p0', 'refrag_relevance_p0.25']
+    """
+    out = [QASetting("closed_book", "all"), QASetting("rag", "all")]
+    ps = [float(p) for p in ps]
+    for p in ps:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"expand fractions p must lie in [0, 1], got {p}.")
+    if 0.0 in ps:
+        out.append(QASetting("refrag_p0", "none", 0.0))
+    for policy in policies:
+        if policy in ("all", "none"):
+            raise ValueError(f"policy {policy!r} is a fixed setting (rag / refrag_p0), not a selective policy.")
+        if policy not in SELECTIVE_POLICIES:
+            raise ValueError(f"unknown expansion policy {policy!r}; choose from {SELECTIVE_POLICIES}.")
+        for p in ps:
+            if p > 0:
+                out.append(QASetting(f"refrag_{policy}_p{p:g}", policy, p))
+    return out
+
+
+def record_key(setting: str, n: int, line: int) -> str:
+    return f"{setting}|N={n}|line={line}"
+
+
+def _policy_for(
+    engine: "RefragEngine", setting: QASetting, seed: int, line: int, n: int, reuse: dict[str, Any] | None = None
+) -> Any:
+    from ..policy import RandomPolicy, make_policy
+
+    reuse = {} if reuse is None else reuse
+    if setting.expand in ("all", "none"):
+        return setting.expand
+    if setting.expand == "perplexity-desc":
+        if "perplexity-desc" not in reuse:  # one instance per run: it caches per-passage scores
+            from ..training.policy_rl import PerplexityDescPolicy
+
+            reuse["perplexity-desc"] = PerplexityDescPolicy(engine)
+        return reuse["perplexity-desc"]
+    if setting.expand == "random":
+        # A fresh generator per request: decisions do not depend on evaluation order, so a
+        # resumed run makes the same choices as an uninterrupted one.
+        return RandomPolicy(seed=zlib.crc32(f"{seed}:{line}:{n}".encode()))
+    if setting.expand == "learned":
+        return engine.policy
+    return make_policy(setting.expand, encoder=engine.chunk_encoder)
+
+
+def run_qa(
+    engine: "RefragEngine",
+    examples: Sequence[QAExample],
+    out_dir: str | Path,
+    *,
+    ns: Sequence[int] = QA_PASSAGE_COUNTS,
+    settings: Sequence[QASetting] | None = None,
+    limit: int | None = None,
+    max_new_tokens: int = QA_MAX_NEW_TOKENS,
+    seed: int = QA_SEED,
+    retrieve: Callable[[str, int], list[str]] | None = None,
+    signature: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Answer the first ``limit`` examples with N passages in every setting; write predictions,
+    ``summary.json``, ``summary.md`` and the accuracy-vs-TTFT plot into ``out_dir``.
+
+    Args:
+        engine: the engine (its checkpoint, if any, is what is evaluated).
+        examples: the evaluation examples (the whole split: distractors come from all of them).
+        out_dir: results directory; a rerun with the same signature continues it.
+        ns: passage counts N.
+        settings: answering settings (default :func:`qa_settings`).
+        limit: answer only the first ``limit`` examples.
+        max_new_tokens: generation limit (greedy decoding).
+        seed: seed of the distractor draw, gold position and the random policy.
+        retrieve: ``(question, n) -> passages``: top-N retrieval instead of gold + distractors.
+        signature: extra run identity (data file, checkpoint path) kept in ``run.json``.
+        overwrite: start over even if ``out_dir`` holds a run with another signature.
+        progress: show a progress bar.
+
+    Returns:
+        The summary document (also in ``summary.json``).
+
+    Example:
+        >>> examples = load_qa(nq_path("../shared/data"), "eval")                           # doctest: +SKIP
+        >>> doc = run_qa(engine, examples, "runs/eval-qa", ns=(1, 5), limit=20)             # doctest: +SKIP
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .bench import learned_policy
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}.")
+    ns = sorted({int(n) for n in ns})
+    if not ns or ns[0] < 1:
+        raise ValueError(f"passage counts N must be >= 1, got {ns}.")
+    if settings is None:
+        learned = ["learned"] if learned_policy(engine) is not None else []
+        settings = qa_settings(list(QA_POLICIES) + learned, QA_PS)
+    out = Path(out_dir)
+    run = {
+        "decoder": engine.config.decoder,
+        "decoder_fingerprint": engine.config.decoder_fingerprint,
+        "k": engine.k,
+        "projector_trained": bool(engine.trained),
+        "dtype": str(engine.autocast_dtype or next(engine.decoder.parameters()).dtype).replace("torch.", ""),
+        "device": str(engine.device),
+        "threads": torch.get_num_threads(),  # TTFTs of one run must be comparable
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "passages": "retrieved" if retrieve is not None else "gold+distractors",
+        **(signature or {}),
+    }
+    check_signature(out / SIGNATURE_FILE, run, overwrite=overwrite)
+    log_path = out / PREDICTIONS_FILE
+    if overwrite and log_path.is_file():
+        log_path.unlink()
+    log = JsonlLog(log_path)
+    chosen = list(examples[:limit] if limit is not None else examples)
+    index = {id(e): i for i, e in enumerate(examples)}
+
+    work = []
+    for ex in chosen:
+        for n in ns:
+            for s in settings:
+                if s.name == "closed_book" and n != ns[0]:
+                    continue  # closed-book does not depend on N: answered once
+                if record_key(s.name, 0 if s.name == "closed_book" else n, ex.line) not in log:
+                    work.append((ex, n, s))
+    reuse: dict[str, Any] = {}
+    bar = tqdm(total=len(work), desc="refrag eval qa", unit="answer", disable=not progress)
+    passages_for: dict[tuple[int, int], tuple[list[str], bool, int | None]] = {}
+    for ex, n, s in work:
+        if (ex.line, n) not in passages_for:
+            passages_for.clear()  # one example at a time: keep memory flat
+            if retrieve is not None:
+                got = retrieve(ex.question, n)
+                gold_at = got.index(ex.passage) if ex.passage in got else None
+                passages_for[(ex.line, n)] = (got, gold_at is not None, gold_at)
+            else:
+                got, gold_at = with_distractors(examples, index[id(ex)], n, seed)
+                passages_for[(ex.line, n)] = (got, True, gold_at)
+        passages, gold_in, gold_at = passages_for[(ex.line, n)]
+        n_used = 0 if s.name == "closed_book" else n
+        use = passages if s.uses_passages else []
+        for text in use:  # pre-tokenise (RAG) / precompute chunk vectors (REFRAG, "cached")
+            engine.chunk(text)
+        if s.is_refrag:
+            engine.chunk_vectors(use)
+        expand = _policy_for(engine, s, seed, ex.line, n, reuse)
+        res = engine.generate(ex.question, use, expand=expand, budget=s.p if s.p else None,
+                              max_new_tokens=max_new_tokens)
+        st = res.stats
+        log.append({
+            "key": record_key(s.name, n_used, ex.line), "setting": s.name, "n": n_used, "line": ex.line,
+            "question": ex.question, "answers": list(ex.answers), "prediction": res.text,
+            **qa_scores(res.text, ex.answers),
+            "ttft_s": st.ttft_s, "total_s": st.total_s, "positions": st.positions,
+            "prompt_tokens": st.prompt_tokens, "context_tokens": st.context_tokens,
+            "chunks": st.chunks, "chunks_expanded": st.chunks_expanded,
+            "gold_in_passages": gold_in if s.uses_passages else None,
+            "gold_position": gold_at if s.uses_passages else None,
+            "projector_trained": st.trained if s.is_refrag else None,
+        })
+        bar.update(1)
+    bar.close()
+    doc = summarize_qa(log.values(), settings, ns, [e.line for e in chosen])
+    doc.update({"run": run, "machine": machine_info(engine.device), "commands": _commands(out), "finished_at": now_iso(),
+                "note": None if engine.trained else UNTRAINED_NOTE})
+    write_json(out / SUMMARY_FILE, doc)
+    (out / TABLE_FILE).write_text(qa_markdown(doc), encoding="utf-8")
+    if doc["rows"]:
+        from .plots import plot_qa_tradeoff
+
+        title = None if engine.trained else "untrained projector: REFRAG points are not REFRAG quality"
+        plot_qa_tradeoff(doc["rows"], out / PLOT_FILE, title=title)
+    return doc
+
+
+def _commands(out: Path) -> list[str]:
+    """Every command that contributed to this results directory, oldest first."""
+    from .runs import read_json
+
+    old = read_json(out / SUMMARY_FILE).get("commands", []) if (out / SUMMARY_FILE).is_file() else []
+    return old + [command_line()]
+
+
+def summarize_qa(
+    records: Sequence[dict[str, Any]] | Any, settings: Sequence[QASetting], ns: Sequence[int], lines: Sequence[int]
+) -> dict[str, Any]:
+    """Per (setting, N): Match / EM / F1 with bootstrap 95% CIs and median TTFT, over the examples
+    that every (setting, N) has finished (so all rows compare the same questions); plus the
+    equal-latency comparison."""
+    by_key = {r["key"]: r for r in records}
+    cells = [(s, 0 if s.name == "closed_book" else n) for n in ns for s in settings
+             if not (s.name == "closed_book" and n != ns[0])]
+    common = [ln for ln in lines if all(record_key(s.name, n, ln) in by_key for s, n in cells)]
+    rows = []
+    for s, n in cells:
+        recs = [by_key[record_key(s.name, n, ln)] for ln in common]
+        if not recs:
+            continue
+        row: dict[str, Any] = {"setting": s.name, "policy": s.expand, "p": s.p, "n": n, "examples": len(recs)}
+        for metric in ("match", "em", "f1"):
+            row[metric] = bootstrap_ci([r[metric] for r in recs]).to_dict()
+        row["ttft_s"] = median([r["ttft_s"] for r in recs])
+        row["positions"] = statistics.fmean(r["positions"] for r in recs)
+        row["prompt_tokens"] = statistics.fmean(r["prompt_tokens"] for r in recs)
+        if s.uses_passages:
+            row["gold_in_passages"] = statistics.fmean(1.0 if r["gold_in_passages"] else 0.0 for r in recs)
+        row["projector_trained"] = recs[0]["projector_trained"]
+        rows.append(row)
+    return {"examples": len(common), "rows": rows, "equal_latency": equal_latency(rows)}
+
+
+def equal_latency(rows: Sequence[dict[str, Any]], metric: str = "match") -> list[dict[str, Any]]:
+    """For each RAG row (N passages) and each REFRAG setting: the REFRAG run with the most
+    passages whose median TTFT is no higher than RAG's, and the accuracy difference.
+
+    Example:
+        >>> rows = [{"setting": "rag", "n": 1, "ttft_s": 1.0, "match": {"mean": 0.3}},
+        ...         {"setting": "refrag_p0", "n": 5, "ttft_s": 0.9, "match": {"mean": 0.4}}]
+        >>> equal_latency(rows)[0]["refrag_n"]
+        5
+    """
+    out = []
+    rag = [r for r in rows if r["setting"] == "rag"]
+    refrag_names = list(dict.fromkeys(r["setting"] for r in rows if r["setting"].startswith("refrag")))
+    for base in sorted(rag, key=lambda r: r["n"]):
+        for name in refrag_names:
+            fits = [r for r in rows if r["setting"] == name and r["ttft_s"] <= base["ttft_s"]]
+            if not fits:
+                continue
+            best = max(fits, key=lambda r: (r["n"], -r["ttft_s"]))
+            out.append({
+                "rag_n": base["n"], "rag_ttft_s": base["ttft_s"], f"rag_{metric}": base[metric]["mean"],
+                "refrag_setting": name, "refrag_n": best["n"], "refrag_ttft_s": best["ttft_s"],
+                f"refrag_{metric}": best[metric]["mean"], f"delta_{metric}": best[metric]["mean"] - base[metric]["mean"],
+            })
+    return out
+
+
+def qa_markdown(doc: dict[str, Any]) -> str:
+    """The QA summary and the equal-latency comparison as Markdown tables."""
+    lines = []
+    if doc.get("note"):
+        lines += [f"> {doc['note']}", ""]
+    lines += [
+        f"Examples answered in every setting: {doc['examples']}.",
+        "",
+        "| setting | N | examples | Match [95% CI] | EM [95% CI] | F1 [95% CI] | median TTFT ms | decoder positions | gold in passages |",
+        "|---|---:|---:|---|---|---|---:|---:|---:|",
+    ]
+
+    def ci(c: dict[str, float]) -> str:
+        return f"{c['mean']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+
+    for r in doc["rows"]:
+        gold = r.get("gold_in_passages")
+        lines.append(
+            f"| {r['setting']} | {r['n']} | {r['examples']} | {ci(r['match'])} | {ci(r['em'])} | {ci(r['f1'])} | "
+            f"{r['ttft_s'] * 1000:.0f} | {r['positions']:.0f} | {'-' if gold is None else f'{gold:.2f}'} |"
+        )
+    if doc.get("equal_latency"):
+        lines += [
+            "",
+            "Equal latency: for each RAG row, the REFRAG run with the most passages whose median TTFT is not higher.",
+            "",
+            "| RAG N | RAG TTFT ms | RAG Match | REFRAG setting | REFRAG N | REFRAG TTFT ms | REFRAG Match | difference |",
+            "|---:|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        for e in doc["equal_latency"]:
+            lines.append(
+                f"| {e['rag_n']} | {e['rag_ttft_s'] * 1000:.0f} | {e['rag_match']:.3f} | {e['refrag_setting']} | "
+                f"{e['refrag_n']} | {e['refrag_ttft_s'] * 1000:.0f} | {e['refrag_match']:.3f} | {e['delta_match']:+.3f} |"
+            )
+    return "\n".join(lines) + "\n"
