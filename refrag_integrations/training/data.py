@@ -7,21 +7,18 @@ WikiText-2 valid and the NQ train passages are free for reconstruction / continu
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 from ..chunking import tokenize_text
+from ..evaluation.config import ENWIKI_FILE
+from ..evaluation.data import QAExample as NQExample  # one loader for training and evaluation
+from ..evaluation.data import load_qa, nq_path
 
-NQ_FILE = "nq-open-oracle.jsonl.gz"
-NQ_TRAIN_LINES = (1, 2000)  # inclusive, 1-based
-NQ_EVAL_LINES = (2001, 2655)
-ENWIKI_FILE = "enwiki-sample-articles.jsonl"
 WIKITEXT_VALID = "wikitext2-valid.txt"
 WIKITEXT_TEST = "wikitext2-test.txt"
 
@@ -32,31 +29,10 @@ def _require(path: Path) -> Path:
     return path
 
 
-@dataclass(frozen=True)
-class NQExample:
-    """One NQ-open question with its gold passage (``title\\ntext``)."""
-
-    question: str
-    answers: tuple[str, ...]
-    passage: str
-    line: int
-
-
 def load_nq(data_dir: str | Path, split: str) -> list[NQExample]:
     """The NQ-open oracle examples of the ``train`` (lines 1-2000) or ``eval`` (2001-2655) split,
-    or ``all`` (the whole file, e.g. as a retrieval corpus)."""
-    lo, hi = {"train": NQ_TRAIN_LINES, "eval": NQ_EVAL_LINES, "all": (1, 10**9)}.get(split, (None, None))
-    if lo is None:
-        raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}.")
-    out = []
-    with gzip.open(_require(Path(data_dir) / NQ_FILE), "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not lo <= n <= hi:
-                continue
-            obj = json.loads(line)
-            ctx = obj["ctxs"][0]
-            out.append(NQExample(obj["question"], tuple(obj["answers"]), f"{ctx['title']}\n{ctx['text']}", n))
-    return out
+    or ``all`` (the whole file, e.g. as a retrieval corpus); passages are ``title\ntext``."""
+    return load_qa(nq_path(data_dir), split)
 
 
 def pretraining_documents(data_dir: str | Path) -> list[str]:
