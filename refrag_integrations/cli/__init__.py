@@ -5,6 +5,10 @@ from __future__ import annotations
 import typer
 
 from . import ask, train
+from . import bench as bench_cmd
+from . import eval as eval_cmd
+from . import demo as demo_cmd
+from . import index as index_cmd
 
 app = typer.Typer(
     name="refrag",
@@ -13,7 +17,11 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("ask")(ask.ask)
+app.command("index")(index_cmd.index)
+app.command("demo")(demo_cmd.demo)
 app.command("train")(train.train)
+app.command("bench")(bench_cmd.bench)
+app.add_typer(eval_cmd.app, name="eval")
 
 
 @app.callback()

@@ -1,47 +1,131 @@
-"""``refrag ask``: answer a question from passages with REFRAG (or ordinary RAG for comparison)."""
+"""``refrag ask``: answer a question with REFRAG (or ordinary RAG for comparison), from passages
+retrieved from a Chroma index built by ``refrag index`` or from a passages file."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from ..config import DEFAULT_EXPAND_FRACTION, DEFAULT_MAX_NEW_TOKENS
+from ..config import DEFAULT_COLLECTION, DEFAULT_EXPAND_FRACTION, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TOP_K
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import RefragEngine
+    from ..policy import ExpansionPolicy
+
+
+def resolve_policy(engine: "RefragEngine", name: str) -> "str | ExpansionPolicy":
+    """``"auto"``: the checkpoint's learned policy when it has one, else ``"relevance"``."""
+    from ..policy import ExpandAll, ExpandNone
+
+    if name != "auto":
+        return name
+    return engine.policy if not isinstance(engine.policy, (ExpandAll, ExpandNone)) else "relevance"
+
+
+def policy_name(policy: Any) -> str:
+    return policy if isinstance(policy, str) else getattr(policy, "name", type(policy).__name__)
+
+
+def source_label(meta: dict[str, Any]) -> str:
+    """``title · file #position`` for a stored passage's metadata."""
+    parts = []
+    if meta.get("title"):
+        parts.append(str(meta["title"]))
+    if meta.get("source"):
+        parts.append(f"{Path(str(meta['source'])).name} #{meta.get('position', 0)}")
+    return " · ".join(parts) or "?"
 
 
 def ask(
     question: str = typer.Argument(..., help="The question to answer."),
-    passages: Path = typer.Option(..., "--passages", "-p", help="Passages: .jsonl (text, title) or text separated by blank lines."),
+    passages: Optional[Path] = typer.Option(
+        None, "--passages", "-p", help="Passages file (.jsonl with text/title, or text separated by blank lines) "
+        "instead of retrieving from an index.",
+    ),
+    index_dir: Optional[Path] = typer.Option(
+        None, "--index", help="Index built by `refrag index` (default: <cache>/refrag-integrations/index)."
+    ),
+    host: Optional[str] = typer.Option(None, help="Chroma server host, instead of --index."),
+    port: int = typer.Option(8000, help="Chroma server port."),
+    collection: str = typer.Option(DEFAULT_COLLECTION, help="Prefix of the Chroma collections."),
+    top_k: int = typer.Option(DEFAULT_TOP_K, "--top-k", "-k", help="Passages to retrieve from the index."),
+    embedder: Optional[str] = typer.Option(None, help="Retrieval embedder (default: the one the index was built with)."),
+    reencode: bool = typer.Option(
+        False, "--reencode", help="If the index's chunk vectors were made by another encoder/checkpoint, encode them "
+        "at query time and store the new ones, instead of stopping with an error.",
+    ),
     checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint directory (default: the packaged one, if any)."),
     mode: str = typer.Option("refrag", help="'refrag' (compressed) or 'rag' (ordinary full-context RAG, same engine)."),
-    policy: str = typer.Option("relevance", help="Expansion policy: relevance, random, none, all."),
+    policy: str = typer.Option("auto", help="Expansion policy: auto (the checkpoint's, else relevance), relevance, random, none, all."),
     expand_fraction: float = typer.Option(DEFAULT_EXPAND_FRACTION, "--expand-fraction", help="p: fraction of chunks kept as tokens."),
     max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, help="Generation limit."),
     bf16: bool = typer.Option(False, help="Run the decoder under bfloat16 autocast."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
-    """Answer QUESTION from the passages in --passages."""
+    """Answer QUESTION from passages retrieved from an index (or given with --passages)."""
     from .common import read_passages, stats_line
 
     if mode not in ("refrag", "rag"):
         raise typer.BadParameter(f"--mode must be 'refrag' or 'rag', got {mode!r}.")
-    texts = read_passages(passages)
+    if top_k < 1:
+        raise typer.BadParameter(f"--top-k must be at least 1, got {top_k}.")
     import torch
 
     from ..engine import RefragEngine
+    from ..store import EmbedderMismatchError, FingerprintMismatchError
 
+    texts = read_passages(passages) if passages is not None else None
     engine = RefragEngine.from_pretrained(checkpoint, autocast_dtype=torch.bfloat16 if bf16 else None)
-    expand = "all" if mode == "rag" else policy
-    result = engine.generate(question, texts, expand=expand, budget=expand_fraction, max_new_tokens=max_new_tokens)
+    retrieve_s = 0.0
+    if texts is not None:
+        sources = [{"rank": i + 1, "source": str(passages), "text": t} for i, t in enumerate(texts)]
+    else:
+        from ..config import DEFAULT_EMBEDDER
+        from ..index import SentenceEmbedder
+        from .index import open_store
+
+        store = open_store(engine, index_dir, host, port, collection, must_exist=True,
+                           on_mismatch="encode" if reencode else "error")
+        if store.count_passages() == 0:
+            raise typer.BadParameter(f"The index at {store.location} holds no passages; build it with `refrag index`.")
+        emb = SentenceEmbedder(embedder or store.embedder_name() or DEFAULT_EMBEDDER)
+        try:
+            store.attach(engine, write_back=reencode)
+            t0 = time.perf_counter()
+            hits = store.search(question, top_k, embedder=emb)
+            retrieve_s = time.perf_counter() - t0
+        except (FingerprintMismatchError, EmbedderMismatchError) as err:
+            raise typer.BadParameter(str(err)) from err
+        texts = [h.text for h in hits]
+        sources = [{"rank": i + 1, "id": h.id, "score": round(h.score, 4), "source": source_label(h.metadata),
+                    "text": h.text} for i, h in enumerate(hits)]
+    expand = "all" if mode == "rag" else resolve_policy(engine, policy)
+    try:
+        result = engine.generate(question, texts, expand=expand, budget=expand_fraction, max_new_tokens=max_new_tokens)
+    except FingerprintMismatchError as err:
+        raise typer.BadParameter(str(err)) from err
     stats = result.stats.to_dict()
     if as_json:
-        typer.echo(json.dumps({"question": question, "answer": result.text, "mode": mode, "policy": expand,
-                               "expand_fraction": expand_fraction, "stats": stats}))
+        typer.echo(json.dumps({"question": question, "answer": result.text, "mode": mode, "policy": policy_name(expand),
+                               "expand_fraction": expand_fraction, "retrieve_s": round(retrieve_s, 4),
+                               "sources": sources, "stats": stats}))
         return
     typer.echo(result.text)
     typer.echo("")
+    typer.echo("sources:")
+    for s in sources:
+        score = f"{s['score']:.3f}  " if "score" in s else ""
+        label = s["source"] if "id" in s else f"{Path(s['source']).name} #{s['rank'] - 1}"
+        snippet = " ".join(s["text"].split())[:70]
+        typer.echo(f"  [{s['rank']}] {score}{label}  \"{snippet}...\"")
+    typer.echo("")
     typer.echo(f"[{mode}] " + stats_line(stats))
-    if mode == "refrag" and not engine.trained:
-        typer.echo("note: this projector is untrained; compressed chunks carry no usable information yet.")
+    if mode == "refrag" and stats["chunks_compressed"]:
+        typer.echo(f"chunk vectors: {stats['cached_chunks']} precomputed, "
+                   f"{stats['chunks'] - stats['cached_chunks']} encoded at query time ({stats['encode_s'] * 1000:.0f} ms)")
+        if not engine.trained:
+            typer.echo("note: this projector is untrained; compressed chunks carry no usable information yet.")

@@ -1,0 +1,109 @@
+"""``refrag index``: files -> passages -> Chroma, with precomputed REFRAG chunk vectors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, List, Optional
+
+import typer
+
+from ..config import (
+    DEFAULT_COLLECTION,
+    DEFAULT_EMBEDDER,
+    DEFAULT_INDEX_BATCH_SIZE,
+    PASSAGE_MAX_WORDS,
+    PASSAGE_MIN_WORDS,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import RefragEngine
+    from ..store import ChunkStore
+
+
+def open_store(
+    engine: "RefragEngine | None",
+    index_dir: Path | None,
+    host: str | None,
+    port: int,
+    collection: str,
+    *,
+    must_exist: bool = False,
+    **kwargs: Any,
+) -> "ChunkStore":
+    """Open the embedded index at ``index_dir`` (default dir if None) or the server at ``host``,
+    bound to ``engine``'s chunk-vector fingerprint when an engine is given."""
+    from ..config import default_index_dir
+    from ..store import ChunkStore
+
+    if host is not None and index_dir is not None:
+        raise typer.BadParameter("Give either --index DIR (embedded Chroma) or --host (a Chroma server), not both.")
+    where: dict[str, Any] = {"host": host, "port": port} if host is not None else {"path": index_dir or default_index_dir()}
+    if must_exist and host is None and not Path(where["path"]).is_dir():
+        raise typer.BadParameter(
+            f"No index at {where['path']}. Build one with `refrag index PATH... --index {where['path']}`, "
+            "or give --passages FILE."
+        )
+    try:
+        if engine is None:
+            return ChunkStore(collection=collection, **where, **kwargs)
+        return ChunkStore.for_engine(engine, collection=collection, **where, **kwargs)
+    except (ConnectionError, ValueError) as err:
+        raise typer.BadParameter(str(err)) from err
+
+
+def index(
+    paths: Optional[List[Path]] = typer.Argument(
+        None, help="Files or directories (.txt, .md, .jsonl, .jsonl.gz, .pdf). With none, the chunk vectors of "
+        "the passages already in the index are computed for the current encoder/checkpoint.",
+    ),
+    index_dir: Optional[Path] = typer.Option(
+        None, "--index", help="Embedded Chroma directory (default: <cache>/refrag-integrations/index)."
+    ),
+    host: Optional[str] = typer.Option(None, help="Chroma server host, instead of --index."),
+    port: int = typer.Option(8000, help="Chroma server port."),
+    collection: str = typer.Option(DEFAULT_COLLECTION, help="Prefix of the Chroma collections."),
+    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint whose encoder makes the chunk vectors."),
+    embedder: str = typer.Option(DEFAULT_EMBEDDER, help="Retrieval embedder (sentence-transformers)."),
+    chunk_vectors: bool = typer.Option(True, "--chunk-vectors/--no-chunk-vectors", help="Precompute REFRAG chunk vectors."),
+    batch_size: int = typer.Option(DEFAULT_INDEX_BATCH_SIZE, help="Passages per batch."),
+    min_words: int = typer.Option(PASSAGE_MIN_WORDS, help="A passage ends at a paragraph boundary past this many words."),
+    max_words: int = typer.Option(PASSAGE_MAX_WORDS, help="Passages never grow past this many words."),
+    progress: bool = typer.Option(True, "--progress/--quiet", help="Show a progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Index PATHS into a Chroma index: passages, retrieval vectors and REFRAG chunk vectors.
+
+    Idempotent and resumable: run it again after an interruption (or on the same files) and it
+    adds exactly what is missing.
+    """
+    from ..engine import RefragEngine
+    from ..index import SentenceEmbedder, index_paths, refresh_chunk_vectors
+
+    if not paths and not chunk_vectors:
+        raise typer.BadParameter("Nothing to do: give PATHS, or let the chunk vectors be computed.")
+    engine = RefragEngine.from_pretrained(checkpoint) if chunk_vectors else None
+    store = open_store(engine, index_dir, host, port, collection, must_exist=not paths)
+    try:
+        if paths:
+            emb = SentenceEmbedder(embedder)
+            try:
+                store.check_embedder(emb)
+            except ValueError as err:
+                raise typer.BadParameter(str(err)) from err
+            report = index_paths(paths, store, engine, emb, batch_size=batch_size, min_words=min_words,
+                                 max_words=max_words, progress=progress)
+        else:
+            report = refresh_chunk_vectors(store, engine, batch_size=batch_size, progress=progress)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: everything written so far is kept; run the same command again to resume.", err=True)
+        raise typer.Exit(130)
+    if as_json:
+        typer.echo(json.dumps({**report.to_dict(), "index": store.location,
+                               "fingerprint": store.fingerprint, "total_passages": store.count_passages()}))
+    else:
+        typer.echo(report.summary())
+        typer.echo(f"index: {store.location} ({store.count_passages()} passages; chunk-vector fingerprint "
+                   f"{store.fingerprint or 'none'})")
+    if paths and report.files == 0:
+        raise typer.Exit(1)

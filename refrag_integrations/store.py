@@ -1,0 +1,686 @@
+"""ChunkStore: passages, their retrieval vectors and their precomputed chunk vectors in Chroma.
+
+REFRAG's chunk vectors depend only on the passage, so they are computed once at indexing time and
+reused by every query. The store keeps them next to the passages, in one Chroma database:
+
+```
+<collection>_passages         one record per passage: id = passage_id(text) (content hash),
+                              document = the passage text, embedding = its retrieval vector
+                              (cosine space), metadata = source, position, title, words
+<collection>_chunks_<fp>      one record per chunk: id = "<passage_id>:<chunk index>",
+                              embedding = the pre-projection chunk vector c_i (float32, stored
+                              exactly), metadata = passage_id, chunk_index, n_chunks, fingerprint
+```
+
+``<fp>`` is the chunk-vector fingerprint (:func:`compute_chunk_vector_fingerprint`): it changes
+whenever the vectors would (encoder weights incl. trained deltas, pooling, k, tokenizers). Each
+fingerprint has its own collection (different encoders even have different widths), so vectors of
+another fingerprint can never be read by mistake; a store whose vectors were made for another
+fingerprint is reported (:class:`FingerprintMismatchError`), not silently used.
+
+The same API works on an embedded database (``ChunkStore(path)``, Chroma's ``PersistentClient``)
+and on a Chroma server (``ChunkStore(host=..., port=...)``, ``HttpClient``), e.g. one started with
+``chroma run --path DIR --port 8000``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from .chunking import passage_id
+from .config import CHUNK_COLLECTION_HNSW, DEFAULT_COLLECTION, PASSAGE_COLLECTION_HNSW, default_index_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .encoder import ChunkEncoder
+    from .engine import RefragEngine
+
+logger = logging.getLogger(__name__)
+
+STORE_FORMAT_VERSION = 1
+# Bump when the meaning of a stored chunk vector changes without any weight or setting changing
+# (e.g. a new chunking rule): every existing fingerprint then stops matching.
+CHUNK_VECTOR_FORMAT = 1
+ON_MISMATCH = ("error", "encode")
+_COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,400}$")
+
+
+class FingerprintMismatchError(ValueError):
+    """The store's chunk vectors were made by another encoder / checkpoint / k / tokenizer."""
+
+
+class EmbedderMismatchError(ValueError):
+    """The store's retrieval vectors were made by another embedder than the one given."""
+
+
+class Embedder(Protocol):
+    """What the store needs from a retrieval embedder (see :class:`refrag_integrations.index.SentenceEmbedder`)."""
+
+    name: str
+    fingerprint: str
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:  # (N, dim) float32, L2-normalised
+        ...
+
+
+@dataclass(frozen=True)
+class PassageRecord:
+    """A passage as stored: its text and where it came from.
+
+    Attributes:
+        text: the passage text exactly as it will appear in prompts (its hash is its id).
+        source: the file (or other origin) it was read from.
+        position: its index among the passages of that source.
+        title: a document title, when the source had one.
+    """
+
+    text: str
+    source: str = ""
+    position: int = 0
+    title: str | None = None
+
+    @property
+    def id(self) -> str:
+        return passage_id(self.text)
+
+    def metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"source": self.source, "position": int(self.position), "words": len(self.text.split())}
+        if self.title:
+            meta["title"] = self.title
+        return meta
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One retrieved passage: id, text, cosine similarity to the query, and its metadata."""
+
+    id: str
+    text: str
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
+    """Hash of what decides how a tokenizer splits text. Per-call truncation / padding settings,
+    which transformers writes into the backend on every call, are left out."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        data = json.dumps(spec, sort_keys=True)
+    else:
+        data = json.dumps(sorted(tokenizer.get_vocab().items()))
+    data += type(tokenizer).__name__ + json.dumps(sorted(map(str, tokenizer.all_special_tokens)))
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()
+
+
+def compute_chunk_vector_fingerprint(chunk_encoder: "ChunkEncoder", tokenizer: Any, k: int) -> str:
+    """Fingerprint (16 hex digits) of everything a pre-projection chunk vector depends on.
+
+    Hashes every byte of the encoder's weights (so a trained encoder delta anywhere changes it),
+    the encoder's tokenizer, pooling and length limit, k, and the decoder's tokenizer (chunks are
+    cut on decoder tokens). The projector is left out: stored vectors are taken before it.
+    Usually called through :meth:`RefragEngine.chunk_vector_fingerprint`, which caches it.
+
+    Example:
+        >>> compute_chunk_vector_fingerprint(engine.chunk_encoder, engine.tokenizer, 16)  # doctest: +SKIP
+        'c0ffee0123456789'
+    """
+    h = hashlib.sha256()
+    settings = {
+        "format": CHUNK_VECTOR_FORMAT,
+        "k": int(k),
+        "pooling": chunk_encoder.pooling,
+        "max_length": int(chunk_encoder.max_length),
+        "encoder_class": type(chunk_encoder.encoder).__name__,
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for name, tensor in sorted(chunk_encoder.encoder.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        h.update(flat.view(torch.uint8).numpy())
+    h.update(_tokenizer_digest(chunk_encoder.tokenizer).encode())
+    h.update(_tokenizer_digest(tokenizer).encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_info(engine: "RefragEngine") -> dict[str, Any]:
+    """A readable description of an engine's chunk-vector fingerprint (kept with the vectors)."""
+    return {
+        "encoder": str(engine.config.encoder),
+        "decoder": str(engine.config.decoder),
+        "k": int(engine.k),
+        "pooling": engine.chunk_encoder.pooling,
+        "dim": int(engine.chunk_encoder.encoder_dim),
+    }
+
+
+def _describe(fp: str, info: Mapping[str, Any] | None) -> str:
+    if not info:
+        return fp
+    keys = ("encoder", "decoder", "k", "pooling")
+    return f"{fp} (" + ", ".join(f"{k}={info[k]}" for k in keys if k in info) + ")"
+
+
+# --------------------------------------------------------------------------- store
+
+
+class ChunkStore:
+    """Passages, retrieval vectors and precomputed chunk vectors in one Chroma database.
+
+    Args:
+        path: directory of an embedded Chroma database (created if missing). Default:
+            :func:`refrag_integrations.config.default_index_dir` when no ``host`` is given.
+        host, port, ssl, headers: a Chroma server instead (``HttpClient``); same API.
+        collection: prefix of the Chroma collections (``<collection>_passages``, ...).
+        fingerprint: the chunk-vector fingerprint this store reads and writes; usually set by
+            :meth:`for_engine` or :meth:`attach`. Needed for the chunk-vector methods only.
+        fingerprint_info: a readable description of it, kept in the collection's metadata.
+        embedder: the retrieval embedder, for :meth:`search` with text and :meth:`add_passages`.
+        on_mismatch: what to do when passages have chunk vectors under another fingerprint only:
+            ``"error"`` (raise :class:`FingerprintMismatchError`) or ``"encode"`` (log a warning
+            and let the engine encode them at query time). Never are they used.
+        client: an existing Chroma client to use instead of opening one.
+
+    Example:
+        >>> store = ChunkStore.for_engine(engine, "/tmp/refrag-index")        # doctest: +SKIP
+        >>> store.attach(engine)            # engine now reads precomputed chunk vectors  # doctest: +SKIP
+        >>> hits = store.search("who wrote hamlet", top_k=5, embedder=embedder)  # doctest: +SKIP
+        >>> engine.generate("who wrote hamlet", [h.text for h in hits])   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        ssl: bool = False,
+        headers: dict[str, str] | None = None,
+        collection: str = DEFAULT_COLLECTION,
+        fingerprint: str | None = None,
+        fingerprint_info: Mapping[str, Any] | None = None,
+        embedder: Embedder | None = None,
+        on_mismatch: str = "error",
+        client: Any = None,
+    ) -> None:
+        if path is not None and host is not None:
+            raise ValueError("You must specify exactly one of path (embedded Chroma) or host (a Chroma server), not both.")
+        if not isinstance(collection, str) or not _COLLECTION_RE.match(collection):
+            raise ValueError(
+                f"collection must start with a letter or digit and use only [A-Za-z0-9._-], got {collection!r}."
+            )
+        if on_mismatch not in ON_MISMATCH:
+            raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}.")
+        self.collection = collection
+        self.fingerprint = fingerprint
+        self.fingerprint_info = dict(fingerprint_info or {})
+        self.embedder = embedder
+        self.on_mismatch = on_mismatch
+        if client is not None:
+            self.location = "the given Chroma client"
+        elif host is not None:
+            self.location = f"{'https' if ssl else 'http'}://{host}:{port or 8000}"
+        else:
+            self.location = str(Path(path) if path is not None else default_index_dir())
+        self._client = client if client is not None else self._connect(path, host, port, ssl, headers)
+        self._lock = threading.RLock()
+        self._passages: Any = None
+        self._chunks: Any = None
+        self._mismatch_warned = False
+        self._max_batch = int(self._client.get_max_batch_size())
+        if embedder is not None:
+            self.check_embedder(embedder)
+
+    # ------------------------------------------------------------------ construction
+
+    def _connect(self, path, host, port, ssl, headers) -> Any:
+        try:
+            import chromadb
+            from chromadb.config import Settings
+        except ImportError as err:  # pragma: no cover - chromadb is a core dependency
+            raise ImportError("The chunk store needs chromadb: pip install 'chromadb>=1.0'.") from err
+        settings = Settings(anonymized_telemetry=False)
+        if host is not None:
+            try:
+                return chromadb.HttpClient(host=host, port=port or 8000, ssl=ssl, headers=headers, settings=settings)
+            except Exception as err:  # chromadb raises plain ValueError / httpx errors here
+                raise ConnectionError(
+                    f"Could not reach a Chroma server at {self.location} ({type(err).__name__}: {err}). "
+                    "Start one with `chroma run --path DIR --port PORT`, or use an embedded store (path=...)."
+                ) from err
+        root = Path(path) if path is not None else default_index_dir()
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"The index path {root} exists and is not a directory.")
+        root.mkdir(parents=True, exist_ok=True)
+        return chromadb.PersistentClient(path=str(root), settings=settings)
+
+    @classmethod
+    def for_engine(
+        cls, engine: "RefragEngine", path: str | Path | None = None, **kwargs: Any
+    ) -> "ChunkStore":
+        """A store bound to ``engine``'s chunk-vector fingerprint (other arguments as ``__init__``)."""
+        kwargs.setdefault("fingerprint", engine.chunk_vector_fingerprint())
+        kwargs.setdefault("fingerprint_info", fingerprint_info(engine))
+        return cls(path, **kwargs)
+
+    def attach(self, engine: "RefragEngine", *, write_back: bool = False) -> "ChunkStore":
+        """Make ``engine`` read precomputed chunk vectors from this store
+        (``engine.vector_source = store.fetch_chunk_vectors``), and with ``write_back`` store the
+        vectors it has to encode at query time. Checks the fingerprint first.
+
+        Raises:
+            FingerprintMismatchError: the store is bound to another fingerprint than the engine's,
+                or (with ``on_mismatch="error"``) its chunk vectors were all made for another one.
+        """
+        fp = engine.chunk_vector_fingerprint()
+        if self.fingerprint is None:
+            self.fingerprint, self.fingerprint_info = fp, fingerprint_info(engine)
+        elif fp != self.fingerprint:
+            raise FingerprintMismatchError(
+                f"This ChunkStore is bound to chunk-vector fingerprint {self.fingerprint}, but the engine's is "
+                f"{_describe(fp, fingerprint_info(engine))}. Open the store with ChunkStore.for_engine(engine, ...)."
+            )
+        self.check_fingerprint()
+        engine.vector_source = self.fetch_chunk_vectors
+        engine.vector_sink = self._write_back if write_back else None
+        return self
+
+    # ------------------------------------------------------------------ collections
+
+    @property
+    def passages_name(self) -> str:
+        return f"{self.collection}_passages"
+
+    def _chunks_prefix(self) -> str:
+        return f"{self.collection}_chunks_"
+
+    def _get(self, name: str) -> Any:
+        from chromadb.errors import NotFoundError
+
+        try:
+            return self._client.get_collection(name, embedding_function=None)
+        except NotFoundError:
+            return None
+
+    def _passage_collection(self, create_for: Embedder | None = None) -> Any:
+        with self._lock:
+            if self._passages is None:
+                col = self._get(self.passages_name)
+                if col is None and create_for is not None:
+                    meta = {
+                        "refrag": "passages",
+                        "format_version": STORE_FORMAT_VERSION,
+                        "embedder": create_for.name,
+                        "embedder_fingerprint": create_for.fingerprint,
+                        "embedder_dim": int(create_for.dim),
+                    }
+                    col = self._client.get_or_create_collection(
+                        self.passages_name, embedding_function=None, metadata=meta,
+                        configuration={"hnsw": dict(PASSAGE_COLLECTION_HNSW)},
+                    )
+                if col is not None:
+                    kind = (col.metadata or {}).get("refrag")
+                    if kind != "passages":
+                        raise ValueError(
+                            f"Chroma collection {self.passages_name!r} at {self.location} was not written by "
+                            "refrag-integrations; use another collection name."
+                        )
+                self._passages = col
+            return self._passages
+
+    def _require_fingerprint(self) -> str:
+        if not self.fingerprint:
+            raise ValueError(
+                "This ChunkStore has no chunk-vector fingerprint: open it with ChunkStore.for_engine(engine, ...) "
+                "or call store.attach(engine) first."
+            )
+        return self.fingerprint
+
+    def _chunk_collection(self, create: bool = False) -> Any:
+        fp = self._require_fingerprint()
+        with self._lock:
+            if self._chunks is None:
+                name = self._chunks_prefix() + fp
+                col = self._get(name)
+                if col is None and create:
+                    meta = {"refrag": "chunk_vectors", "format_version": STORE_FORMAT_VERSION, "fingerprint": fp}
+                    meta.update({k: v for k, v in self.fingerprint_info.items() if isinstance(v, (str, int, float, bool))})
+                    col = self._client.get_or_create_collection(
+                        name, embedding_function=None, metadata=meta,
+                        configuration={"hnsw": dict(CHUNK_COLLECTION_HNSW)},
+                    )
+                self._chunks = col
+            return self._chunks
+
+    def check_embedder(self, embedder: Embedder) -> None:
+        """Raise :class:`EmbedderMismatchError` if the stored passages were embedded by another model."""
+        col = self._passage_collection()
+        if col is None:
+            return
+        meta = col.metadata or {}
+        if meta.get("embedder_fingerprint") != embedder.fingerprint:
+            raise EmbedderMismatchError(
+                f"The index at {self.location} was built with retrieval embedder {meta.get('embedder')!r} "
+                f"(fingerprint {meta.get('embedder_fingerprint')}), not {embedder.name!r} (fingerprint "
+                f"{embedder.fingerprint}); vectors of different embedders are not comparable. Use the same "
+                "embedder, or index into another directory / collection."
+            )
+
+    def _batches(self, items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+        for i in range(0, len(items), self._max_batch):
+            yield items[i : i + self._max_batch]
+
+    # ------------------------------------------------------------------ passages
+
+    def count_passages(self) -> int:
+        col = self._passage_collection()
+        return 0 if col is None else int(col.count())
+
+    def embedder_name(self) -> str | None:
+        """Name of the retrieval embedder the index was built with (None for an empty store)."""
+        col = self._passage_collection()
+        return None if col is None else (col.metadata or {}).get("embedder")
+
+    def has_passages(self, ids: Sequence[str]) -> set[str]:
+        """The subset of ``ids`` that are stored passages (one round trip)."""
+        col = self._passage_collection()
+        if col is None or not ids:
+            return set()
+        found: set[str] = set()
+        for part in self._batches(list(dict.fromkeys(ids))):
+            found.update(col.get(ids=list(part), include=[])["ids"])
+        return found
+
+    def add_passages(
+        self, records: Sequence[PassageRecord], embeddings: np.ndarray, embedder: Embedder | None = None
+    ) -> int:
+        """Store passages with their retrieval vectors (upsert: writing one twice changes nothing).
+
+        Args:
+            records: the passages.
+            embeddings: ``(len(records), dim)`` retrieval vectors from ``embedder``.
+            embedder: the embedder that made them (default: the store's); recorded with the
+                collection, and checked against it.
+
+        Returns:
+            The number of records written.
+        """
+        embedder = embedder or self.embedder
+        if embedder is None:
+            raise ValueError("add_passages needs the embedder that made the retrieval vectors (embedder=...).")
+        if not records:
+            return 0
+        vecs = np.asarray(embeddings, dtype=np.float32)
+        if vecs.ndim != 2 or vecs.shape != (len(records), embedder.dim):
+            raise ValueError(
+                f"embeddings must have shape ({len(records)}, {embedder.dim}) (passages, embedder dim), got {vecs.shape}."
+            )
+        self.check_embedder(embedder)
+        col = self._passage_collection(create_for=embedder)
+        for start in range(0, len(records), self._max_batch):
+            part = records[start : start + self._max_batch]
+            col.upsert(
+                ids=[r.id for r in part],
+                embeddings=vecs[start : start + len(part)],
+                documents=[r.text for r in part],
+                metadatas=[r.metadata() for r in part],
+            )
+        return len(records)
+
+    def get_passages(self, ids: Sequence[str]) -> dict[str, PassageRecord]:
+        """The stored passages among ``ids``, by id."""
+        col = self._passage_collection()
+        if col is None or not ids:
+            return {}
+        out: dict[str, PassageRecord] = {}
+        for part in self._batches(list(dict.fromkeys(ids))):
+            got = col.get(ids=list(part), include=["documents", "metadatas"])
+            for pid, doc, meta in zip(got["ids"], got["documents"], got["metadatas"]):
+                out[pid] = _record(doc, meta)
+        return out
+
+    def iter_passages(self, batch_size: int = 256) -> Iterator[list[PassageRecord]]:
+        """All stored passages, a page at a time (for re-encoding chunk vectors)."""
+        col = self._passage_collection()
+        if col is None:
+            return
+        offset = 0
+        while True:
+            got = col.get(include=["documents", "metadatas"], limit=batch_size, offset=offset)
+            if not got["ids"]:
+                return
+            yield [_record(doc, meta) for doc, meta in zip(got["documents"], got["metadatas"])]
+            offset += len(got["ids"])
+
+    def search(
+        self, query: str | np.ndarray | Sequence[float], top_k: int, *, embedder: Embedder | None = None
+    ) -> list[SearchHit]:
+        """The ``top_k`` passages nearest to ``query`` (a text, embedded with the store's embedder,
+        or a retrieval vector), best first, with cosine similarity as score.
+
+        Raises:
+            ValueError: the store is empty, ``top_k < 1``, or a text query without an embedder.
+        """
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+        col = self._passage_collection()
+        if col is None or col.count() == 0:
+            raise ValueError(f"The index at {self.location} holds no passages; build it with `refrag index PATH`.")
+        if isinstance(query, str):
+            embedder = embedder or self.embedder
+            if embedder is None:
+                raise ValueError("A text query needs the retrieval embedder (embedder=...).")
+            if not query.strip():
+                raise ValueError("The query is empty.")
+            self.check_embedder(embedder)
+            qvec = np.asarray(embedder.embed([query]), dtype=np.float32)[0]
+        else:
+            qvec = np.asarray(query, dtype=np.float32).reshape(-1)
+        got = col.query(
+            query_embeddings=qvec[None, :], n_results=min(top_k, col.count()),
+            include=["documents", "metadatas", "distances"],
+        )
+        return [
+            SearchHit(id=pid, text=doc, score=1.0 - float(dist), metadata=dict(meta or {}))
+            for pid, doc, meta, dist in zip(got["ids"][0], got["documents"][0], got["metadatas"][0], got["distances"][0])
+        ]
+
+    # ------------------------------------------------------------------ chunk vectors
+
+    def write_chunk_vectors(self, vectors: Mapping[str, torch.Tensor | np.ndarray]) -> int:
+        """Store pre-projection chunk vectors ``{passage_id: (L, d_enc)}`` under this store's
+        fingerprint (upsert: idempotent). Returns the number of chunk vectors written."""
+        fp = self._require_fingerprint()
+        ids: list[str] = []
+        metas: list[dict[str, Any]] = []
+        rows: list[np.ndarray] = []
+        dim = self.fingerprint_info.get("dim")
+        for pid, vec in vectors.items():
+            arr = vec.detach().float().cpu().numpy() if isinstance(vec, torch.Tensor) else np.asarray(vec, np.float32)
+            if arr.ndim != 2 or arr.shape[0] < 1 or (dim is not None and arr.shape[1] != dim):
+                raise ValueError(
+                    f"chunk vectors of passage {pid} must have shape (chunks, {dim or 'd_enc'}), got {arr.shape}."
+                )
+            n = arr.shape[0]
+            for i in range(n):
+                ids.append(f"{pid}:{i}")
+                metas.append({"passage_id": pid, "chunk_index": i, "n_chunks": n, "fingerprint": fp})
+            rows.append(arr.astype(np.float32, copy=False))
+        if not ids:
+            return 0
+        flat = np.concatenate(rows, 0)  # (sum L, d_enc)
+        col = self._chunk_collection(create=True)
+        for start in range(0, len(ids), self._max_batch):
+            end = start + self._max_batch
+            col.upsert(ids=ids[start:end], embeddings=flat[start:end], metadatas=metas[start:end])
+        return len(ids)
+
+    def _write_back(self, vectors: Mapping[str, torch.Tensor]) -> None:
+        """Engine sink: store query-time encodings; a failing write never fails the request."""
+        try:
+            self.write_chunk_vectors(vectors)
+        except Exception as err:  # the answer does not depend on the write-back
+            logger.warning("Could not write chunk vectors back to %s: %s", self.location, err)
+
+    def _fetch_rows(self, col: Any, ids: Sequence[str], include: list[str]) -> dict[str, Any]:
+        merged: dict[str, list] = {"ids": [], "metadatas": [], "embeddings": []}
+        for part in self._batches(list(ids)):
+            got = col.get(where={"passage_id": {"$in": list(part)}}, include=include)
+            merged["ids"].extend(got["ids"])
+            merged["metadatas"].extend(got["metadatas"] or [])
+            if "embeddings" in include and got["embeddings"] is not None:
+                merged["embeddings"].extend(list(got["embeddings"]))
+        return merged
+
+    def fetch_chunk_vectors(self, ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Precomputed chunk vectors for many passages in one round trip: ``{passage_id:
+        Tensor(L, d_enc)}`` for the passages whose vectors are stored, complete, under this store's
+        fingerprint. Compatible with ``engine.vector_source``.
+
+        Raises:
+            FingerprintMismatchError: (``on_mismatch="error"``) some of ``ids`` have chunk vectors
+                only under another fingerprint.
+        """
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return {}
+        fp = self._require_fingerprint()
+        col = self._chunk_collection()
+        found: dict[str, torch.Tensor] = {}
+        if col is not None:
+            got = self._fetch_rows(col, ids, ["embeddings", "metadatas"])
+            by_pid: dict[str, dict[int, np.ndarray]] = {}
+            sizes: dict[str, int] = {}
+            for meta, emb in zip(got["metadatas"], got["embeddings"]):
+                if meta.get("fingerprint") != fp:
+                    raise FingerprintMismatchError(
+                        f"Chunk collection for fingerprint {fp} at {self.location} holds a vector made for "
+                        f"{meta.get('fingerprint')}; the index is corrupt. Delete it and index again."
+                    )
+                pid = meta["passage_id"]
+                by_pid.setdefault(pid, {})[int(meta["chunk_index"])] = emb
+                sizes[pid] = int(meta["n_chunks"])
+            for pid, rows in by_pid.items():
+                n = sizes[pid]
+                if sorted(rows) != list(range(n)):
+                    continue  # an interrupted write: treat as missing, it will be encoded again
+                # float32 round trip is exact: Chroma returns the stored float32 values as float64.
+                found[pid] = torch.from_numpy(np.stack([rows[i] for i in range(n)]).astype(np.float32))
+        missing = [pid for pid in ids if pid not in found]
+        if missing:
+            self._report_mismatch(missing)
+        return found
+
+    def complete_chunk_vectors(self, ids: Sequence[str]) -> set[str]:
+        """The subset of ``ids`` whose chunk vectors are stored completely under this fingerprint
+        (one metadata-only round trip)."""
+        col = self._chunk_collection()
+        if col is None or not ids:
+            return set()
+        got = self._fetch_rows(col, list(dict.fromkeys(ids)), ["metadatas"])
+        seen: dict[str, set[int]] = {}
+        sizes: dict[str, int] = {}
+        for meta in got["metadatas"]:
+            seen.setdefault(meta["passage_id"], set()).add(int(meta["chunk_index"]))
+            sizes[meta["passage_id"]] = int(meta["n_chunks"])
+        return {pid for pid, idx in seen.items() if idx == set(range(sizes[pid]))}
+
+    def fingerprints(self) -> dict[str, dict[str, Any]]:
+        """Every chunk-vector fingerprint in this store: ``{fp: {"vectors": count, ...info}}``."""
+        out: dict[str, dict[str, Any]] = {}
+        prefix = self._chunks_prefix()
+        for col in self._client.list_collections():
+            name = col if isinstance(col, str) else col.name
+            if not name.startswith(prefix):
+                continue
+            handle = self._get(name)
+            if handle is None:
+                continue
+            info = {k: v for k, v in (handle.metadata or {}).items() if k not in ("refrag", "format_version")}
+            info["vectors"] = int(handle.count())
+            out[name[len(prefix):]] = info
+        return out
+
+    def _other_fingerprints(self) -> dict[str, dict[str, Any]]:
+        return {fp: info for fp, info in self.fingerprints().items() if fp != self.fingerprint and info["vectors"]}
+
+    def _mismatch_message(self, others: Mapping[str, Mapping[str, Any]], what: str) -> str:
+        theirs = "; ".join(_describe(fp, info) for fp, info in others.items())
+        return (
+            f"{what} at {self.location} were made for chunk-vector fingerprint {theirs}, but this engine's "
+            f"fingerprint is {_describe(self.fingerprint or '?', self.fingerprint_info)}: the encoder weights, "
+            "pooling, k or tokenizers differ, so those vectors would be wrong for it. Add vectors for this engine "
+            f"with `refrag index --index {self.location}` (re-encodes the stored passages), load the checkpoint the "
+            "index was built with, or open the store with on_mismatch='encode' to encode at query time."
+        )
+
+    def _report_mismatch(self, missing: Sequence[str]) -> None:
+        """Passages without vectors under our fingerprint: fine, unless another fingerprint has them."""
+        others = self._other_fingerprints()
+        if not others:
+            return
+        stale = set()
+        for fp in others:
+            col = self._get(self._chunks_prefix() + fp)
+            if col is not None:
+                stale.update(m["passage_id"] for m in self._fetch_rows(col, missing, ["metadatas"])["metadatas"])
+        if not stale:
+            return
+        msg = self._mismatch_message(others, f"The chunk vectors of {len(stale)} requested passage(s)")
+        if self.on_mismatch == "error":
+            raise FingerprintMismatchError(msg)
+        if not self._mismatch_warned:
+            logger.warning("%s Encoding them at query time.", msg)
+            self._mismatch_warned = True
+
+    def check_fingerprint(self) -> None:
+        """Report a store whose chunk vectors were all made for another fingerprint.
+
+        Raises:
+            FingerprintMismatchError: with ``on_mismatch="error"``, the store holds passages and
+                chunk vectors, none of them under this store's fingerprint.
+        """
+        self._require_fingerprint()
+        col = self._chunk_collection()
+        if (col is not None and col.count() > 0) or self.count_passages() == 0:
+            return
+        others = self._other_fingerprints()
+        if not others:
+            return
+        msg = self._mismatch_message(others, "All chunk vectors")
+        if self.on_mismatch == "error":
+            raise FingerprintMismatchError(msg)
+        logger.warning("%s Encoding at query time.", msg)
+
+    def drop_chunk_vectors(self, fingerprint: str) -> None:
+        """Delete every chunk vector of ``fingerprint`` (e.g. an encoder no longer used)."""
+        with self._lock:
+            if self._get(self._chunks_prefix() + fingerprint) is not None:
+                self._client.delete_collection(self._chunks_prefix() + fingerprint)
+            if fingerprint == self.fingerprint:
+                self._chunks = None
+
+    def summary(self) -> dict[str, Any]:
+        """Counts: passages, and chunk vectors per fingerprint."""
+        return {"location": self.location, "passages": self.count_passages(), "fingerprints": self.fingerprints()}
+
+
+def _record(doc: str, meta: Mapping[str, Any] | None) -> PassageRecord:
+    meta = meta or {}
+    return PassageRecord(text=doc, source=str(meta.get("source", "")), position=int(meta.get("position", 0)),
+                         title=meta.get("title"))
