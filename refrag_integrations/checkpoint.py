@@ -108,6 +108,7 @@ def save_checkpoint(
 
     path = Path(path)
     tmp = _atomic_dir(path)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
     try:
         meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "trained_stages": trained_stages or []}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
