@@ -86,9 +86,11 @@ class SFTTrainer(Trainer):
                     "compressed_p0": ("none", 0.0, cfg.num_passages),
                     f"relevance_p{cfg.expand_fraction}": ("relevance", cfg.expand_fraction, cfg.num_passages)}
         out: dict[str, Any] = {"examples": len(eval_set), "num_passages": cfg.num_passages}
+        from tqdm.auto import tqdm
+
         for name, (policy, p, n) in settings.items():
             hits = []
-            for i, ex in enumerate(eval_set):
+            for i, ex in enumerate(tqdm(eval_set, desc=f"sft eval {name}", leave=False)):
                 rng = random.Random(10_000 + i)
                 passages = rag_passages(rng, pool, pool.index(ex), n)[0] if n else []
                 res = self.engine.generate(ex.question, passages, expand=policy, budget=p, max_new_tokens=24)
