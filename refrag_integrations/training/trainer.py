@@ -638,7 +638,10 @@ class Trainer:
                 if log is not None:
                     log.write(json.dumps(m) + "\n")
                     log.flush()
-                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m.get('acc', 0):.2f}", L=int(m.get("chunks", 0)))
+                post = {"loss": f"{m['loss']:.3f}", "acc": f"{m.get('acc', 0):.2f}"}
+                if "chunks" in m:  # the curriculum's chunk count (not in sft)
+                    post["L"] = int(m["chunks"])
+                bar.set_postfix(post)
                 bar.update(1)
                 if self.step % cfg.save_every == 0 or stop:
                     self.save_state()
