@@ -280,6 +280,45 @@ def test_qa_settings_validate_policies():
         Q.qa_settings([], [1.5])
 
 
+def test_qa_evaluates_another_checkpoints_learned_policy(tiny_engine, tmp_path):
+    from refrag_integrations.checkpoint import save_checkpoint
+    from refrag_integrations.training.policy_rl import LearnedPolicy
+
+    enc = tiny_engine.chunk_encoder
+    policy = LearnedPolicy(enc.encoder_dim, query_conditioned=False, expand_fraction=0.5)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # non-trivial weights (a fresh policy is uniform)
+        for w in policy.parameters():
+            w.add_(torch.randn(w.shape, generator=g) * 0.5)
+    proj = enc.projector.state_dict()
+    ckpt = save_checkpoint(tmp_path / "other", tiny_engine.config, proj,
+                           policy=policy.state_dict(), policy_config=policy.policy_config())
+    loaded = Q.load_extra_policy(tiny_engine, ckpt)
+    passages = SENTENCES[:3]
+    assert tiny_engine.decide(QUESTION, passages, loaded, 0.5) == tiny_engine.decide(QUESTION, passages, policy, 0.5)
+
+    settings = Q.qa_settings(["learned-chunks"], [0.5])
+    assert settings[-1].name == "refrag_learned-chunks_p0.5"
+    kw = dict(ns=(3,), settings=settings, max_new_tokens=2, progress=False, limit=1)
+    with pytest.raises(ValueError, match="learned-chunks"):  # named but not given: refused before answering
+        Q.run_qa(tiny_engine, _examples(), tmp_path / "qa", **kw)
+    assert not (tmp_path / "qa" / Q.PREDICTIONS_FILE).is_file() or not (tmp_path / "qa" / Q.PREDICTIONS_FILE).read_text()
+    doc = Q.run_qa(tiny_engine, _examples(), tmp_path / "qa", extra_policies={"chunks": loaded}, **kw)
+    assert any(r["setting"] == "refrag_learned-chunks_p0.5" for r in doc["rows"])
+    rec = next(json.loads(x) for x in (tmp_path / "qa" / Q.PREDICTIONS_FILE).read_text().splitlines()
+               if json.loads(x)["setting"] == "refrag_learned-chunks_p0.5")
+    assert rec["chunks_expanded"] == rec["chunks"] // 2  # the policy chose its budget
+
+    # A policy trained on other encoder weights reads other chunk vectors: refused.
+    name, value = next(iter(enc.encoder.state_dict().items()))
+    bad = save_checkpoint(tmp_path / "bad", tiny_engine.config, proj, encoder_delta={name: value + 1.0},
+                          policy=policy.state_dict(), policy_config=policy.policy_config())
+    with pytest.raises(ValueError, match="encoder weights differ"):
+        Q.load_extra_policy(tiny_engine, bad)
+    with pytest.raises(ValueError, match="no learned policy"):
+        Q.load_extra_policy(tiny_engine, save_checkpoint(tmp_path / "none", tiny_engine.config, proj))
+
+
 def test_random_policy_decisions_do_not_depend_on_order(tiny_engine):
     setting = Q.QASetting("refrag_random_p0.5", "random", 0.5)
     chunks = [object()] * 10

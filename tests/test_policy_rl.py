@@ -316,7 +316,13 @@ def test_checkpoint_round_trip_gives_the_same_selections(engine, tiny_dirs, tmp_
         tr = _trainer(engine, tmp_path / variant, policy_variant=variant)
         policy = _randomized(tr.policies[variant], seed=2)
         path = tr.save_checkpoint({"note": "round trip"})
+        assert path == tmp_path / variant / "checkpoint"
+        other = next(v for v in VARIANTS if v != variant)  # the other variant is exported beside it
+        other_ckpt = load_checkpoint(tmp_path / variant / f"checkpoint-{other}")
+        assert other_ckpt.policy_config["query_conditioned"] is (other == "query")
+        assert other_ckpt.metrics["exported_variant"] == other
         ckpt = load_checkpoint(path)
+        assert ckpt.metrics["exported_variant"] == variant
         assert ckpt.trained_stages == ["policy"] and ckpt.policy_config["query_conditioned"] is (variant == "query")
         loaded = RefragEngine.from_pretrained(path, decoder=str(dec), encoder=str(enc), device="cpu")
         assert isinstance(loaded.policy, LearnedPolicy) and loaded.policy.query_conditioned is (variant == "query")

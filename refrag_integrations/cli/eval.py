@@ -33,6 +33,10 @@ def qa(
     data_dir: Path = typer.Option(Path(DEFAULT_DATA_DIR), help="The shared data directory."),
     n: str = typer.Option("1,5,10,20", "--n", help="Passage counts N, comma-separated."),
     policies: str = typer.Option("relevance,random", help="Selective expansion policies for p > 0: relevance, random, perplexity-desc (a checkpoint's learned policy is added)."),
+    learned_policy_opt: Optional[list[str]] = typer.Option(
+        None, "--learned-policy",
+        help="NAME=CHECKPOINT: also evaluate another checkpoint's learned policy (same encoder weights, e.g. "
+             "a policy run's checkpoint-chunks) as setting refrag_learned-NAME_pP. Repeatable."),
     p: str = typer.Option("0,0.1,0.25", "--p", help="Expand fractions p, comma-separated (0 = compress every chunk)."),
     retrieval: str = typer.Option("distractors", help="'distractors' (gold + other questions' gold passages) or 'chroma' (top-N retrieved)."),
     index_dir: Optional[Path] = typer.Option(None, help="Chroma directory for --retrieval chroma (default: <out>/chroma)."),
@@ -54,7 +58,7 @@ def qa(
     """
     from ..evaluation.bench import learned_policy
     from ..evaluation.data import load_qa, nq_path
-    from ..evaluation.qa import PLOT_FILE, TABLE_FILE, qa_settings, run_qa
+    from ..evaluation.qa import EXTRA_POLICY_PREFIX, PLOT_FILE, TABLE_FILE, load_extra_policy, qa_settings, run_qa
 
     if retrieval not in ("distractors", "chroma"):
         raise typer.BadParameter(f"--retrieval must be 'distractors' or 'chroma', got {retrieval!r}.")
@@ -67,6 +71,13 @@ def qa(
         engine = load_engine(checkpoint, bf16, threads, device)
         if learned_policy(engine) is not None and "learned" not in names:
             names.append("learned")
+        extra = {}
+        for spec in learned_policy_opt or []:
+            name, sep, path_ = spec.partition("=")
+            if not sep or not name.strip() or not path_.strip():
+                raise ValueError(f"--learned-policy takes NAME=CHECKPOINT, got {spec!r}.")
+            extra[name.strip()] = load_extra_policy(engine, path_.strip())
+            names.append(EXTRA_POLICY_PREFIX + name.strip())
         settings = qa_settings(names, parse_list(p, float, "--p"))
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
@@ -81,8 +92,9 @@ def qa(
     try:
         doc = run_qa(
             engine, examples, out, ns=ns, settings=settings, limit=limit, max_new_tokens=max_new_tokens, seed=seed,
-            retrieve=retrieve, overwrite=overwrite, progress=progress,
-            signature={"data": str(path), "split": split, "checkpoint": checkpoint},
+            retrieve=retrieve, overwrite=overwrite, progress=progress, extra_policies=extra,
+            signature={"data": str(path), "split": split, "checkpoint": checkpoint,
+                       **({"learned_policies": sorted(learned_policy_opt)} if learned_policy_opt else {})},
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err

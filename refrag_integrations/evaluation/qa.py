@@ -58,8 +58,10 @@ class QASetting:
 
 
 # Selective policies for p > 0: query relevance, random, the paper's perplexity-desc baseline, and
-# the checkpoint's learned (RL) policy.
+# the checkpoint's learned (RL) policy. Further learned policies (other checkpoints' policies on
+# this checkpoint's chunk vectors) are named "learned-<name>" and passed to run_qa.
 SELECTIVE_POLICIES = ("relevance", "random", "perplexity-desc", "learned")
+EXTRA_POLICY_PREFIX = "learned-"
 
 
 def qa_settings(policies: Sequence[str] = QA_POLICIES, ps: Sequence[float] = QA_PS) -> list[QASetting]:
@@ -79,7 +81,7 @@ def qa_settings(policies: Sequence[str] = QA_POLICIES, ps: Sequence[float] = QA_
     for policy in policies:
         if policy in ("all", "none"):
             raise ValueError(f"policy {policy!r} is a fixed setting (rag / refrag_p0), not a selective policy.")
-        if policy not in SELECTIVE_POLICIES:
+        if policy not in SELECTIVE_POLICIES and not policy.startswith(EXTRA_POLICY_PREFIX):
             raise ValueError(f"unknown expansion policy {policy!r}; choose from {SELECTIVE_POLICIES}.")
         for p in ps:
             if p > 0:
@@ -111,6 +113,12 @@ def _policy_for(
         return RandomPolicy(seed=zlib.crc32(f"{seed}:{line}:{n}".encode()))
     if setting.expand == "learned":
         return engine.policy
+    if setting.expand.startswith(EXTRA_POLICY_PREFIX):
+        extra = reuse.get("extra_policies", {})
+        name = setting.expand[len(EXTRA_POLICY_PREFIX):]
+        if name not in extra:
+            raise ValueError(f"setting {setting.name!r} needs the learned policy {name!r}; pass it in extra_policies.")
+        return extra[name]
     return make_policy(setting.expand, encoder=engine.chunk_encoder)
 
 
@@ -128,6 +136,7 @@ def run_qa(
     signature: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    extra_policies: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Answer the first ``limit`` examples with N passages in every setting; write predictions,
     ``summary.json``, ``summary.md`` and the accuracy-vs-TTFT plot into ``out_dir``.
@@ -145,6 +154,9 @@ def run_qa(
         signature: extra run identity (data file, checkpoint path) kept in ``run.json``.
         overwrite: start over even if ``out_dir`` holds a run with another signature.
         progress: show a progress bar.
+        extra_policies: more learned policies by name, used by the settings whose policy is
+            ``"learned-<name>"`` (e.g. the other variant of a policy run; see
+            :func:`load_extra_policy`).
 
     Returns:
         The summary document (also in ``summary.json``).
@@ -196,7 +208,11 @@ def run_qa(
                     continue  # closed-book does not depend on N: answered once
                 if record_key(s.name, 0 if s.name == "closed_book" else n, ex.line) not in log:
                     work.append((ex, n, s))
-    reuse: dict[str, Any] = {}
+    reuse: dict[str, Any] = {"extra_policies": dict(extra_policies or {})}
+    for s in settings:  # fail before answering anything
+        if s.expand.startswith(EXTRA_POLICY_PREFIX) and s.expand[len(EXTRA_POLICY_PREFIX):] not in reuse["extra_policies"]:
+            raise ValueError(f"setting {s.name!r} needs the learned policy {s.expand[len(EXTRA_POLICY_PREFIX):]!r}; "
+                             "pass it in extra_policies.")
     bar = tqdm(total=len(work), desc="refrag eval qa", unit="answer", disable=not progress)
     passages_for: dict[tuple[int, int], tuple[list[str], bool, int | None]] = {}
     for ex, n, s in work:
@@ -244,6 +260,38 @@ def run_qa(
         title = None if engine.trained else "untrained projector: REFRAG points are not REFRAG quality"
         plot_qa_tradeoff(doc["rows"], out / PLOT_FILE, title=title)
     return doc
+
+
+def load_extra_policy(engine: "RefragEngine", checkpoint: str | Path) -> Any:
+    """The learned policy of another checkpoint, to be run on ``engine``'s chunk vectors.
+
+    The policy reads pre-projection chunk vectors, so the checkpoint must have been trained on the
+    same encoder weights as ``engine`` (e.g. both variants exported by one ``refrag train policy``
+    run); anything else is refused.
+
+    Raises:
+        ValueError: the checkpoint has no policy, or another encoder / k / encoder delta.
+    """
+    import torch
+
+    from ..checkpoint import load_checkpoint, load_policy
+
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.policy is None or ckpt.policy_config is None:
+        raise ValueError(f"{checkpoint} holds no learned policy.")
+    cfg = engine.config
+    if (ckpt.config.encoder, ckpt.config.chunk_size) != (cfg.encoder, cfg.chunk_size):
+        raise ValueError(f"{checkpoint} was trained for encoder {ckpt.config.encoder!r}, k={ckpt.config.chunk_size}; "
+                         f"the engine has {cfg.encoder!r}, k={cfg.chunk_size}.")
+    weights = engine.chunk_encoder.encoder.state_dict()
+    for name, value in ckpt.encoder_delta.items():
+        if name not in weights or not torch.equal(weights[name].to(value.device, value.dtype), value):
+            raise ValueError(f"{checkpoint}'s encoder weights differ from the engine's ({name}): its policy was "
+                             "trained on other chunk vectors.")
+    policy = load_policy(ckpt.policy, ckpt.policy_config)
+    if hasattr(policy, "attach_encoder"):
+        policy.attach_encoder(engine.chunk_encoder)
+    return policy
 
 
 def _commands(out: Path) -> list[str]:

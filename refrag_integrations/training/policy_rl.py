@@ -41,6 +41,7 @@ import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -875,19 +876,30 @@ class PolicyTrainer(Trainer):
             }
         return out
 
-    def save_checkpoint(self, metrics: dict[str, Any] | None = None):
-        """Export ``output_dir/checkpoint``: the init checkpoint (projector, deltas, adapters) plus
-        the ``cfg.policy_variant`` policy."""
+    def variant_dir(self, variant: str) -> Path:
+        """Where ``variant``'s checkpoint goes: ``output_dir/checkpoint`` for ``cfg.policy_variant``,
+        ``output_dir/checkpoint-<variant>`` for the other one (so both can be evaluated)."""
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+        return self.out / (CHECKPOINT_DIR if variant == self.cfg.policy_variant else f"{CHECKPOINT_DIR}-{variant}")
+
+    def save_checkpoint(self, metrics: dict[str, Any] | None = None) -> Path:
+        """Export the init checkpoint (projector, deltas, adapters) plus a learned policy, once per
+        variant: ``output_dir/checkpoint`` holds the ``cfg.policy_variant`` policy and
+        ``output_dir/checkpoint-<other variant>`` the other. Returns the first."""
         eng, prev = self.engine, self.prev
-        policy = self.policies[self.cfg.policy_variant]
-        return save_checkpoint(
-            self.out / CHECKPOINT_DIR, eng.config, eng.chunk_encoder.projector.state_dict(),
-            encoder_delta=(prev.encoder_delta or None) if prev else None,
-            decoder_delta=(prev.decoder_delta or None) if prev else None,
-            decoder_lora=(prev.decoder_lora or None) if prev else None,
-            policy=policy.state_dict(), policy_config=policy.policy_config(),
-            trained_stages=self.prev_stages + ["policy"], metrics=metrics,
-        )
+        for variant in sorted(VARIANTS, key=lambda v: v != self.cfg.policy_variant):
+            policy = self.policies[variant]
+            save_checkpoint(
+                self.variant_dir(variant), eng.config, eng.chunk_encoder.projector.state_dict(),
+                encoder_delta=(prev.encoder_delta or None) if prev else None,
+                decoder_delta=(prev.decoder_delta or None) if prev else None,
+                decoder_lora=(prev.decoder_lora or None) if prev else None,
+                policy=policy.state_dict(), policy_config=policy.policy_config(),
+                trained_stages=self.prev_stages + ["policy"],
+                metrics=None if metrics is None else {**metrics, "exported_variant": variant},
+            )
+        return self.variant_dir(self.cfg.policy_variant)
 
     def train(self, resume: bool = True) -> dict[str, Any]:
         """Run (or continue) to ``max_steps``, evaluate, export; returns the metrics."""
