@@ -163,7 +163,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ValueError(f"{path} is incomplete: {PROJECTOR_FILE} is missing.")
 
     def opt(name: str) -> dict[str, torch.Tensor]:
-        return load_file(str(path / name)) if (path / name).is_file() else {}
+        return _float32(load_file(str(path / name))) if (path / name).is_file() else {}
 
     policy = opt(POLICY_FILE) or None
     adapters: dict[int, dict[str, torch.Tensor]] = {}
@@ -172,7 +172,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         adapters.setdefault(int(head.removeprefix("adapter")), {})[rest] = value
     return Checkpoint(
         config=RefragConfig.from_dict(meta["config"]),
-        projector=load_file(str(path / PROJECTOR_FILE)),
+        projector=_float32(load_file(str(path / PROJECTOR_FILE))),
         encoder_delta=opt(ENCODER_DELTA_FILE),
         decoder_delta=opt(DECODER_DELTA_FILE),
         decoder_lora=[adapters[i] for i in sorted(adapters)],
@@ -180,6 +180,41 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         policy_config=json.loads((path / POLICY_CONFIG_FILE).read_text()) if policy is not None else None,
         trained_stages=list(meta.get("trained_stages", [])),
         metrics=json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).is_file() else None,
+    )
+
+
+def _float32(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Half-precision storage (see :func:`compact_checkpoint`) is widened to float32 on load."""
+    return {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in tensors.items()}
+
+
+def compact_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Rewrite checkpoint ``src`` at ``dst`` with its float tensors stored in ``dtype`` (half the
+    size; what the packaged default ships). Loading widens them back to float32, so only storage
+    rounding changes (float16 keeps 11 significant bits, ~3e-4 relative); a tensor with values
+    that ``dtype`` cannot hold stays float32. ``dst`` may equal ``src``.
+
+    Example:
+        >>> compact_checkpoint("runs/policy/checkpoint", "refrag_integrations/checkpoints/default")  # doctest: +SKIP
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}.")
+    ck = load_checkpoint(src)
+    limit = torch.finfo(dtype).max
+
+    def small(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in tensors.items():
+            fits = v.numel() == 0 or (bool(torch.isfinite(v).all()) and float(v.abs().max()) < limit)
+            out[k] = v.to(dtype) if v.is_floating_point() and fits else v
+        return out
+
+    return save_checkpoint(
+        dst, ck.config, small(ck.projector),
+        encoder_delta=small(ck.encoder_delta) or None, decoder_delta=small(ck.decoder_delta) or None,
+        decoder_lora=[small(a) for a in ck.decoder_lora] or None,
+        policy=small(ck.policy) if ck.policy is not None else None, policy_config=ck.policy_config,
+        trained_stages=ck.trained_stages, metrics=ck.metrics,
     )
 
 

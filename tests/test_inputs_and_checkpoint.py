@@ -160,6 +160,42 @@ def test_checkpoint_round_trip_reproduces_outputs(tiny_dirs, tmp_path):
     assert ra.token_ids == rb.token_ids
 
 
+def test_compact_checkpoint_halves_storage_and_keeps_outputs(tiny_dirs, tmp_path):
+    from refrag_integrations.checkpoint import compact_checkpoint
+
+    dec, enc = tiny_dirs
+    eng = RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu")
+    with torch.no_grad():
+        for p in eng.chunk_encoder.projector.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    delta = {n: p.detach().clone() for n, p in eng.chunk_encoder.encoder.named_parameters() if n.startswith("encoder.layer.1.")}
+    delta["huge"] = torch.tensor([1e6])  # float16 cannot hold it: stays float32
+    full = save_engine(eng, tmp_path / "full", trained_stages=["sft"], metrics={"x": 1.0}, encoder_delta=delta)
+    small = compact_checkpoint(full, tmp_path / "small")
+
+    def size(path):
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+    assert size(small) < 0.6 * size(full)
+    from safetensors import safe_open
+
+    with safe_open(str(small / "encoder_delta.safetensors"), "pt") as f:
+        assert f.get_tensor("huge").dtype == torch.float32 and f.get_tensor(next(iter(delta))).dtype == torch.float16
+    a, b = load_checkpoint(full), load_checkpoint(small)
+    assert b.trained_stages == ["sft"] and b.metrics == {"x": 1.0}
+    for name, value in a.projector.items():  # widened back to float32, within float16 rounding
+        assert b.projector[name].dtype == torch.float32
+        torch.testing.assert_close(b.projector[name], value, rtol=1e-3, atol=1e-4)
+    del delta["huge"]
+    save_engine(eng, full, trained_stages=["sft"], encoder_delta=delta)
+    compact_checkpoint(full, full)  # in place
+    loaded = RefragEngine.from_pretrained(full, decoder=str(dec), encoder=str(enc), device="cpu")
+    torch.testing.assert_close(loaded.prepare_rag("Who?", [TEXT], "none").embeds,
+                               eng.prepare_rag("Who?", [TEXT], "none").embeds, rtol=1e-2, atol=1e-3)
+    with pytest.raises(ValueError, match="dtype"):
+        compact_checkpoint(full, tmp_path / "x", dtype=torch.int8)
+
+
 def test_checkpoint_refuses_another_decoder(tiny_dirs, tmp_path):
     from tiny import make_tiny_models
 

@@ -152,7 +152,7 @@ def kv_bytes_per_position(engine: "RefragEngine") -> int:
         device_type=emb.device.type, dtype=engine.autocast_dtype or torch.float32,
         enabled=engine.autocast_dtype is not None,
     ):
-        engine.decoder(inputs_embeds=emb, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        engine.decoder(inputs_embeds=emb, use_cache=True, logits_to_keep=1, **{engine._cache_kw: cache})
     layers = getattr(cache, "layers", None)
     if not layers:  # an older cache layout: fall back to the formula
         return kv_cache_bytes(engine.decoder, 1, cache_dtype(engine))
