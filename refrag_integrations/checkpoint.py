@@ -128,6 +128,8 @@ def save_checkpoint(
             (tmp / POLICY_CONFIG_FILE).write_text(json.dumps(policy_config or {}, indent=2))
         if metrics is not None:
             (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        for f in tmp.iterdir():  # safetensors writes private files; a checkpoint is meant to be shared
+            os.chmod(f, 0o644)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
