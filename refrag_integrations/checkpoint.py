@@ -282,6 +282,8 @@ def build_engine(
             if (decoder in (None, cand.config.decoder) and encoder in (None, cand.config.encoder)
                     and chunk_size in (None, cand.config.chunk_size) and pooling in (None, cand.config.pooling)):
                 ckpt = cand
+    elif str(checkpoint) == "none":
+        pass  # the base models with a fresh, untrained projector (e.g. to evaluate the base decoder)
     elif str(checkpoint) == "default":
         if default_checkpoint() is None:
             raise ValueError("This build of refrag-integrations ships no trained default checkpoint.")

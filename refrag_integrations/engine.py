@@ -226,8 +226,10 @@ class RefragEngine:
         """Build an engine from a trained checkpoint directory, or from base models.
 
         Args:
-            checkpoint: a checkpoint directory (see :mod:`refrag_integrations.checkpoint`), or
-                ``None`` for fresh, *untrained* projector weights on the named base models.
+            checkpoint: a checkpoint directory (see :mod:`refrag_integrations.checkpoint`);
+                ``None`` loads the packaged default checkpoint when it fits the named base models
+                (else fresh, *untrained* projector weights); ``"default"`` requires it; ``"none"``
+                never loads one (the unmodified base decoder with an untrained projector).
             decoder, encoder, chunk_size, pooling: base models and settings when ``checkpoint``
                 is None (defaults from :class:`RefragConfig`). With a checkpoint, ``decoder``
                 may name a local copy of the same decoder; a different decoder is refused.

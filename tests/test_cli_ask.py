@@ -67,3 +67,30 @@ def test_ask_rejects_bad_input(tmp_path):
     bad.write_bytes(b"\xff\xfe\x00junk")
     res = runner.invoke(app, ["ask", "q?", "--passages", str(bad)])
     assert res.exit_code != 0 and "UTF-8" in _flat(res.output)
+
+
+@pytest.mark.integration
+def test_packaged_default_checkpoint_is_trained_small_and_optional(default_engine, passages_file):
+    """The shipped default is picked up automatically; "none" gives the unmodified base decoder."""
+    import torch
+
+    from refrag_integrations import RefragEngine
+    from refrag_integrations.checkpoint import PACKAGED_DEFAULT, default_checkpoint, load_checkpoint
+    from refrag_integrations.training.policy_rl import LearnedPolicy
+
+    assert default_checkpoint() == PACKAGED_DEFAULT
+    size = sum(f.stat().st_size for f in PACKAGED_DEFAULT.iterdir())
+    assert size < 25 * 2**20, size  # the issue's ceiling for a package-shipped checkpoint
+    ckpt = load_checkpoint(PACKAGED_DEFAULT)
+    assert ckpt.trained_stages == ["reconstruct", "sft", "policy"] and ckpt.metrics["qa_eval"]["rows"]
+    assert default_engine.trained is True
+    assert isinstance(default_engine.policy, LearnedPolicy) and default_engine.policy.query_conditioned
+    base = RefragEngine.from_pretrained("none", device="cpu")
+    assert base.trained is False
+    # The default merges its decoder LoRA: some decoder weight differs from the base decoder's.
+    mine, theirs = dict(default_engine.decoder.named_parameters()), dict(base.decoder.named_parameters())
+    assert any(not torch.equal(mine[n], theirs[n]) for n in mine if "q_proj" in n)
+    res = CliRunner().invoke(app, ["ask", "Who is the Eiffel Tower named after?", "--passages", str(passages_file),
+                                   "--checkpoint", "none", "--json", "--max-new-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["stats"]["trained"] is False

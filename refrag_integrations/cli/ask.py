@@ -58,7 +58,7 @@ def ask(
         False, "--reencode", help="If the index's chunk vectors were made by another encoder/checkpoint, encode them "
         "at query time and store the new ones, instead of stopping with an error.",
     ),
-    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint directory (default: the packaged one, if any)."),
+    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint directory (default: the packaged one, if any; 'none': base models, untrained projector)."),
     mode: str = typer.Option("refrag", help="'refrag' (compressed) or 'rag' (ordinary full-context RAG, same engine)."),
     policy: str = typer.Option("auto", help="Expansion policy: auto (the checkpoint's, else relevance), relevance, random, none, all."),
     expand_fraction: float = typer.Option(DEFAULT_EXPAND_FRACTION, "--expand-fraction", help="p: fraction of chunks kept as tokens."),

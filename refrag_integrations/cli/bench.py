@@ -68,7 +68,7 @@ def bench(
     policy: str = typer.Option(BENCH_POLICY, help="Expansion policy for p > 0: relevance, random, or learned (checkpoint's)."),
     corpus: str = typer.Option("nq", help=f"Context text: {' or '.join(BENCH_CORPORA)} (NQ gold passages / Wikipedia)."),
     data_dir: Path = typer.Option(Path(DEFAULT_DATA_DIR), help="The shared data directory."),
-    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint (default: the packaged one, if any)."),
+    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint (default: the packaged one, if any; 'none': base models, untrained projector)."),
     out: Path = typer.Option(Path(DEFAULT_BENCH_DIR), help="Results directory (bench.json, bench.md, PNGs)."),
     limit: Optional[int] = typer.Option(None, help="Measure at most this many new settings now (rerun to continue)."),
     quick: bool = typer.Option(False, help="Small defaults: lengths 512,1024, k=16, p=0, 1 repeat, 8 output tokens."),

@@ -72,7 +72,7 @@ def demo(
     policy: str = typer.Option("auto", help="Expansion policy: auto (the checkpoint's, else relevance), relevance, random, none."),
     expand_fraction: float = typer.Option(DEFAULT_EXPAND_FRACTION, "--expand-fraction", help="p: fraction of chunks kept as tokens."),
     max_new_tokens: int = typer.Option(DEMO_MAX_NEW_TOKENS, help="Answer length limit."),
-    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint directory (default: the packaged one, if any)."),
+    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint directory (default: the packaged one, if any; 'none': base models, untrained projector)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Delete the demo index first and index the corpus again."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object at the end."),
     threads: Optional[int] = typer.Option(
