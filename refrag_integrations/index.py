@@ -312,13 +312,19 @@ class _FileContext:
 def _text_passages(ctx: _FileContext, min_words: int, max_words: int) -> Iterator[PassageRecord]:
     check_text_file(ctx.path)
     markdown = _suffix(ctx.path) in (".md", ".markdown")
+    with _open_text(ctx.path) as f:
+        yield from _split(ctx, _paragraphs(_lines(f), markdown), min_words, max_words)
+
+
+def _split(ctx: _FileContext, paragraphs: Iterable[tuple[str, bool]], min_words: int,
+           max_words: int) -> Iterator[PassageRecord]:
+    """Paragraphs ``(text, continued)`` -> passage records numbered in order within the file."""
     splitter = PassageSplitter(min_words, max_words)
     n = 0
-    with _open_text(ctx.path) as f:
-        for para, continued in _paragraphs(_lines(f), markdown):
-            for text in splitter.feed(para, continued):
-                yield PassageRecord(text=text, source=str(ctx.path), position=n)
-                n += 1
+    for para, continued in paragraphs:
+        for text in splitter.feed(para, continued):
+            yield PassageRecord(text=text, source=str(ctx.path), position=n)
+            n += 1
     for text in splitter.finish():
         yield PassageRecord(text=text, source=str(ctx.path), position=n)
         n += 1
@@ -375,17 +381,9 @@ def _pdf_passages(ctx: _FileContext, min_words: int, max_words: int) -> Iterator
             raise BadInputError(f"{ctx.path}: not a PDF file (no %PDF- header).")
     try:
         reader = PdfReader(str(ctx.path))
-        splitter = PassageSplitter(min_words, max_words)
-        n = 0
-        for page in reader.pages:
-            lines = ((line, False) for line in (page.extract_text() or "").splitlines())
-            for para, continued in _paragraphs(lines, markdown=False):
-                for text in splitter.feed(para, continued):
-                    yield PassageRecord(text=text, source=str(ctx.path), position=n)
-                    n += 1
-        for text in splitter.finish():
-            yield PassageRecord(text=text, source=str(ctx.path), position=n)
-            n += 1
+        paragraphs = (pc for page in reader.pages for pc in _paragraphs(
+            ((line, False) for line in (page.extract_text() or "").splitlines()), markdown=False))
+        yield from _split(ctx, paragraphs, min_words, max_words)
     except (PdfReadError, ValueError, KeyError) as err:
         raise BadInputError(f"{ctx.path}: cannot read this PDF ({type(err).__name__}: {err}).") from None
 

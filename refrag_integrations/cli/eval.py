@@ -26,6 +26,13 @@ app = typer.Typer(help="Evaluate answer quality (qa), perplexity (ppl), and writ
                   no_args_is_help=True)
 
 
+def _show(table: Path, plot: Optional[Path]) -> None:
+    """Print a finished run's Markdown table and where its plot is."""
+    typer.echo(table.read_text(encoding="utf-8"))
+    if plot is not None:
+        typer.echo(f"plot: {plot}")
+
+
 @app.command("qa")
 def qa(
     data: Optional[Path] = typer.Option(None, help="QA JSONL(.gz) in NQ-open shape (default: the shared NQ-open file)."),
@@ -98,9 +105,7 @@ def qa(
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
-    typer.echo((out / TABLE_FILE).read_text(encoding="utf-8"))
-    if doc["rows"]:
-        typer.echo(f"plot: {out / PLOT_FILE}")
+    _show(out / TABLE_FILE, out / PLOT_FILE if doc["rows"] else None)
 
 
 @app.command("ppl")
@@ -144,9 +149,7 @@ def ppl(
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
-    typer.echo((out / TABLE_FILE).read_text(encoding="utf-8"))
-    if doc["rows"]:
-        typer.echo(f"plot: {out / PLOT_FILE}")
+    _show(out / TABLE_FILE, out / PLOT_FILE if doc["rows"] else None)
 
 
 @app.command("report")
