@@ -255,6 +255,52 @@ def test_curriculum_mixture_follows_the_schedule():
         chunk_sizes(0)
 
 
+def test_curriculum_start_skips_the_early_stages():
+    from refrag_integrations.training.curriculum import sample_chunk_count, stage_at, stage_mixture
+
+    total, num_stages = 900, 9
+    # Stages 5..9 share the run equally; start = num_stages holds the last stage throughout.
+    assert [stage_at(s, total, num_stages, start=5) for s in (0, 179, 180, 899)] == [5, 5, 6, 9]
+    assert {stage_at(s, total, num_stages, start=9) for s in range(0, total, 37)} == {9}
+    assert stage_at(450, total, num_stages) == stage_at(450, total, num_stages, start=1)
+    rng = random.Random(1)
+    draws = [sample_chunk_count(rng, 0, total, num_stages, 8, start=9) for _ in range(3000)]
+    assert 1 not in draws
+    for n, share in stage_mixture(9, num_stages, 8).items():
+        assert draws.count(n) / len(draws) == pytest.approx(share, abs=0.03)
+    with pytest.raises(ValueError, match="start"):
+        stage_at(0, total, num_stages, start=10)
+
+
+def test_sft_compressed_share_trains_fully_compressed_examples(tmp_path, tiny_chat_dirs, shared_data, monkeypatch):
+    from refrag_integrations.training.data import NQExample, load_nq
+    from refrag_integrations.training.sft import SFTTrainer
+
+    examples = [NQExample(e.question, e.answers, e.passage[:160], e.line) for e in load_nq(shared_data, "train")[:6]]
+
+    def expanded_counts(share: float) -> list[int]:
+        cfg = make_cfg(tmp_path / str(share), tiny_chat_dirs, stage="sft", num_passages=2, batch_size=1,
+                       expand_fraction=0.5, compressed_share=share, max_steps=1, data_dir=str(shared_data))
+        trainer = make_trainer(cfg, SFTTrainer)
+        trainer._data = examples
+        seen = []
+        real = trainer.engine.prepare_rag
+
+        def spy(question, passages, decisions, **kw):
+            seen.append(sum(map(sum, decisions)))
+            return real(question, passages, decisions, **kw)
+
+        monkeypatch.setattr(trainer.engine, "prepare_rag", spy)
+        for step in range(24):
+            trainer.loss_for_step(step, 0)
+        return seen
+
+    never, always, half = expanded_counts(0.0), expanded_counts(1.0), expanded_counts(0.5)
+    assert min(never) > 0  # p = expand_fraction on every example
+    assert set(always) == {0}  # every example fully compressed
+    assert 0 in half and max(half) > 0  # a mixture of both
+
+
 # ---------------------------------------------------------------------------- export
 
 
@@ -327,6 +373,9 @@ def test_next_stage_carries_encoder_delta_and_adapters(tmp_path, tiny_dirs):
         ({"chunk_size": 0}, "chunk_size"),
         ({"max_chunks": 0}, "max_chunks"),
         ({"curriculum_stages": 0}, "curriculum_stages"),
+        ({"curriculum_stages": 3, "curriculum_start": 4}, "curriculum_start"),
+        ({"curriculum_start": 0}, "curriculum_start"),
+        ({"compressed_share": -0.1}, "compressed_share"),
         ({"expand_fraction": 1.5}, "expand_fraction"),
         ({"lr": 0.0}, "lr"),
     ],

@@ -41,7 +41,17 @@ class TrainConfig:
     )
     continuation_tokens: int = field(default=64, metadata={"help": "o: tokens to predict after the context (cpt)."})
     expand_fraction: float = field(default=0.0, metadata={"help": "p: fraction of chunks expanded at random."})
+    compressed_share: float = field(
+        default=0.0,
+        metadata={"help": "sft: share of examples with no chunk expanded (p = 0), so the fully compressed path "
+                  "is trained too; the others use expand_fraction."},
+    )
     curriculum_stages: int = field(default=9, metadata={"help": "Stages of the geometric curriculum (paper: 9)."})
+    curriculum_start: int = field(
+        default=1,
+        metadata={"help": "First curriculum stage: a warm start from a trained checkpoint may skip the early, "
+                  "mostly one-chunk stages (= curriculum_stages: the last stage's mixture throughout)."},
+    )
     batch_size: int = field(default=8, metadata={"help": "Examples per micro-batch."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     max_steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
@@ -80,6 +90,12 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm!r}.")
         if not 0.0 <= self.expand_fraction <= 1.0:
             raise ValueError(f"expand_fraction must be in [0, 1], got {self.expand_fraction!r}.")
+        if not 1 <= self.curriculum_start <= self.curriculum_stages:
+            raise ValueError(
+                f"curriculum_start must be in 1..curriculum_stages ({self.curriculum_stages}), got {self.curriculum_start!r}."
+            )
+        if not 0.0 <= self.compressed_share <= 1.0:
+            raise ValueError(f"compressed_share must be in [0, 1], got {self.compressed_share!r}.")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}.")
 

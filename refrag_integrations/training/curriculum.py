@@ -49,12 +49,18 @@ def stage_mixture(stage: int, num_stages: int, max_chunks: int) -> dict[int, flo
     return {n: w / total for n, w in zip(sizes, weights)}
 
 
-def stage_at(step: int, total_steps: int, num_stages: int) -> int:
-    """Curriculum stage (1-based) for an optimizer step: equal numbers of steps per stage."""
-    return min(num_stages, 1 + (step * num_stages) // max(total_steps, 1))
+def stage_at(step: int, total_steps: int, num_stages: int, start: int = 1) -> int:
+    """Curriculum stage (1-based) for an optimizer step: stages ``start .. num_stages``, equal
+    numbers of steps each (``start > 1`` skips the early stages, e.g. for a warm start)."""
+    if not 1 <= start <= num_stages:
+        raise ValueError(f"start must be in 1..{num_stages}, got {start}.")
+    span = num_stages - start + 1
+    return min(num_stages, start + (step * span) // max(total_steps, 1))
 
 
-def sample_chunk_count(rng: random.Random, step: int, total_steps: int, num_stages: int, max_chunks: int) -> int:
+def sample_chunk_count(
+    rng: random.Random, step: int, total_steps: int, num_stages: int, max_chunks: int, start: int = 1
+) -> int:
     """Draw the chunk count for the batch at ``step`` from that stage's mixture."""
-    mix = stage_mixture(stage_at(step, total_steps, num_stages), num_stages, max_chunks)
+    mix = stage_mixture(stage_at(step, total_steps, num_stages, start), num_stages, max_chunks)
     return rng.choices(list(mix), weights=list(mix.values()))[0]

@@ -44,7 +44,8 @@ class SFTTrainer(Trainer):
         for cl in chunk_lists:
             per.append(vecs[i : i + len(cl)])
             i += len(cl)
-        n_expand = int(self.cfg.expand_fraction * len(flat))
+        p = 0.0 if self.cfg.compressed_share and rng.random() < self.cfg.compressed_share else self.cfg.expand_fraction
+        n_expand = int(p * len(flat))
         picked = set(rng.sample(range(len(flat)), n_expand))
         decisions, i = [], 0
         for cl in chunk_lists:

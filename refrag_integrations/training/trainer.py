@@ -332,7 +332,7 @@ class Trainer:
 
         cfg = self.cfg
         rng = self.micro_rng(step, micro)
-        L = sample_chunk_count(rng, step, cfg.max_steps, cfg.curriculum_stages, cfg.max_chunks)
+        L = sample_chunk_count(rng, step, cfg.max_steps, cfg.curriculum_stages, cfg.max_chunks, cfg.curriculum_start)
         k = cfg.chunk_size
         dev = self.engine.device
         if cfg.stage == "reconstruct":
