@@ -70,6 +70,13 @@ class TrainConfig:
     eval_examples: int = field(default=64, metadata={"help": "Held-out examples per evaluation setting."})
     seed: int = field(default=0, metadata={"help": "Seed for data sampling and initialisation."})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda if available)."})
+    fsdp: bool = field(
+        default=False,
+        metadata={"help": "Shard the decoder over the ranks with FSDP (torch fully_shard, per decoder layer) "
+                  "instead of replicating it on each (DDP); for decoders too large to hold once per GPU. Needs a "
+                  "distributed launch (torchrun / accelerate launch, 2+ ranks) and a Trainer stage "
+                  "(reconstruct, cpt, mixed, sft); not the policy stage."},
+    )
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -98,6 +105,13 @@ class TrainConfig:
             raise ValueError(f"compressed_share must be in [0, 1], got {self.compressed_share!r}.")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}.")
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"fsdp must be true or false, got {self.fsdp!r}.")
+        if self.fsdp and self.stage == "policy":
+            raise ValueError(
+                "fsdp=true does not apply to the policy stage: it runs in one process with the REFRAG model frozen; "
+                "drop fsdp (FSDP shards the decoder of the reconstruct, cpt, mixed and sft stages)."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,20 +26,29 @@ the last ``save_every`` save; signalling one worker process directly has no dead
     torchrun --nproc_per_node 4 --no-python refrag train cpt --init-checkpoint runs/rec/checkpoint
     accelerate launch --num_processes 4 --no_python refrag train cpt --init-checkpoint runs/rec/checkpoint
 
-FSDP (not implemented; how to add it). DDP replicates the decoder on every GPU. The stages as
-configured train only the chunk encoder, the projector and LoRA adapters, so the replicated decoder
-is frozen: no gradients or optimizer state, only its weights (4 bytes per parameter in fp32, as the
-engine loads it today; 2 in bf16), so a 7B decoder (28 GB) still fits one 80 GB GPU with room for
-activations. FSDP pays off for larger decoders or full decoder fine-tuning. To add it: after
-``add_lora``, call ``torch.distributed.fsdp.fully_shard`` on each decoder layer and then on the
-decoder, with ``ignored_params`` = the input embedding's weight (the engine embeds tokens and chunk
-vectors outside the decoder's forward, so that weight must stay a plain replicated tensor);
-all-reduce only the non-FSDP gradients (encoder, projector), since FSDP reduce-scatters its own;
-clip with the norms of the DTensor shards and the plain tensors combined; gather full state dicts
-for ``trainer_state.pt`` and the export with
-``torch.distributed.checkpoint.state_dict.get_model_state_dict`` / ``get_optimizer_state_dict``
-(``StateDictOptions(full_state_dict=True, cpu_offload=True)``); and run the evaluations on all
-ranks, because every forward of a sharded decoder is a collective.
+FSDP (``--set fsdp=true``). DDP replicates the decoder on every GPU. The stages as configured
+train only the chunk encoder, the projector and LoRA adapters, so the replicated decoder is frozen:
+no gradients or optimizer state, only its weights (4 bytes per parameter in fp32, as the engine
+loads it today; 2 in bf16), so a 7B decoder (28 GB) still fits one 80 GB GPU with room for
+activations, and DDP (the default) spares FSDP's per-layer all-gathers there. Use FSDP when the decoder does not
+fit once per GPU next to the activations (larger decoders, long contexts): each rank then holds
+1/N of the decoder. After ``add_lora`` the trainer calls ``torch.distributed.fsdp.fully_shard`` on
+each decoder layer and then on the decoder, leaving out the input embedding (``ignored_params``:
+the engine embeds tokens and chunk vectors outside the decoder's forward, so that weight stays a
+whole, replicated tensor, and so does a tied LM head); the chunk encoder and the projector stay
+replicated. FSDP reduce-scatters (averages) the decoder's gradients itself, once per micro-batch;
+the trainer all-reduces only the replicated ones (encoder, projector) and clips with the norm of
+the decoder's gradient shards (summed over the ranks) and of the replicated gradients combined
+(``torch.nn.utils.clip_grad_norm_`` cannot mix DTensors and plain tensors). Data, seeds and
+results are those of DDP: an N-rank FSDP run matches a single process with ``N * grad_accum``
+accumulation to float rounding. ``trainer_state.pt`` and the export hold whole tensors (the shards
+and the AdamW moments are gathered onto the CPU by every rank, rank 0 writes), in the layout a
+single process writes, so a run may resume with or without FSDP and on another number of ranks
+(with ``world_size * grad_accum`` kept). Every rank runs the evaluations (each forward of a sharded
+decoder is a collective) and rank 0 writes their results. ``fsdp`` needs a distributed launch and
+a :class:`Trainer` stage (reconstruct, cpt, mixed, sft; the policy stage runs in one process).
+
+    torchrun --nproc_per_node 4 --no-python refrag train cpt --init-checkpoint runs/rec/checkpoint --set fsdp=true
 """
 
 from __future__ import annotations
@@ -97,6 +106,42 @@ def _encoder_layers(encoder: torch.nn.Module) -> torch.nn.ModuleList | None:
         if isinstance(mod, torch.nn.ModuleList):
             return mod
     return None
+
+
+def _decoder_layers(decoder: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder's transformer blocks (the units FSDP shards and gathers one at a time)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers"):
+        mod: Any = decoder
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, torch.nn.ModuleList) and len(mod):
+            return list(mod)
+    # Hugging Face models name their blocks in _no_split_modules; reversed pre-order = children first.
+    names = set(getattr(decoder, "_no_split_modules", None) or ())
+    return [m for m in reversed(list(decoder.modules())) if type(m).__name__ in names]
+
+
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support: no FSDP shards either
+        return False
+    return isinstance(t, DTensor)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor: an FSDP shard (DTensor) gathered from every rank (a collective), or ``t``."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` (the whole tensor, the same on every rank) as a DTensor sharded like ``param``
+    (no communication: each rank keeps its own slice)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 def micro_batch_seed(seed: int, step: int, index: int) -> int | str:
@@ -215,6 +260,13 @@ class Trainer:
         else:
             device_type = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
         self.dist = init_distributed(device_type)
+        self.fsdp = bool(cfg.fsdp)
+        if self.fsdp and not self.dist.enabled:
+            raise ValueError(
+                "fsdp=true shards the decoder over the ranks of a distributed launch, but this is a single process; "
+                "launch with `torchrun --nproc_per_node N` or `accelerate launch --num_processes N` (N >= 2), "
+                "or drop fsdp."
+            )
         self.out = Path(cfg.output_dir)
         self.prev_stages: list[str] = []
         self.prev = None  # the init checkpoint's contents, carried into this stage's export
@@ -238,6 +290,10 @@ class Trainer:
             raise ValueError(f"the engine has k={engine.config.chunk_size} but the config says k={cfg.chunk_size}.")
         self.engine.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
         self._set_trainable()
+        if self.fsdp:
+            # Every rank starts from rank 0's trainable weights, broadcast while they are whole.
+            self._broadcast_params([p for p in self._modules_params() if p.requires_grad])
+            self._shard_decoder()
         self.params = [p for p in self._modules_params() if p.requires_grad]
         if not self.params:
             raise ValueError("Nothing to train: the configuration freezes every parameter.")
@@ -249,7 +305,8 @@ class Trainer:
         self._stop = False
         self._data = None
         self._heldout = None
-        self._broadcast_params()
+        if not self.fsdp:
+            self._broadcast_params()
 
     # ------------------------------------------------------------------ parameters
 
@@ -284,20 +341,86 @@ class Trainer:
         enc.train()
         dec.eval()  # frozen or LoRA: dropout stays off in the decoder
 
+    def _shard_decoder(self) -> None:
+        """FSDP: shard each decoder layer, then the rest of the decoder (final norm, an untied LM
+        head) over the ranks. The input embedding stays a whole, replicated tensor: the engine
+        calls it outside the decoder's forward (token embeddings around the chunk vectors)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        dec = self.engine.decoder
+        layers = _decoder_layers(dec)
+        if not layers:
+            raise ValueError(
+                f"fsdp=true cannot find the layers of the decoder ({type(dec).__name__}) to shard; drop fsdp."
+            )
+        mesh = init_device_mesh(self.engine.device.type, (self.dist.world_size,))
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(dec, mesh=mesh, ignored_params={dec.get_input_embeddings().weight})
+
     def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """What training changes: projector, trained encoder params, trained decoder params."""
+        """What training changes: projector, trained encoder params, trained decoder params.
+
+        With ``fsdp`` the decoder's shards are gathered into whole tensors on the CPU (a collective:
+        call it on every rank).
+        """
         enc = self.engine.chunk_encoder
-        return {
-            "projector": {k: v.detach().clone() for k, v in enc.projector.state_dict().items()},
-            "encoder": {n: p.detach().clone() for n, p in enc.encoder.named_parameters() if p.requires_grad},
-            "decoder": {n: p.detach().clone() for n, p in self.engine.decoder.named_parameters() if p.requires_grad},
+        parts = {
+            "projector": list(enc.projector.state_dict().items()),
+            "encoder": [(n, p) for n, p in enc.encoder.named_parameters() if p.requires_grad],
+            "decoder": [(n, p) for n, p in self.engine.decoder.named_parameters() if p.requires_grad],
         }
+        if not self.fsdp:
+            return {part: {n: v.detach().clone() for n, v in items} for part, items in parts.items()}
+        # The decoder's shards gathered one tensor at a time; every tensor copied onto the CPU.
+        return {part: {n: _full(v.detach()).to("cpu", copy=True) for n, v in items} for part, items in parts.items()}
 
     def _load_trainable(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         enc = self.engine.chunk_encoder
         enc.projector.load_state_dict(state["projector"])
         enc.encoder.load_state_dict(state["encoder"], strict=False)
-        self.engine.decoder.load_state_dict(state["decoder"], strict=False)
+        if not self.fsdp:
+            self.engine.decoder.load_state_dict(state["decoder"], strict=False)
+            return
+        params = dict(self.engine.decoder.named_parameters())
+        with torch.no_grad():
+            for name, value in state["decoder"].items():
+                p = params.get(name)
+                if p is None:
+                    raise ValueError(f"the saved decoder tensor {name!r} has no parameter in this decoder.")
+                if _is_dtensor(p):
+                    p.to_local().copy_(_shard_like(value.to(p.dtype), p).to_local())
+                else:
+                    p.copy_(value)
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state dict; with ``fsdp`` its sharded moments are gathered whole onto the
+        CPU (a collective), so the file has the same layout as a single process's."""
+        sd = self.optimizer.state_dict()
+        if not self.fsdp:
+            return sd
+        state = {}
+        for index in sorted(sd["state"]):  # the same order on every rank
+            state[index] = {k: (_full(v).cpu() if _is_dtensor(v) else v) for k, v in sd["state"][index].items()}
+        return {**sd, "state": state}
+
+    def _load_optimizer_state(self, sd: dict[str, Any]) -> None:
+        """Load a saved optimizer state (written by any number of ranks, with or without ``fsdp``)."""
+        if self.fsdp:
+            flat = [p for group in self.optimizer.param_groups for p in group["params"]]
+            state = {}
+            for index, entry in sd["state"].items():
+                p = flat[int(index)] if int(index) < len(flat) else None
+                if p is not None and _is_dtensor(p):
+                    whole = tuple(p.shape)  # the moments have the parameter's shape; "step" is a scalar
+                    entry = {
+                        k: (_shard_like(v, p) if torch.is_tensor(v) and k != "step" and tuple(v.shape) == whole else v)
+                        for k, v in entry.items()
+                    }
+                state[index] = entry
+            sd = {**sd, "state": state}
+        self.optimizer.load_state_dict(sd)
 
     # ------------------------------------------------------------------ data + loss
 
@@ -357,14 +480,14 @@ class Trainer:
 
             dist.barrier()
 
-    def _broadcast_params(self) -> None:
+    def _broadcast_params(self, params: list[torch.Tensor] | None = None) -> None:
         """Start every rank from rank 0's trainable weights (fresh projector / LoRA init)."""
         if not self.dist.enabled:
             return
         import torch.distributed as dist
 
         with torch.no_grad():
-            for p in self.params:
+            for p in self.params if params is None else params:
                 dist.broadcast(p.data, src=0)
 
     def _broadcast_object(self, obj: Any) -> Any:
@@ -398,15 +521,20 @@ class Trainer:
 
         A parameter without a gradient on some ranks counts as zero there; one without a gradient
         on every rank keeps ``grad=None`` (the optimizer then skips it, as in a single process).
+        With ``fsdp`` only the replicated parameters (encoder, projector) are all-reduced: FSDP
+        has already reduce-scattered (averaged) the gradients of the decoder's shards.
         """
         if not self.dist.enabled:
             return
         import torch.distributed as dist
 
         world = self.dist.world_size
-        has = torch.tensor([float(p.grad is not None) for p in self.params], device=self._comm_device())
+        params = [p for p in self.params if not _is_dtensor(p)] if self.fsdp else self.params
+        if not params:
+            return
+        has = torch.tensor([float(p.grad is not None) for p in params], device=self._comm_device())
         dist.all_reduce(has)
-        live = [p for p, h in zip(self.params, has.tolist()) if h > 0]
+        live = [p for p, h in zip(params, has.tolist()) if h > 0]
         for p in live:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -426,6 +554,32 @@ class Trainer:
             for p in bucket:
                 p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
                 offset += p.numel()
+
+    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """``clip_grad_norm_`` over the trainable parameters; with ``fsdp`` the norm combines the
+        decoder's gradient shards (summed over the ranks) and the replicated gradients (the same on
+        every rank), which ``torch.nn.utils.clip_grad_norm_`` cannot mix."""
+        if not self.fsdp:
+            return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            grads = [p.grad for p in self.params if p.grad is not None]
+            sharded = [g.to_local() for g in grads if _is_dtensor(g)]  # this rank's slices (views)
+            plain = [g for g in grads if not _is_dtensor(g)]
+            dev = self._comm_device()
+            sq_shards = torch.zeros((), dtype=torch.float32, device=dev)
+            for g in sharded:
+                sq_shards += g.float().pow(2).sum().to(dev)
+            dist.all_reduce(sq_shards)  # the slices are disjoint: their squares add up over the ranks
+            sq_plain = torch.zeros((), dtype=torch.float32, device=dev)
+            for g in plain:
+                sq_plain += g.float().pow(2).sum().to(dev)
+            total = (sq_shards + sq_plain).sqrt()
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for g in sharded + plain:
+                g.mul_(coef.to(g.device, g.dtype))
+        return total
 
     def _reduce_metrics(self, metrics: dict[str, float]) -> tuple[dict[str, float], bool]:
         """Average the step's metrics over the ranks and agree on stopping (any rank signalled).
@@ -459,15 +613,20 @@ class Trainer:
         """Write the resume state atomically (trainable weights, optimizer, scheduler, RNG).
 
         Call it on every rank: rank 0 writes, the others wait for it (the ranks hold the same
-        weights and optimizer state).
+        weights and optimizer state; with ``fsdp`` every rank first takes part in gathering the
+        decoder's shards, so the file is a whole state that any number of ranks can resume).
         """
+        if self.fsdp:
+            trainable, optim = self.trainable_state(), self._optimizer_state()
         if self.dist.is_main:
+            if not self.fsdp:
+                trainable, optim = self.trainable_state(), self.optimizer.state_dict()
             self.out.mkdir(parents=True, exist_ok=True)
             state = {
                 "step": self.step,
                 "config": self.cfg.to_dict(),
-                "trainable": self.trainable_state(),
-                "optimizer": self.optimizer.state_dict(),
+                "trainable": trainable,
+                "optimizer": optim,
                 "scheduler": self.scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                 "world_size": self.dist.world_size,
@@ -510,7 +669,7 @@ class Trainer:
                 f"grad_accum={self.cfg.grad_accum} = {global_micro}; keep world_size * grad_accum the same to resume."
             )
         self._load_trainable(state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -520,20 +679,32 @@ class Trainer:
 
     def save_checkpoint(self, metrics: dict[str, Any] | None = None) -> Path:
         """Export the trained weights as a REFRAG checkpoint directory (``output_dir/checkpoint``):
-        everything the init checkpoint changed plus what this stage changed. Only rank 0 writes
-        (no collectives, so rank 0 may call it alone); returns the directory."""
-        from .lora import lora_state
+        everything the init checkpoint changed plus what this stage changed. Only rank 0 writes;
+        without ``fsdp`` there are no collectives, so rank 0 may call it alone, and with ``fsdp``
+        every rank must call it (the decoder's shards are gathered). Returns the directory."""
+        from .lora import LoRALinear, lora_state
 
-        if not self.dist.is_main:
+        if not self.dist.is_main and not self.fsdp:
             return self.out / CHECKPOINT_DIR
         st = self.trainable_state()
+        if not self.dist.is_main:
+            return self.out / CHECKPOINT_DIR
         eng = self.engine
         enc_delta = dict(self.prev.encoder_delta) if self.prev else {}
         enc_delta.update(st["encoder"])
         dec_delta = dict(self.prev.decoder_delta) if self.prev else {}
         dec_delta.update({n: v for n, v in st["decoder"].items() if ".lora_" not in n})
         adapters = list(self.prev.decoder_lora) if self.prev else []
-        if self.cfg.lora_rank > 0:
+        if self.cfg.lora_rank > 0 and self.fsdp:  # lora_state's layout, from the gathered tensors
+            dec = st["decoder"]
+            adapters.append({
+                key: value
+                for name, mod in eng.decoder.named_modules() if isinstance(mod, LoRALinear)
+                for key, value in ((f"{name}.lora_A", dec[f"{name}.lora_A"].float()),
+                                   (f"{name}.lora_B", dec[f"{name}.lora_B"].float()),
+                                   (f"{name}.lora_scale", torch.tensor(mod.scale)))
+            })
+        elif self.cfg.lora_rank > 0:
             adapters.append(lora_state(eng.decoder))
         return save_checkpoint(
             self.out / CHECKPOINT_DIR, eng.config, st["projector"],
@@ -581,7 +752,7 @@ class Trainer:
             for key, v in m.items():
                 agg[key] = agg.get(key, 0.0) + float(v) / cfg.grad_accum
         self._all_reduce_grads()
-        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self._clip_grad_norm(cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -606,20 +777,26 @@ class Trainer:
     def train(self, resume: bool = True) -> dict[str, Any]:
         """Run (or continue) the stage to ``max_steps``; returns the final metrics (on every rank).
 
-        Evaluations, logs and files are rank 0's; in a multi-rank run the trainer leaves the
-        process group it created when it returns.
+        Logs and files are rank 0's, and so are the evaluations, except with ``fsdp`` where every
+        rank evaluates (each forward of the sharded decoder is a collective) and rank 0 writes; in
+        a multi-rank run the trainer leaves the process group it created when it returns.
         """
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         main = self.dist.is_main
+        evaluates = main or self.fsdp  # ranks that run the evaluations
         if resume:
             self.try_resume()
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            if self.step == 0 and not (self.out / "metrics_before.json").exists():
-                before = self.evaluate()
+        need_before = main and self.step == 0 and not (self.out / "metrics_before.json").exists()
+        if self.fsdp:
+            need_before = self._broadcast_object(need_before)  # rank 0 decides for all
+        if need_before:
+            before = self.evaluate()
+            if main:
                 (self.out / "metrics_before.json").write_text(json.dumps(before, indent=2))
         self._barrier()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -646,9 +823,10 @@ class Trainer:
                 if self.step % cfg.save_every == 0 or stop:
                     self.save_state()
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps and not stop:
-                    if main:
+                    if evaluates:
                         ev = self.evaluate()
-                        log.write(json.dumps({"step": self.step, "eval": ev}) + "\n")
+                        if log is not None:
+                            log.write(json.dumps({"step": self.step, "eval": ev}) + "\n")
                         self.save_checkpoint({"step": self.step, "after": ev})
                     self._barrier()
             bar.close()
@@ -665,10 +843,10 @@ class Trainer:
             self.close()
             return {"stopped_at": self.step}
         metrics = None
-        if main:
+        if evaluates:
             after = self.evaluate()
             metrics = {"stage": cfg.stage, "steps": self.step, "after": after}
-            if (self.out / "metrics_before.json").exists():
+            if main and (self.out / "metrics_before.json").exists():
                 metrics["before"] = json.loads((self.out / "metrics_before.json").read_text())
             self.save_checkpoint(metrics)
         self._barrier()
