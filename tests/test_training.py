@@ -378,11 +378,27 @@ def test_next_stage_carries_encoder_delta_and_adapters(tmp_path, tiny_dirs):
         ({"compressed_share": -0.1}, "compressed_share"),
         ({"expand_fraction": 1.5}, "expand_fraction"),
         ({"lr": 0.0}, "lr"),
+        ({"lr": "fast"}, "lr must be a number"),
+        ({"max_steps": 2.5}, "max_steps must be a number"),
     ],
 )
 def test_bad_config_values_raise(bad, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**bad)
+
+
+def test_numbers_written_as_text_are_read_as_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads "1e-4" as a string, in a config file and in `--set lr=1e-4`.
+    from refrag_integrations.cli.train import _parse_sets
+
+    sets = _parse_sets(["lr=1e-4", "max_steps=7", "expand_fraction=1"])
+    assert sets["lr"] == "1e-4"
+    cfg = TrainConfig(**sets)
+    assert cfg.lr == pytest.approx(1e-4) and cfg.max_steps == 7 and cfg.expand_fraction == 1.0
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 3e-4\nweight_decay: 1e-2\n")
+    cfg = TrainConfig.from_yaml(path)
+    assert isinstance(cfg.lr, float) and cfg.weight_decay == pytest.approx(0.01)
 
 
 def test_bad_config_keys_and_engine_mismatch_raise(tmp_path, tiny_dirs, tiny_engine):

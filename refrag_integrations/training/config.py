@@ -79,6 +79,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        self._coerce_numbers()
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}.")
         for name in ("chunk_size", "max_chunks", "batch_size", "grad_accum", "max_steps", "curriculum_stages"):
@@ -112,6 +113,27 @@ class TrainConfig:
                 "fsdp=true does not apply to the policy stage: it runs in one process with the REFRAG model frozen; "
                 "drop fsdp (FSDP shards the decoder of the reconstruct, cpt, mixed and sft stages)."
             )
+
+    def _coerce_numbers(self) -> None:
+        """Numbers given as text become numbers: YAML 1.1 (PyYAML, ``--set``) reads ``1e-4`` as a
+        string; anything else that is not a number of the field's type raises a clear error."""
+        for f in dataclasses.fields(self):
+            kind = {"float": float, "int": int}.get(str(f.type))
+            value = getattr(self, f.name)
+            if kind is None or isinstance(value, bool):
+                if kind is not None:
+                    raise ValueError(f"{f.name} must be a number, got {value!r}.")
+                continue
+            if isinstance(value, str):
+                try:
+                    value = kind(value.strip())
+                except ValueError:
+                    raise ValueError(f"{f.name} must be a number, got {value!r}.") from None
+            elif kind is float and isinstance(value, int):
+                value = float(value)
+            elif not isinstance(value, kind):
+                raise ValueError(f"{f.name} must be a number, got {value!r}.")
+            setattr(self, f.name, value)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
