@@ -265,10 +265,33 @@ def test_config_errors(engine, tmp_path):
             PolicyTrainer(_cfg(tmp_path, **kw), engine=engine)
 
 
-def test_refuses_a_multi_process_launch(engine, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="one process"):
-        PolicyTrainer(_cfg(tmp_path), engine=engine)
+def test_a_rank_draws_its_share_of_the_single_process_questions_and_actions(engine, tmp_path):
+    """Rank r of N (batch_size b) builds questions r*b ... r*b + b - 1 of a single process with
+    batch_size N*b and samples the same action sequences for them (no process group needed: the
+    share and the seeds depend only on the rank). The 2-process run is in test_policy_ddp.py."""
+    from refrag_integrations.training.trainer import DistContext
+
+    whole = _trainer(engine, tmp_path / "whole", batch_size=4)
+    assert whole.question_share() == (0, 4)
+    step = 3
+    want_eps = whole.episodes_for_step(step)
+    want = whole.rollout(want_eps, step)
+    for rank in range(2):
+        part = _trainer(engine, tmp_path / f"rank{rank}", batch_size=2)
+        part.dist = DistContext(world_size=2, rank=rank)
+        first, count = part.question_share()
+        assert (first, count) == (2 * rank, 2)
+        eps = part.episodes_for_step(step)
+        assert [(e.question, e.passages) for e in eps] == [(e.question, e.passages) for e in want_eps[first : first + count]]
+        got = part.rollout(eps, step, first)
+        mine = [r for r in want if any(r.episode is e for e in want_eps[first : first + count])]
+        assert len(got) == len(mine) > 0
+        for g, w in zip(got, mine):
+            assert g.variant == w.variant and torch.equal(g.actions, w.actions)
+            torch.testing.assert_close(g.rewards, w.rewards)
+        if rank:  # seeded by the global index: the local one would give other actions
+            other = part.rollout(eps, step)
+            assert any(not torch.equal(o.actions, g.actions) for o, g in zip(other, got))
 
 
 # --------------------------------------------------------------------------- GRPO learns

@@ -110,8 +110,9 @@ class TrainConfig:
             raise ValueError(f"fsdp must be true or false, got {self.fsdp!r}.")
         if self.fsdp and self.stage == "policy":
             raise ValueError(
-                "fsdp=true does not apply to the policy stage: it runs in one process with the REFRAG model frozen; "
-                "drop fsdp (FSDP shards the decoder of the reconstruct, cpt, mixed and sft stages)."
+                "fsdp=true does not apply to the policy stage: it trains only the small policy network with the "
+                "REFRAG model frozen; drop fsdp (the policy stage runs data-parallel without it; FSDP shards the "
+                "decoder of the reconstruct, cpt, mixed and sft stages)."
             )
 
     def _coerce_numbers(self) -> None:

@@ -22,6 +22,25 @@ arbitrary order (the gold passage sits at a random position in training), so a g
 would only teach the policy a prior that does not transfer; the index inside a passage does
 carry meaning (chunk 0 holds the title and the opening sentence).
 
+Scale-out. The stage runs data-parallel under ``torchrun --nproc_per_node N`` like the other stages
+(see :mod:`.trainer`: gloo on CPU, nccl on CUDA). Its cost is the frozen decoder's reward forwards,
+so the ranks split the questions of a step: a step has ``N * batch_size * grad_accum`` questions,
+drawn one after another from the step's RNG exactly as a single process with ``N`` times the batch
+draws them, and rank r builds and scores questions ``r * Q ... r * Q + Q - 1`` (``Q =
+batch_size * grad_accum``; it replays the earlier ranks' cheap draws without encoding them). The G
+sampled action sequences of question i are seeded by (seed, step, i) with i the global index, so
+an N-rank run samples the actions, and computes the rewards, of a single process with
+``batch_size * N`` over the same questions. Group advantages are per question (one GRPO group) and
+stay on the rank that scored it. Every PPO epoch each rank backpropagates its questions' clipped
+losses divided by the number of questions of the whole step (per variant), the policy gradients
+are summed over the ranks (one flat all-reduce, through the GPU under nccl: the policy lives on the
+CPU), so every rank holds the single-process gradient of the mean over all questions, and clipping
+and the AdamW step then run identically on every rank (the initial weights are broadcast from rank
+0). Logged metrics are global means. Rank 0 alone writes the resume state, the log and both
+variants' checkpoints, and runs the evaluations while the others wait; every rank resumes from the
+same ``trainer_state.pt``, and a signal on any rank stops all ranks after the same step. ``fsdp``
+does not apply (only the small policy trains).
+
 Example:
     >>> from refrag_integrations import RefragEngine                          # doctest: +SKIP
     >>> engine = RefragEngine.from_pretrained("runs/policy/checkpoint")        # doctest: +SKIP
@@ -73,7 +92,7 @@ from ..policy import (
     top_k_mask,
 )
 from .config import TrainConfig
-from .trainer import CHECKPOINT_DIR, Trainer, _env_int, micro_batch_seed
+from .trainer import CHECKPOINT_DIR, Trainer, micro_batch_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..chunking import Chunk
@@ -607,6 +626,10 @@ class PolicyTrainer(Trainer):
     the init checkpoint plus the ``cfg.policy_variant`` policy, and its ``metrics.json`` compares
     both variants with the random, perplexity-desc and relevance policies at the same p.
 
+    Under ``torchrun`` each rank scores its share of every step's questions and the policy gradients
+    are summed over the ranks (see the module docstring): N ranks with ``batch_size`` b train the
+    policies of one process with ``batch_size`` N * b, to float rounding.
+
     Args:
         cfg: a :class:`TrainConfig` with ``stage="policy"`` and ``expand_fraction`` p > 0.
         engine: an already built engine (tests); default: built from ``cfg``.
@@ -633,14 +656,8 @@ class PolicyTrainer(Trainer):
             raise ValueError(f"ppo_clip must be in (0, 1), got {cfg.ppo_clip!r}.")
         if cfg.policy_variant not in VARIANTS:
             raise ValueError(f"policy_variant must be one of {VARIANTS}, got {cfg.policy_variant!r}.")
-        world = _env_int("WORLD_SIZE", 1)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-        if world > 1:
-            raise ValueError(
-                f"the policy stage runs in one process (got a world of {world}): its cost is the frozen "
-                "decoder's reward forwards, which one GPU handles; launch it with plain `refrag train policy`."
-            )
+        if getattr(cfg, "fsdp", False):
+            raise ValueError("fsdp=true does not apply to the policy stage (only the small policy trains); drop it.")
         self.policies: dict[str, LearnedPolicy] = {}
         super().__init__(cfg, engine)
         self.budget = ExpansionBudget(fraction=cfg.expand_fraction)
@@ -675,11 +692,66 @@ class PolicyTrainer(Trainer):
         for v in VARIANTS:
             self.policies[v].load_state_dict(state[v])
 
+    # ------------------------------------------------------------------ distributed
+
+    def _broadcast_params(self, params: list[torch.Tensor] | None = None) -> None:
+        """Start every rank from rank 0's policy weights (one flat broadcast; the policies live on
+        the CPU, so under nccl the buffer goes through this rank's GPU)."""
+        if not self.dist.enabled:
+            return
+        import torch.distributed as dist
+
+        params = list(self.params if params is None else params)
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1).float() for p in params]).to(self._comm_device())  # (n,)
+            dist.broadcast(flat, src=0)
+            flat = flat.cpu()
+            offset = 0
+            for p in params:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks (on every rank; a CPU tensor comes back on the CPU)."""
+        if not self.dist.enabled:
+            return t
+        import torch.distributed as dist
+
+        buf = t.to(self._comm_device())
+        dist.all_reduce(buf)
+        return buf.to(t.device)
+
+    def _sum_policy_grads(self, variants: Sequence[str]) -> None:
+        """Sum the gradients of ``variants``' policies over the ranks (a rank without questions of
+        a variant contributes zeros). Each rank scaled its loss by 1 / (questions of the whole
+        step), so the sum is the single-process gradient of the mean over all questions."""
+        if not self.dist.enabled or not variants:
+            return
+        params = [p for v in variants for p in self.policies[v].parameters() if p.requires_grad]
+        with torch.no_grad():
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat = self._sum_over_ranks(torch.cat([p.grad.reshape(-1) for p in params]))  # (n,)
+            offset = 0
+            for p in params:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+
     def try_resume(self) -> bool:
+        """Continue from ``output_dir``'s resume state (both variants' weights, optimizer, step) if
+        there is one; in a multi-rank run every rank loads the same file. A step's questions depend
+        only on ``world_size * batch_size * grad_accum``, so, as in :class:`Trainer`, a run may
+        resume on another number of ranks with ``world_size * grad_accum`` kept."""
         from .trainer import STATE_FILE
 
         path = self.out / STATE_FILE
-        if path.is_file():
+        found = path.is_file()
+        if self.dist.enabled and 0 < self._count_ranks(found) < self.dist.world_size:
+            # Checked before the settings below, so that no rank raises while the others wait.
+            raise ValueError(f"{path} is visible on only some of the {self.dist.world_size} ranks; put output_dir "
+                             "on a filesystem that every rank shares.")
+        if found:
             saved = torch.load(path, weights_only=False, map_location="cpu")["config"]
             for key in ("num_passages", "expand_fraction", "group_size", "ppo_epochs", "ppo_clip", "lr"):
                 if saved.get(key) != getattr(self.cfg, key):
@@ -724,18 +796,31 @@ class PolicyTrainer(Trainer):
         never depend on which passages happened to share an encoder batch: exact resume."""
         return [self.engine.chunk_vectors([p])[0][0] for p in passages]
 
+    def question_share(self) -> tuple[int, int]:
+        """``(first, count)``: this rank's questions of a step are those with global indices
+        ``first ... first + count - 1`` (``count = batch_size * grad_accum``; one process: ``(0, count)``)."""
+        count = self.cfg.batch_size * self.cfg.grad_accum
+        return self.dist.rank * count, count
+
     def episodes_for_step(self, step: int) -> list[Episode]:
-        """The ``batch_size * grad_accum`` questions of optimizer step ``step`` (seeded by it)."""
+        """This rank's ``batch_size * grad_accum`` questions of optimizer step ``step``.
+
+        The step's ``world_size * batch_size * grad_accum`` questions are drawn one after another
+        from an RNG seeded by the step (the draws of the ranks before this one are replayed, which
+        is cheap; only this rank's questions are encoded), so N ranks together see the questions of
+        one process with N times the batch."""
         from .data import rag_passages
 
         cfg = self.cfg
+        first, count = self.question_share()
         rng = self.micro_rng(step, 0)
         examples = self.data()
         out = []
-        for _ in range(cfg.batch_size * cfg.grad_accum):
+        for i in range(first + count):
             idx = rng.randrange(len(examples))
             passages, _ = rag_passages(rng, examples, idx, cfg.num_passages)
-            out.append(self.make_episode(examples[idx].question, passages, examples[idx].answers[0]))
+            if i >= first:
+                out.append(self.make_episode(examples[idx].question, passages, examples[idx].answers[0]))
         return out
 
     # ------------------------------------------------------------------ RL
@@ -755,12 +840,13 @@ class PolicyTrainer(Trainer):
         nll = dict(zip(unique, answer_nll(self.engine, prefixes, ep.target)))
         return -torch.stack([nll[k] for k in keys])
 
-    def rollout(self, episodes: Sequence[Episode], step: int) -> list[Rollout]:
-        """Sample G sequences per episode and variant (seeded by step, episode, variant) and score
-        them; one batched reward call per episode covers both variants."""
+    def rollout(self, episodes: Sequence[Episode], step: int, first: int = 0) -> list[Rollout]:
+        """Sample G sequences per episode and variant (seeded by step, the episode's global index
+        ``first + position`` and variant) and score them; one batched reward call per episode
+        covers both variants."""
         cfg = self.cfg
         out = []
-        for b, ep in enumerate(episodes):
+        for b, ep in enumerate(episodes, start=first):
             if ep.n == 0 or ep.n >= len(ep.chunks):
                 continue  # nothing to choose
             sampled = {}
@@ -777,9 +863,16 @@ class PolicyTrainer(Trainer):
                 out.append(Rollout(ep, v, sampled[v][0], sampled[v][1], r, group_advantages(r)))
         return out
 
-    def ppo_update(self, rollouts: Sequence[Rollout]) -> dict[str, float]:
+    def ppo_update(self, rollouts: Sequence[Rollout], counts: dict[str, int] | None = None) -> dict[str, float]:
         """``ppo_epochs`` AdamW steps on the clipped objective over all rollouts (both variants).
-        Returns the last epoch's loss, clipped fraction and KL per variant."""
+        Returns the last epoch's loss, clipped fraction and KL per variant.
+
+        In a multi-rank run ``rollouts`` are this rank's, ``counts`` the number of rollouts per
+        variant over all ranks (summed here when not given; every rank must call this), and the
+        step and the returned statistics are those of one process holding every rank's rollouts.
+        """
+        if self.dist.enabled:
+            return self._ppo_update_ranks(rollouts, counts if counts is not None else self._global_counts(rollouts))
         cfg = self.cfg
         stats: dict[str, float] = {}
         for _ in range(cfg.ppo_epochs):
@@ -807,13 +900,68 @@ class PolicyTrainer(Trainer):
             self.optimizer.step()
         return stats
 
+    def _global_counts(self, rollouts: Sequence[Rollout]) -> dict[str, int]:
+        """Rollouts per variant over all ranks."""
+        local = torch.tensor([float(sum(r.variant == v for r in rollouts)) for v in VARIANTS], dtype=torch.float64)
+        return {v: int(round(x)) for v, x in zip(VARIANTS, self._sum_over_ranks(local).tolist())}
+
+    def _ppo_update_ranks(self, rollouts: Sequence[Rollout], counts: dict[str, int]) -> dict[str, float]:
+        """:meth:`ppo_update` of a multi-rank run: each rank's loss is the sum of its rollouts'
+        losses over the step's global count, the gradients are summed over the ranks, then every
+        rank clips and steps alike. Statistics are summed over the ranks the same way."""
+        cfg = self.cfg
+        live = [v for v in VARIANTS if counts[v] > 0]  # the same list on every rank
+        shares: dict[str, float] = {}
+        for _ in range(cfg.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            total = None
+            for v in live:
+                mine = [r for r in rollouts if r.variant == v]
+                losses, clip, kl = [], 0.0, 0.0
+                for r in mine:
+                    loss, st = ppo_clipped_loss(sequence_log_probs(self._logits(v, r.episode), r.actions),
+                                                r.old_log_probs, r.advantages, cfg.ppo_clip)
+                    losses.append(loss)
+                    clip += st["clip_frac"]
+                    kl += st["kl"]
+                loss_v = torch.stack(losses).sum() / counts[v] if losses else None  # this rank's share of the mean
+                shares.update({f"loss_{v}": 0.0 if loss_v is None else float(loss_v.detach()),
+                               f"clip_{v}": clip / counts[v], f"kl_{v}": kl / counts[v]})
+                if loss_v is not None:
+                    total = loss_v if total is None else total + loss_v
+            if not live:
+                return {}
+            if total is not None:
+                total.backward()
+            self._sum_policy_grads(live)
+            for v in VARIANTS:
+                torch.nn.utils.clip_grad_norm_(list(self.policies[v].parameters()), cfg.max_grad_norm)
+            self.optimizer.step()
+        keys = sorted(shares)
+        summed = self._sum_over_ranks(torch.tensor([shares[k] for k in keys], dtype=torch.float64))
+        return dict(zip(keys, summed.tolist()))
+
     def train_step(self) -> dict[str, float]:
-        rollouts = self.rollout(self.episodes_for_step(self.step), self.step)
-        m = self.ppo_update(rollouts)
-        for v in VARIANTS:
-            rs = [r.rewards for r in rollouts if r.variant == v]
-            if rs:
-                m[f"reward_{v}"] = float(torch.cat(rs).mean())
+        """One step: this rank's questions rolled out and scored, ``ppo_epochs`` PPO updates with
+        the gradients summed over the ranks. Returns the step's metrics (over all ranks)."""
+        first, _ = self.question_share()
+        rollouts = self.rollout(self.episodes_for_step(self.step), self.step, first)
+        if self.dist.enabled:
+            local = []
+            for v in VARIANTS:
+                rs = [r.rewards for r in rollouts if r.variant == v]
+                local += [float(len(rs)), sum(float(x.double().sum()) for x in rs), float(sum(x.numel() for x in rs))]
+            tot = self._sum_over_ranks(torch.tensor(local, dtype=torch.float64)).tolist()
+            m = self.ppo_update(rollouts, {v: int(round(tot[3 * i])) for i, v in enumerate(VARIANTS)})
+            for i, v in enumerate(VARIANTS):
+                if tot[3 * i + 2] > 0:
+                    m[f"reward_{v}"] = tot[3 * i + 1] / tot[3 * i + 2]
+        else:
+            m = self.ppo_update(rollouts)
+            for v in VARIANTS:
+                rs = [r.rewards for r in rollouts if r.variant == v]
+                if rs:
+                    m[f"reward_{v}"] = float(torch.cat(rs).mean())
         m["loss"] = sum(m.get(f"loss_{v}", 0.0) for v in VARIANTS)
         self.scheduler.step()
         self.step += 1
@@ -886,7 +1034,10 @@ class PolicyTrainer(Trainer):
     def save_checkpoint(self, metrics: dict[str, Any] | None = None) -> Path:
         """Export the init checkpoint (projector, deltas, adapters) plus a learned policy, once per
         variant: ``output_dir/checkpoint`` holds the ``cfg.policy_variant`` policy and
-        ``output_dir/checkpoint-<other variant>`` the other. Returns the first."""
+        ``output_dir/checkpoint-<other variant>`` the other. Returns the first. Only rank 0 writes
+        (the ranks hold the same policies); other ranks return the path at once."""
+        if not self.dist.is_main:
+            return self.variant_dir(self.cfg.policy_variant)
         eng, prev = self.engine, self.prev
         for variant in sorted(VARIANTS, key=lambda v: v != self.cfg.policy_variant):
             policy = self.policies[variant]
@@ -902,49 +1053,72 @@ class PolicyTrainer(Trainer):
         return self.variant_dir(self.cfg.policy_variant)
 
     def train(self, resume: bool = True) -> dict[str, Any]:
-        """Run (or continue) to ``max_steps``, evaluate, export; returns the metrics."""
+        """Run (or continue) to ``max_steps``, evaluate, export; returns the metrics (on every rank).
+
+        In a multi-rank run every rank trains; rank 0 alone writes the log, the resume state and the
+        checkpoints and runs the evaluations (the others wait), and the trainer leaves the process
+        group it created when it returns.
+        """
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        main = self.dist.is_main
         if resume:
             self.try_resume()
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        if not self.engine.trained:
-            logger.warning("the REFRAG projector is untrained: compressed chunks are noise, so rewards mostly "
-                           "reflect which chunks stay tokens; train from an sft checkpoint for real use.")
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            if not self.engine.trained:
+                logger.warning("the REFRAG projector is untrained: compressed chunks are noise, so rewards mostly "
+                               "reflect which chunks stay tokens; train from an sft checkpoint for real use.")
+        self._barrier()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        log = open(self.out / "train_log.jsonl", "a")
+        log = open(self.out / "train_log.jsonl", "a") if main else None
+        stop = False
         try:
-            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="refrag policy", dynamic_ncols=True)
-            while self.step < cfg.max_steps and not self._stop:
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="refrag policy", dynamic_ncols=True,
+                       disable=not main)
+            while self.step < cfg.max_steps and not stop:
                 t0 = time.perf_counter()
                 m = self.train_step()
+                stop = self._any_rank(self._stop)  # every rank takes the same decision
                 m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], sec=time.perf_counter() - t0)
-                log.write(json.dumps(m) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(m) + "\n")
+                    log.flush()
                 bar.set_postfix({f"r_{v}": f"{m[f'reward_{v}']:.3f}" for v in VARIANTS if f"reward_{v}" in m})
                 bar.update(1)
-                if self.step % cfg.save_every == 0 or self._stop:
+                if self.step % cfg.save_every == 0 or stop:
                     self.save_state()
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps and not self._stop:
-                    ev = self.evaluate()
-                    log.write(json.dumps({"step": self.step, "eval": ev}) + "\n")
-                    self.save_checkpoint({"stage": "policy", "step": self.step, "after": ev})
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps and not stop:
+                    if main:
+                        ev = self.evaluate()
+                        log.write(json.dumps({"step": self.step, "eval": ev}) + "\n")
+                        self.save_checkpoint({"stage": "policy", "step": self.step, "after": ev})
+                    self._barrier()
             bar.close()
             self.save_state()
+            # A signal that arrived after the last step's agreement still stops every rank alike.
+            stop = self._any_rank(stop or self._stop)
         finally:
-            log.close()
+            if log is not None:
+                log.close()
             for s, h in old.items():
                 signal.signal(s, h)
-        if self._stop:
+        if stop:
             logger.warning("stopped at step %d; rerun the same command to resume", self.step)
+            self.close()
             return {"stopped_at": self.step}
-        metrics: dict[str, Any] = {"stage": "policy", "steps": self.step, "exported_variant": cfg.policy_variant,
-                                   "after": self.evaluate()}
-        if self.prev is not None and self.prev.metrics:
-            metrics["init_checkpoint_metrics"] = self.prev.metrics
-        self.save_checkpoint(metrics)
+        metrics: dict[str, Any] | None = None
+        if main:
+            metrics = {"stage": "policy", "steps": self.step, "exported_variant": cfg.policy_variant,
+                       "after": self.evaluate()}
+            if self.prev is not None and self.prev.metrics:
+                metrics["init_checkpoint_metrics"] = self.prev.metrics
+            self.save_checkpoint(metrics)
+        self._barrier()
+        metrics = self._broadcast_object(metrics)
+        self.close()
         return metrics
 
 

@@ -46,7 +46,8 @@ and the AdamW moments are gathered onto the CPU by every rank, rank 0 writes), i
 single process writes, so a run may resume with or without FSDP and on another number of ranks
 (with ``world_size * grad_accum`` kept). Every rank runs the evaluations (each forward of a sharded
 decoder is a collective) and rank 0 writes their results. ``fsdp`` needs a distributed launch and
-a :class:`Trainer` stage (reconstruct, cpt, mixed, sft; the policy stage runs in one process).
+a :class:`Trainer` stage (reconstruct, cpt, mixed, sft; the policy stage trains only its small network and runs
+data-parallel without fsdp).
 
     torchrun --nproc_per_node 4 --no-python refrag train cpt --init-checkpoint runs/rec/checkpoint --set fsdp=true
 """
