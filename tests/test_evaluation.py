@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -379,6 +380,29 @@ def test_ppl_harness_fields_and_resume(tiny_engine, tmp_path):
     assert rows["refrag_k4"]["positions"] > rows["refrag_k8"]["positions"] > rows["no_context"]["positions"]
     assert rows["refrag_k4"]["projector_trained"] is False and rows["full_context"]["projector_trained"] is None
     assert (out / P.PLOT_FILE).is_file() and "log-PPL" in (out / P.TABLE_FILE).read_text()
+    # Gap share: only for REFRAG rows, recomputed from the per-window NLLs.
+    assert rows["no_context"]["gap_closed"] is None and rows["full_context"]["gap_closed"] is None
+    recs = [json.loads(line) for line in lines]
+    nll = {s: [r["nll"] for r in recs if r["setting"] == s] for s in rows}
+    none, full = statistics.fmean(nll["no_context"]), statistics.fmean(nll["full_context"])
+    if none > full:
+        g = rows["refrag_k4"]["gap_closed"]
+        assert g["mean"] == pytest.approx((none - statistics.fmean(nll["refrag_k4"])) / (none - full))
+        assert g["low"] <= g["mean"] <= g["high"] and "gap closed" in (out / P.TABLE_FILE).read_text()
+
+
+def test_gap_closed_ci_is_paired_and_refuses_no_gap():
+    none = [4.0, 3.0, 5.0, 4.5, 3.5]
+    full = [x - 1.0 for x in none]  # full context always 1 nat better
+    half = [x - 0.5 for x in none]  # closes exactly half on every window
+    ci = P.gap_closed_ci(none, full, half, resamples=500)
+    # Paired resampling: every resample closes exactly half, whatever the windows' spread.
+    assert ci.mean == pytest.approx(0.5) and ci.low == pytest.approx(0.5) and ci.high == pytest.approx(0.5)
+    noisy = P.gap_closed_ci(none, full, [4.0, 2.0, 4.6, 3.9, 3.2], resamples=500)
+    assert noisy.low < noisy.mean < noisy.high
+    assert P.gap_closed_ci(none, none, half) is None  # full context no better: nothing to close
+    with pytest.raises(ValueError, match="same windows"):
+        P.gap_closed_ci(none, full[:3], half)
 
 
 # --------------------------------------------------------------------------- report

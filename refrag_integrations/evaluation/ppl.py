@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import PPL_KS, PPL_PS
-from .metrics import bootstrap_ci
+from .metrics import BOOTSTRAP_CONFIDENCE, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, ConfidenceInterval, bootstrap_ci
 from .runs import JsonlLog, check_signature, command_line, machine_info, now_iso, read_json, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -200,21 +200,61 @@ def run_ppl(
     return doc
 
 
+def gap_closed_ci(
+    none: Sequence[float], full: Sequence[float], compressed: Sequence[float], *,
+    resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = BOOTSTRAP_CONFIDENCE, seed: int = BOOTSTRAP_SEED,
+) -> ConfidenceInterval | None:
+    """Share of the no-context -> full-context log-PPL gap that a setting closes,
+    ``(none - compressed) / (none - full)`` of the mean NLLs over the same windows, with a paired
+    percentile-bootstrap interval (windows resampled together in all three settings).
+
+    ``None`` when full context is not better than no context on these windows (no gap to close).
+
+    Example:
+        >>> ci = gap_closed_ci([3.0, 4.0], [2.0, 3.0], [2.5, 3.5], resamples=100)
+        >>> round(ci.mean, 3)
+        0.5
+    """
+    import numpy as np
+
+    n, f, c = (np.asarray(list(x), dtype=np.float64) for x in (none, full, compressed))
+    if not (n.size == f.size == c.size) or n.size == 0:
+        raise ValueError("gap_closed_ci needs three non-empty sequences over the same windows.")
+    if n.mean() - f.mean() <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n.size, size=(resamples, n.size))  # (R, windows)
+    gap = n[idx].mean(axis=1) - f[idx].mean(axis=1)  # (R,)
+    keep = gap > 0
+    shares = (n[idx].mean(axis=1) - c[idx].mean(axis=1))[keep] / gap[keep]
+    mean = float((n.mean() - c.mean()) / (n.mean() - f.mean()))
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(shares, [alpha, 1.0 - alpha]) if shares.size else (mean, mean)
+    return ConfidenceInterval(mean=mean, low=float(min(low, mean)), high=float(max(high, mean)),
+                              n=int(n.size), confidence=confidence)
+
+
 def summarize_ppl(records: Any, settings: Sequence[tuple[str, int | None, float | None]], n_windows: int) -> dict[str, Any]:
     """Mean log-perplexity per setting with a bootstrap 95% CI over the windows that every setting
-    has finished."""
+    has finished, and for each REFRAG setting the share of the no-context -> full-context gap it
+    closes (:func:`gap_closed_ci`)."""
     by_key = {r["key"]: r for r in records}
     common = [i for i in range(n_windows) if all(f"{s[0]}|w={i}" in by_key for s in settings)]
+    nll = {name: [by_key[f"{name}|w={i}"]["nll"] for i in common] for name, _, _ in settings}
     rows = []
     for name, k, p in settings:
         recs = [by_key[f"{name}|w={i}"] for i in common]
         if not recs:
             continue
-        ci = bootstrap_ci([r["nll"] for r in recs])
+        ci = bootstrap_ci(nll[name])
+        gap = None
+        if name not in ("no_context", "full_context") and nll.get("no_context") and nll.get("full_context"):
+            g = gap_closed_ci(nll["no_context"], nll["full_context"], nll[name])
+            gap = g.to_dict() if g is not None else None
         rows.append({
             "setting": name, "k": k, "p": p, "windows": len(recs), "log_ppl": ci.to_dict(),
             "ppl": math.exp(ci.mean), "positions": statistics.fmean(r["positions"] for r in recs),
-            "projector_trained": recs[0]["projector_trained"],
+            "projector_trained": recs[0]["projector_trained"], "gap_closed": gap,
         })
     return {"windows": len(common), "rows": rows}
 
@@ -226,14 +266,18 @@ def ppl_markdown(doc: dict[str, Any]) -> str:
     lines += [
         f"Windows scored in every setting: {doc['windows']}.",
         "",
-        "| setting | k | p | windows | log-PPL (nats/token) [95% CI] | PPL | decoder positions | projector trained |",
-        "|---|---:|---:|---:|---|---:|---:|---|",
+        "| setting | k | p | windows | log-PPL (nats/token) [95% CI] | PPL | gap closed [95% CI] | decoder positions | projector trained |",
+        "|---|---:|---:|---:|---|---:|---|---:|---|",
     ]
     for r in doc["rows"]:
         c = r["log_ppl"]
         trained = "-" if r["projector_trained"] is None else ("yes" if r["projector_trained"] else "no")
+        g = r.get("gap_closed")
+        gap = "-" if not g else f"{g['mean']:.2f} [{g['low']:.2f}, {g['high']:.2f}]"
         lines.append(
             f"| {r['setting']} | {r['k'] or '-'} | {'-' if r['p'] is None else r['p']} | {r['windows']} | "
-            f"{c['mean']:.3f} [{c['low']:.3f}, {c['high']:.3f}] | {r['ppl']:.1f} | {r['positions']:.0f} | {trained} |"
+            f"{c['mean']:.3f} [{c['low']:.3f}, {c['high']:.3f}] | {r['ppl']:.1f} | {gap} | {r['positions']:.0f} | {trained} |"
         )
+    lines += ["", "*gap closed*: (no context - setting) / (no context - full context) of the mean log-PPL over "
+              "the same windows; 1 = as good as full context, 0 = no better than no context."]
     return "\n".join(lines) + "\n"
