@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -40,14 +41,24 @@ def _trainer(cfg: TrainConfig) -> Trainer:
     return trainer
 
 
-def _worker(rank: int, cfg: dict, ports: list[int], result_dir: str) -> None:
-    """One rank: train until rank 1 alone gets SIGTERM, then a new Trainer resumes to the end."""
+def run_rank_interrupted(
+    make: Callable[[TrainConfig], Trainer], cfg: dict, rank: int, ports: list[int],
+    on_first: Callable[[Trainer], None] | None = None, on_stopped: Callable[[], None] | None = None,
+) -> tuple[dict, Trainer, dict]:
+    """One rank of a ``WORLD``-rank gloo run, set up as torchrun sets it up: train until rank 1
+    alone gets SIGTERM after step ``STOP_AT``, then a new trainer (``make``) resumes to the end.
+
+    ``on_first(trainer)`` runs before the first training, ``on_stopped()`` after it stopped.
+    Returns (the first run's result, the resumed trainer, its final metrics).
+    """
     os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
 
     os.environ["MASTER_PORT"] = str(ports[0])
-    first = _trainer(TrainConfig(**cfg))
+    first = make(TrainConfig(**cfg))
     assert first.dist.world_size == WORLD and first.dist.rank == rank and first.dist.owns_group
+    if on_first is not None:
+        on_first(first)
     step_once = first.train_step
 
     def step_then_sigterm():
@@ -58,10 +69,35 @@ def _worker(rank: int, cfg: dict, ports: list[int], result_dir: str) -> None:
 
     first.train_step = step_then_sigterm
     stopped = first.train()  # leaves the process group it created
+    if on_stopped is not None:
+        on_stopped()
 
     os.environ["MASTER_PORT"] = str(ports[1])
-    second = _trainer(TrainConfig(**cfg))
-    metrics = second.train()
+    second = make(TrainConfig(**cfg))
+    return stopped, second, second.train()
+
+
+def spawn_interrupted_ranks(worker: Callable[..., None], cfg: TrainConfig, result_dir: Path) -> list[dict]:
+    """Run ``worker(rank, cfg, ports, result_dir)`` on ``WORLD`` spawned ranks, load each rank's
+    ``rank{r}.pt`` and check what every interrupted run must show: both ranks stopped after
+    ``STOP_AT`` although only rank 1 was signalled, resumed to ``max_steps``, and agree on the
+    final metrics."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(
+        worker, args=(cfg.to_dict(), [_free_port(), _free_port()], str(result_dir)), nprocs=WORLD,
+        join=True, start_method="spawn",
+    )
+    ranks = [torch.load(Path(result_dir) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert [r["stopped"] for r in ranks] == [{"stopped_at": STOP_AT}] * WORLD
+    assert [r["step"] for r in ranks] == [cfg.max_steps] * WORLD
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] and "after" in ranks[0]["metrics"]
+    return ranks
+
+
+def _worker(rank: int, cfg: dict, ports: list[int], result_dir: str) -> None:
+    """One rank: train until rank 1 alone gets SIGTERM, then a new Trainer resumes to the end."""
+    stopped, second, metrics = run_rank_interrupted(_trainer, cfg, rank, ports)
     torch.save(
         {"stopped": stopped, "metrics": metrics, "step": second.step, "trainable": second.trainable_state()},
         Path(result_dir) / f"rank{rank}.pt",
@@ -69,22 +105,12 @@ def _worker(rank: int, cfg: dict, ports: list[int], result_dir: str) -> None:
 
 
 def test_two_gloo_ranks_stay_in_sync_and_match_one_process(tmp_path, tiny_dirs, monkeypatch):
-    import torch.multiprocessing as mp
-
     # cpt with LoRA and a trained encoder layer: encoder, projector and decoder gradients all sync,
     # and the encoder's dropout runs (seeded per micro-batch, so rank placement does not matter).
     common = dict(stage="cpt", lora_rank=2, max_steps=STEPS, batch_size=2, save_every=100)
     dist_cfg = make_cfg(tmp_path / "ddp", tiny_dirs, grad_accum=1, **common)
-    mp.start_processes(
-        _worker, args=(dist_cfg.to_dict(), [_free_port(), _free_port()], str(tmp_path)), nprocs=WORLD,
-        join=True, start_method="spawn",
-    )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
     # Both ranks stopped after the same step although only rank 1 was signalled, then resumed.
-    assert [r["stopped"] for r in ranks] == [{"stopped_at": STOP_AT}] * WORLD
-    assert [r["step"] for r in ranks] == [STEPS] * WORLD
-    assert ranks[0]["metrics"] == ranks[1]["metrics"] and "after" in ranks[0]["metrics"]
+    ranks = spawn_interrupted_ranks(_worker, dist_cfg, tmp_path)
 
     # In sync: identical trainable weights on both ranks.
     a, b = ranks[0]["trainable"], ranks[1]["trainable"]

@@ -8,9 +8,7 @@ and so does a single process. Bad settings are refused.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -19,12 +17,10 @@ import torch
 from refrag_integrations.training.config import TrainConfig
 from refrag_integrations.training.trainer import CHECKPOINT_DIR, STATE_FILE, Trainer
 
-from test_distributed import _free_port, _trainer  # noqa: E402  (tests/ is on sys.path, see conftest.py)
+from test_distributed import STOP_AT, WORLD, _trainer, run_rank_interrupted, spawn_interrupted_ranks  # noqa: E402  (tests/ is on sys.path, see conftest.py)
 from test_training import make_cfg  # noqa: E402
 
-WORLD = 2
 STEPS = 4
-STOP_AT = 2
 
 
 def _worker(rank: int, cfg: dict, ports: list[int], result_dir: str) -> None:
@@ -32,38 +28,25 @@ def _worker(rank: int, cfg: dict, ports: list[int], result_dir: str) -> None:
     then a new Trainer resumes to the end."""
     from torch.distributed.tensor import DTensor
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
     result = Path(result_dir)
 
-    os.environ["MASTER_PORT"] = str(ports[0])
-    first = _trainer(TrainConfig(**cfg))
-    assert first.fsdp and first.dist.world_size == WORLD and first.dist.rank == rank
-    dec = first.engine.decoder
-    lora = {n: p for n, p in dec.named_parameters() if ".lora_" in n}
-    # Sharded for real: the LoRA (and frozen layer) weights are DTensor shards, the embedding is whole.
-    assert lora and all(isinstance(p, DTensor) for p in lora.values())
-    assert all(isinstance(p, DTensor) for n, p in dec.named_parameters() if ".layers." in n)
-    assert not isinstance(dec.get_input_embeddings().weight, DTensor)
-    assert all(p.to_local().shape[0] < p.shape[0] for p in lora.values())
-    step_once = first.train_step
+    def check(first: Trainer) -> None:
+        assert first.fsdp
+        dec = first.engine.decoder
+        lora = {n: p for n, p in dec.named_parameters() if ".lora_" in n}
+        # Sharded for real: the LoRA (and frozen layer) weights are DTensor shards, the embedding is whole.
+        assert lora and all(isinstance(p, DTensor) for p in lora.values())
+        assert all(isinstance(p, DTensor) for n, p in dec.named_parameters() if ".layers." in n)
+        assert not isinstance(dec.get_input_embeddings().weight, DTensor)
+        assert all(p.to_local().shape[0] < p.shape[0] for p in lora.values())
 
-    def step_then_sigterm():
-        m = step_once()
-        if first.step == STOP_AT and rank == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return m
+    def keep_snapshot() -> None:
+        if rank == 0:
+            (result / "snapshot").mkdir()
+            shutil.copy(Path(cfg["output_dir"]) / STATE_FILE, result / "snapshot" / STATE_FILE)
 
-    first.train_step = step_then_sigterm
-    stopped = first.train()  # leaves the process group it created
-    if rank == 0:
-        (result / "snapshot").mkdir()
-        shutil.copy(Path(cfg["output_dir"]) / STATE_FILE, result / "snapshot" / STATE_FILE)
-
-    os.environ["MASTER_PORT"] = str(ports[1])
-    second = _trainer(TrainConfig(**cfg))
+    stopped, second, metrics = run_rank_interrupted(_trainer, cfg, rank, ports, on_first=check, on_stopped=keep_snapshot)
     enc = second.engine.chunk_encoder
-    metrics = second.train()
     local = {  # this rank's decoder shards and replicated weights (local parts: no collective needed)
         "decoder": {n: p.detach().to_local().clone() for n, p in second.engine.decoder.named_parameters() if p.requires_grad},
         "encoder": {n: p.detach().clone() for n, p in enc.encoder.named_parameters() if p.requires_grad},
@@ -93,8 +76,6 @@ def _assert_state_close(got: dict, want: dict, init: dict | None = None) -> None
 
 
 def test_fsdp_two_gloo_ranks_match_one_process_and_resume(tmp_path, tiny_dirs, monkeypatch):
-    import torch.multiprocessing as mp
-
     from refrag_integrations.checkpoint import load_checkpoint
 
     # cpt with LoRA (sharded) and a trained encoder layer + projector (replicated, all-reduced);
@@ -102,14 +83,8 @@ def test_fsdp_two_gloo_ranks_match_one_process_and_resume(tmp_path, tiny_dirs, m
     common = dict(stage="cpt", lora_rank=2, max_steps=STEPS, batch_size=2, save_every=100, max_grad_norm=0.5)
     out = tmp_path / "fsdp"
     cfg = make_cfg(out, tiny_dirs, grad_accum=1, fsdp=True, **common)
-    mp.start_processes(
-        _worker, args=(cfg.to_dict(), [_free_port(), _free_port()], str(tmp_path)), nprocs=WORLD,
-        join=True, start_method="spawn",
-    )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    assert [r["stopped"] for r in ranks] == [{"stopped_at": STOP_AT}] * WORLD
-    assert [r["step"] for r in ranks] == [STEPS] * WORLD
-    assert ranks[0]["metrics"] == ranks[1]["metrics"] and "after" in ranks[0]["metrics"]
+    # Both ranks stopped after the same step although only rank 1 was signalled, then resumed.
+    ranks = spawn_interrupted_ranks(_worker, cfg, tmp_path)
 
     # Replicated weights in sync; the decoder's shards are disjoint slices of the whole tensors.
     a, b = ranks[0]["local"], ranks[1]["local"]

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import socket
 from pathlib import Path
 
 import torch
@@ -23,19 +20,12 @@ from refrag_integrations.training.config import TrainConfig
 from refrag_integrations.training.policy_rl import VARIANTS, PolicyTrainer
 from refrag_integrations.training.trainer import CHECKPOINT_DIR, STATE_FILE
 
-from test_policy_rl import EXAMPLES  # noqa: E402  (tests/ is on sys.path, see conftest.py)
+from test_distributed import WORLD, run_rank_interrupted, spawn_interrupted_ranks  # noqa: E402  (tests/ is on sys.path, see conftest.py)
+from test_policy_rl import EXAMPLES  # noqa: E402
 
-WORLD = 2
 STEPS = 4
-STOP_AT = 2
 PER_RANK = 2  # questions per rank and step
 SKIPPED = {EXAMPLES[0].question, EXAMPLES[1].question}  # episodes with nothing to choose
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Trainer(PolicyTrainer):
@@ -73,27 +63,11 @@ def _gauge_mask(name: str, value: torch.Tensor) -> torch.Tensor:
 
 def _worker(rank: int, cfg: dict, ports: list[int], result_dir: str) -> None:
     """One rank: train until rank 1 alone gets SIGTERM, then a new trainer resumes to the end."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
 
-    os.environ["MASTER_PORT"] = str(ports[0])
-    first = _trainer(TrainConfig(**cfg))
-    assert first.dist.world_size == WORLD and first.dist.rank == rank and first.dist.owns_group
-    assert first.question_share() == (rank * PER_RANK, PER_RANK)
-    step_once = first.train_step
+    def check(first: PolicyTrainer) -> None:
+        assert first.question_share() == (rank * PER_RANK, PER_RANK)
 
-    def step_then_sigterm():
-        m = step_once()
-        if first.step == STOP_AT and rank == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return m
-
-    first.train_step = step_then_sigterm
-    stopped = first.train()  # leaves the process group it created
-
-    os.environ["MASTER_PORT"] = str(ports[1])
-    second = _trainer(TrainConfig(**cfg))
-    metrics = second.train()
+    stopped, second, metrics = run_rank_interrupted(_trainer, cfg, rank, ports, on_first=check)
     torch.save(
         {"stopped": stopped, "metrics": metrics, "step": second.step, "trainable": second.trainable_state()},
         Path(result_dir) / f"rank{rank}.pt",
@@ -101,8 +75,6 @@ def _worker(rank: int, cfg: dict, ports: list[int], result_dir: str) -> None:
 
 
 def test_two_gloo_ranks_train_the_policies_of_one_process(tmp_path, tiny_dirs, monkeypatch):
-    import torch.multiprocessing as mp
-
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     # One process over the same questions: batch_size x WORLD.
@@ -118,16 +90,8 @@ def test_two_gloo_ranks_train_the_policies_of_one_process(tmp_path, tiny_dirs, m
     want = single.trainable_state()
 
     dist_cfg = _cfg(tmp_path / "ddp", tiny_dirs, batch_size=PER_RANK)
-    mp.start_processes(
-        _worker, args=(dist_cfg.to_dict(), [_free_port(), _free_port()], str(tmp_path)), nprocs=WORLD,
-        join=True, start_method="spawn",
-    )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
     # Both ranks stopped after the same step although only rank 1 was signalled, then resumed.
-    assert [r["stopped"] for r in ranks] == [{"stopped_at": STOP_AT}] * WORLD
-    assert [r["step"] for r in ranks] == [STEPS] * WORLD
-    assert ranks[0]["metrics"] == ranks[1]["metrics"] and "after" in ranks[0]["metrics"]
+    ranks = spawn_interrupted_ranks(_worker, dist_cfg, tmp_path)
 
     # In sync: identical weights of both variants on both ranks.
     a, b = ranks[0]["trainable"], ranks[1]["trainable"]
