@@ -863,6 +863,18 @@ class PolicyTrainer(Trainer):
                 out.append(Rollout(ep, v, sampled[v][0], sampled[v][1], r, group_advantages(r)))
         return out
 
+    def _clipped_losses(self, variant: str, rollouts: Sequence[Rollout]) -> tuple[list[torch.Tensor], list[float], list[float]]:
+        """PPO clipped loss, clipped fraction and KL of each of ``variant``'s rollouts under the
+        current policy (the callers aggregate them over one process or over the ranks)."""
+        losses, clips, kls = [], [], []
+        for r in rollouts:
+            loss, st = ppo_clipped_loss(sequence_log_probs(self._logits(variant, r.episode), r.actions),
+                                        r.old_log_probs, r.advantages, self.cfg.ppo_clip)
+            losses.append(loss)
+            clips.append(st["clip_frac"])
+            kls.append(st["kl"])
+        return losses, clips, kls
+
     def ppo_update(self, rollouts: Sequence[Rollout], counts: dict[str, int] | None = None) -> dict[str, float]:
         """``ppo_epochs`` AdamW steps on the clipped objective over all rollouts (both variants).
         Returns the last epoch's loss, clipped fraction and KL per variant.
@@ -882,13 +894,9 @@ class PolicyTrainer(Trainer):
                 mine = [r for r in rollouts if r.variant == v]
                 if not mine:
                     continue
-                losses, clip, kl = [], 0.0, 0.0
-                for r in mine:
-                    loss, st = ppo_clipped_loss(sequence_log_probs(self._logits(v, r.episode), r.actions),
-                                                r.old_log_probs, r.advantages, cfg.ppo_clip)
-                    losses.append(loss)
-                    clip += st["clip_frac"] / len(mine)
-                    kl += st["kl"] / len(mine)
+                losses, clips, kls = self._clipped_losses(v, mine)
+                clip = sum(c / len(mine) for c in clips)
+                kl = sum(k / len(mine) for k in kls)
                 loss_v = torch.stack(losses).mean()
                 stats.update({f"loss_{v}": float(loss_v.detach()), f"clip_{v}": clip, f"kl_{v}": kl})
                 total = loss_v if total is None else total + loss_v
@@ -917,13 +925,8 @@ class PolicyTrainer(Trainer):
             total = None
             for v in live:
                 mine = [r for r in rollouts if r.variant == v]
-                losses, clip, kl = [], 0.0, 0.0
-                for r in mine:
-                    loss, st = ppo_clipped_loss(sequence_log_probs(self._logits(v, r.episode), r.actions),
-                                                r.old_log_probs, r.advantages, cfg.ppo_clip)
-                    losses.append(loss)
-                    clip += st["clip_frac"]
-                    kl += st["kl"]
+                losses, clips, kls = self._clipped_losses(v, mine)
+                clip, kl = sum(clips), sum(kls)
                 loss_v = torch.stack(losses).sum() / counts[v] if losses else None  # this rank's share of the mean
                 shares.update({f"loss_{v}": 0.0 if loss_v is None else float(loss_v.detach()),
                                f"clip_{v}": clip / counts[v], f"kl_{v}": kl / counts[v]})
