@@ -1,7 +1,7 @@
 """FSDP training (``fsdp=true``): two CPU processes (gloo), launched the way torchrun launches them,
 shard the LoRA-trained decoder layer by layer, keep the input embedding whole, and end with the
 losses, weights, evaluation and export of a single process that accumulates the same global batch
-(``grad_accum = 2``). The resume state is a whole (gathered) state: the FSDP ranks resume from it,
+(``grad_accum = 4``; each rank accumulates 2 micro-batches and FSDP reduce-scatters once per step). The resume state is a whole (gathered) state: the FSDP ranks resume from it,
 and so does a single process. Bad settings are refused.
 """
 
@@ -21,6 +21,7 @@ from test_distributed import STOP_AT, WORLD, _trainer, run_rank_interrupted, spa
 from test_training import make_cfg  # noqa: E402
 
 STEPS = 4
+ACCUM = 2  # micro-batches per rank and step: FSDP syncs the decoder's gradients on the last only
 
 
 def _worker(rank: int, cfg: dict, ports: list[int], result_dir: str) -> None:
@@ -28,11 +29,23 @@ def _worker(rank: int, cfg: dict, ports: list[int], result_dir: str) -> None:
     then a new Trainer resumes to the end."""
     from torch.distributed.tensor import DTensor
 
+    import torch.distributed as dist
+
+    from refrag_integrations.training.trainer import _decoder_layers
+
     result = Path(result_dir)
+    reduce_scatters, layers = [], []  # FSDP's gradient reduce-scatters in the first run (STOP_AT steps)
+    reduce_scatter = dist.reduce_scatter_single
+
+    def counting(*args, **kwargs):
+        reduce_scatters.append(1)
+        return reduce_scatter(*args, **kwargs)
 
     def check(first: Trainer) -> None:
         assert first.fsdp
+        dist.reduce_scatter_single = counting
         dec = first.engine.decoder
+        layers.extend(_decoder_layers(dec))
         lora = {n: p for n, p in dec.named_parameters() if ".lora_" in n}
         # Sharded for real: the LoRA (and frozen layer) weights are DTensor shards, the embedding is whole.
         assert lora and all(isinstance(p, DTensor) for p in lora.values())
@@ -41,6 +54,9 @@ def _worker(rank: int, cfg: dict, ports: list[int], result_dir: str) -> None:
         assert all(p.to_local().shape[0] < p.shape[0] for p in lora.values())
 
     def keep_snapshot() -> None:
+        dist.reduce_scatter_single = reduce_scatter
+        # one reduce-scatter per sharded layer and step, not per micro-batch (no_sync while accumulating)
+        assert len(reduce_scatters) == STOP_AT * len(layers)
         if rank == 0:
             (result / "snapshot").mkdir()
             shutil.copy(Path(cfg["output_dir"]) / STATE_FILE, result / "snapshot" / STATE_FILE)
@@ -82,7 +98,7 @@ def test_fsdp_two_gloo_ranks_match_one_process_and_resume(tmp_path, tiny_dirs, m
     # max_grad_norm is low enough that clipping (shard norms + replicated norms) acts.
     common = dict(stage="cpt", lora_rank=2, max_steps=STEPS, batch_size=2, save_every=100, max_grad_norm=0.5)
     out = tmp_path / "fsdp"
-    cfg = make_cfg(out, tiny_dirs, grad_accum=1, fsdp=True, **common)
+    cfg = make_cfg(out, tiny_dirs, grad_accum=ACCUM, fsdp=True, **common)
     # Both ranks stopped after the same step although only rank 1 was signalled, then resumed.
     ranks = spawn_interrupted_ranks(_worker, cfg, tmp_path)
 
@@ -104,10 +120,10 @@ def test_fsdp_two_gloo_ranks_match_one_process_and_resume(tmp_path, tiny_dirs, m
     for entry in saved["optimizer"]["state"].values():
         assert all(type(v) is torch.Tensor for v in entry.values())
 
-    # The same global batch in one process (grad_accum = 2 over the two ranks' micro-batches).
+    # The same global batch in one process (grad_accum = 4 over the two ranks' 2 micro-batches each).
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    single = _trainer(make_cfg(tmp_path / "single", tiny_dirs, grad_accum=WORLD, **common))
+    single = _trainer(make_cfg(tmp_path / "single", tiny_dirs, grad_accum=WORLD * ACCUM, **common))
     init = single.trainable_state()
     single_metrics = single.train()
     want = single.trainable_state()
@@ -135,7 +151,7 @@ def test_fsdp_two_gloo_ranks_match_one_process_and_resume(tmp_path, tiny_dirs, m
     resumed_dir = tmp_path / "single_resumed"
     shutil.copytree(tmp_path / "snapshot", resumed_dir)
     assert torch.load(resumed_dir / STATE_FILE, weights_only=False)["step"] == STOP_AT
-    resumed = _trainer(make_cfg(resumed_dir, tiny_dirs, grad_accum=WORLD, **common))
+    resumed = _trainer(make_cfg(resumed_dir, tiny_dirs, grad_accum=WORLD * ACCUM, **common))
     resumed.train()
     assert resumed.step == STEPS
     assert len((resumed_dir / "train_log.jsonl").read_text().splitlines()) == STEPS - STOP_AT

@@ -36,8 +36,10 @@ fit once per GPU next to the activations (larger decoders, long contexts): each 
 each decoder layer and then on the decoder, leaving out the input embedding (``ignored_params``:
 the engine embeds tokens and chunk vectors outside the decoder's forward, so that weight stays a
 whole, replicated tensor, and so does a tied LM head); the chunk encoder and the projector stay
-replicated. FSDP reduce-scatters (averages) the decoder's gradients itself, once per micro-batch;
-the trainer all-reduces only the replicated ones (encoder, projector) and clips with the norm of
+replicated. FSDP reduce-scatters (averages) the decoder's gradients itself, once per optimizer
+step: during gradient accumulation the earlier micro-batches run with
+``set_requires_gradient_sync(False)`` (FSDP's ``no_sync``: each rank keeps its unsharded gradients
+of the trainable decoder parameters, small with LoRA, until the last micro-batch); the trainer all-reduces only the replicated ones (encoder, projector) and clips with the norm of
 the decoder's gradient shards (summed over the ranks) and of the replicated gradients combined
 (``torch.nn.utils.clip_grad_norm_`` cannot mix DTensors and plain tensors). Data, seeds and
 results are those of DDP: an N-rank FSDP run matches a single process with ``N * grad_accum``
@@ -743,6 +745,8 @@ class Trainer:
         total, agg = 0.0, {}
         for local in range(cfg.grad_accum):
             micro = self.dist.rank * cfg.grad_accum + local  # index in the step's global batch
+            if self.fsdp:  # reduce-scatter the decoder's gradients once, after the last micro-batch
+                self.engine.decoder.set_requires_gradient_sync(local == cfg.grad_accum - 1)
             with self._micro_torch_rng(self.step, micro):
                 with self.engine._autocast():
                     loss, m = self.loss_for_step(self.step, micro)
