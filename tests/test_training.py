@@ -15,7 +15,7 @@ import signal
 import pytest
 import torch
 
-from refrag_integrations.training.config import TrainConfig
+from refrag_integrations.training.config import STAGE_EXPAND_FRACTION, STAGES, TrainConfig
 from refrag_integrations.training.trainer import CHECKPOINT_DIR, STATE_FILE, Trainer, init_distributed, micro_batch_seed
 
 # Real text (WikiText-2 test, CC BY-SA 3.0; the first is the tiny tokenizer's own corpus).
@@ -376,7 +376,11 @@ def test_next_stage_carries_encoder_delta_and_adapters(tmp_path, tiny_dirs):
         ({"curriculum_stages": 3, "curriculum_start": 4}, "curriculum_start"),
         ({"curriculum_start": 0}, "curriculum_start"),
         ({"compressed_share": -0.1}, "compressed_share"),
-        ({"expand_fraction": 1.5}, "expand_fraction"),
+        ({"stage": "sft", "expand_fraction": 1.5}, "expand_fraction"),
+        ({"stage": "cpt", "expand_fraction": 0.1}, "mixed stage"),
+        ({"stage": "reconstruct", "expand_fraction": 0.25}, "mixed stage"),
+        ({"stage": "mixed", "expand_fraction": 0.0}, "is the cpt stage"),
+        ({"threads": "two"}, "threads must be a number"),
         ({"lr": 0.0}, "lr"),
         ({"lr": "fast"}, "lr must be a number"),
         ({"max_steps": 2.5}, "max_steps must be a number"),
@@ -387,14 +391,25 @@ def test_bad_config_values_raise(bad, message):
         TrainConfig(**bad)
 
 
+def test_expand_fraction_defaults_per_stage():
+    # mixed without an explicit p is not silently the cpt stage; sft and policy train at p = 0.25.
+    assert {stage: TrainConfig(stage=stage).expand_fraction for stage in STAGES} == STAGE_EXPAND_FRACTION
+    assert STAGE_EXPAND_FRACTION["mixed"] == 0.1 and STAGE_EXPAND_FRACTION["cpt"] == 0.0
+    assert TrainConfig(stage="mixed", expand_fraction=0.3).expand_fraction == 0.3
+    assert TrainConfig(stage="sft", expand_fraction=0.0).expand_fraction == 0.0  # all compressed: allowed
+    # A saved config (train_config.json) keeps the value it was resolved to.
+    assert TrainConfig.from_dict(TrainConfig(stage="mixed").to_dict()).expand_fraction == 0.1
+
+
 def test_numbers_written_as_text_are_read_as_numbers(tmp_path):
     # PyYAML (YAML 1.1) reads "1e-4" as a string, in a config file and in `--set lr=1e-4`.
     from refrag_integrations.cli.train import _parse_sets
 
-    sets = _parse_sets(["lr=1e-4", "max_steps=7", "expand_fraction=1"])
+    sets = _parse_sets(["stage=sft", "lr=1e-4", "max_steps=7", "expand_fraction=1", "threads=2"])
     assert sets["lr"] == "1e-4"
     cfg = TrainConfig(**sets)
     assert cfg.lr == pytest.approx(1e-4) and cfg.max_steps == 7 and cfg.expand_fraction == 1.0
+    assert TrainConfig(threads="2").threads == 2 and TrainConfig(threads=None).threads is None
     path = tmp_path / "c.yaml"
     path.write_text("lr: 3e-4\nweight_decay: 1e-2\n")
     cfg = TrainConfig.from_yaml(path)

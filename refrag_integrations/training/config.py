@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("reconstruct", "cpt", "mixed", "sft", "policy")
+#: expand_fraction when a config gives none: mixed uses the paper's p = 0.1; sft trains and the
+#: policy chooses at the p = 0.25 the evaluations and the default checkpoint use.
+STAGE_EXPAND_FRACTION = {"reconstruct": 0.0, "cpt": 0.0, "mixed": 0.1, "sft": 0.25, "policy": 0.25}
 
 
 @dataclass
@@ -40,7 +43,12 @@ class TrainConfig:
                           "'chunks' (the paper's, ignores the query). Both are trained and evaluated."},
     )
     continuation_tokens: int = field(default=64, metadata={"help": "o: tokens to predict after the context (cpt)."})
-    expand_fraction: float = field(default=0.0, metadata={"help": "p: fraction of chunks expanded at random."})
+    expand_fraction: float | None = field(
+        default=None,
+        metadata={"help": "p: fraction of chunks kept as tokens, at random (mixed, sft) or chosen by the learned "
+                  "policy (policy). Default per stage: mixed 0.1 (the paper's), sft and policy 0.25; reconstruct "
+                  "and cpt expand nothing."},
+    )
     compressed_share: float = field(
         default=0.0,
         metadata={"help": "sft: share of examples with no chunk expanded (p = 0), so the fully compressed path "
@@ -96,8 +104,20 @@ class TrainConfig:
             raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac!r}.")
         if self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm!r}.")
+        if self.expand_fraction is None:
+            self.expand_fraction = STAGE_EXPAND_FRACTION[self.stage]
         if not 0.0 <= self.expand_fraction <= 1.0:
             raise ValueError(f"expand_fraction must be in [0, 1], got {self.expand_fraction!r}.")
+        if self.stage in ("reconstruct", "cpt") and self.expand_fraction > 0:
+            raise ValueError(
+                f"the {self.stage} stage keeps every chunk compressed, so expand_fraction={self.expand_fraction!r} "
+                "would be ignored; train the mixed stage for a random fraction of expanded chunks."
+            )
+        if self.stage == "mixed" and self.expand_fraction == 0:
+            raise ValueError(
+                "the mixed stage with expand_fraction=0 is the cpt stage; give 0 < expand_fraction <= 1 "
+                f"(default {STAGE_EXPAND_FRACTION['mixed']}, the paper's) or train cpt."
+            )
         if not 1 <= self.curriculum_start <= self.curriculum_stages:
             raise ValueError(
                 f"curriculum_start must be in 1..curriculum_stages ({self.curriculum_stages}), got {self.curriculum_start!r}."
@@ -119,8 +139,11 @@ class TrainConfig:
         """Numbers given as text become numbers: YAML 1.1 (PyYAML, ``--set``) reads ``1e-4`` as a
         string; anything else that is not a number of the field's type raises a clear error."""
         for f in dataclasses.fields(self):
-            kind = {"float": float, "int": int}.get(str(f.type))
+            optional = str(f.type).endswith(" | None")
+            kind = {"float": float, "int": int}.get(str(f.type).removesuffix(" | None"))
             value = getattr(self, f.name)
+            if optional and value is None:
+                continue
             if kind is None or isinstance(value, bool):
                 if kind is not None:
                     raise ValueError(f"{f.name} must be a number, got {value!r}.")
