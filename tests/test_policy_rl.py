@@ -25,6 +25,7 @@ from refrag_integrations.training.policy_rl import (
     answer_nll,
     group_advantages,
     ppo_clipped_loss,
+    reference_kl,
     sample_sequences,
     sequence_log_probs,
 )
@@ -330,6 +331,42 @@ def test_grpo_steps_raise_the_expected_reward(engine, tmp_path):
         assert sum(closed) / len(closed) > 0.4, (v, closed)  # and the gap to the best set shrinks a lot
 
 
+def test_reference_kl_estimates_the_kl_from_the_reference():
+    g = torch.Generator().manual_seed(3)
+    cur, ref = torch.randn(6, generator=g), torch.randn(6, generator=g) * 2
+    lp, lq = cur.log_softmax(-1), ref.log_softmax(-1)
+    exact = float((lp.exp() * (lp - lq)).sum())  # KL(current || reference)
+    actions = torch.multinomial(lp.exp(), 200_000, replacement=True, generator=g).view(-1, 1)  # (G, 1) from current
+    est = float(reference_kl(lp[actions], lq[actions]))
+    assert exact > 0.1 and est == pytest.approx(exact, rel=0.05)
+    assert float(reference_kl(lp[actions], lp[actions])) == 0.0
+
+
+def test_kl_anchor_keeps_the_policy_near_its_start(engine, tmp_path):
+    ex1, ex3 = EXAMPLES[1], EXAMPLES[3]
+    drift = {}
+    for coef in (0.0, 2.0):
+        tr = _trainer(engine, tmp_path / str(coef), group_size=8, ppo_epochs=4, warmup_frac=0.0, max_steps=100,
+                      lr=1e-2, kl_coef=coef)
+        assert bool(tr.ref_policies) is (coef > 0)
+        ep = dataclasses.replace(tr.make_episode(ex1.question, [ex1.passage, ex3.passage[:60]], ex1.answers[0]), n=2)
+        start = {v: tr._logits(v, ep).detach().log_softmax(-1) for v in VARIANTS}
+        for it in range(8):
+            tr.ppo_update(tr.rollout([ep], it))
+        drift[coef] = {}
+        for v in VARIANTS:
+            now = tr._logits(v, ep).detach().log_softmax(-1)
+            drift[coef][v] = float((now.exp() * (now - start[v])).sum())  # KL(now || start), first pick
+            if coef > 0:  # the reference is the untouched initial policy
+                ref = tr._logits(v, ep, tr.ref_policies).detach().log_softmax(-1)
+                assert torch.allclose(ref, start[v])
+    for v in VARIANTS:
+        assert drift[0.0][v] > 0.05, drift  # unanchored, the policy moves
+        assert drift[2.0][v] < 0.5 * drift[0.0][v], drift  # anchored, it stays much closer to its start
+    with pytest.raises(ValueError, match="kl_coef"):
+        TrainConfig(stage="policy", kl_coef=-0.1)
+
+
 # --------------------------------------------------------------------------- checkpoints + resume
 
 
@@ -380,6 +417,8 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(engine, tmp_
     assert cut.train() == {"stopped_at": 2}
     with pytest.raises(ValueError, match="group_size"):
         _trainer(engine, tmp_path / "cut", group_size=8).train()
+    with pytest.raises(ValueError, match="kl_coef"):
+        _trainer(engine, tmp_path / "cut", kl_coef=0.1).train()
     resumed = _trainer(engine, tmp_path / "cut")
     metrics_resumed = resumed.train()
     for v in VARIANTS:

@@ -37,6 +37,12 @@ class TrainConfig:
     group_size: int = field(default=8, metadata={"help": "policy: G action sequences sampled per question (GRPO group)."})
     ppo_epochs: int = field(default=4, metadata={"help": "policy: PPO updates on each batch of rollouts."})
     ppo_clip: float = field(default=0.2, metadata={"help": "policy: PPO clipping epsilon of the probability ratio."})
+    kl_coef: float = field(
+        default=0.0,
+        metadata={"help": "policy: weight of a KL penalty from the initial policy (the relevance heuristic for the "
+                  "query variant, uniform for the paper's), which keeps small, noisy runs from drifting below "
+                  "where they started; 0 = the paper's objective."},
+    )
     policy_variant: str = field(
         default="query",
         metadata={"help": "policy: learned policy exported into the checkpoint: 'query' (query-conditioned) or "
@@ -124,6 +130,8 @@ class TrainConfig:
             )
         if not 0.0 <= self.compressed_share <= 1.0:
             raise ValueError(f"compressed_share must be in [0, 1], got {self.compressed_share!r}.")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}.")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}.")
         if not isinstance(self.fsdp, bool):

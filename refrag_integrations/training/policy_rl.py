@@ -195,6 +195,15 @@ def ppo_clipped_loss(
     return -objective.mean(), stats
 
 
+def reference_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """Per-step KL of the current policy from a reference policy, estimated on actions sampled
+    from the (old) current policy: ``exp(ref - cur) - (ref - cur) - 1`` (the non-negative,
+    unbiased "k3" estimator GRPO uses), averaged over the ``(G, n)`` steps. Zero where the two
+    policies agree."""
+    diff = ref_log_probs.to(log_probs.dtype) - log_probs  # (G, n)
+    return (torch.exp(diff) - diff - 1.0).mean()
+
+
 # --------------------------------------------------------------------------- the network
 
 
@@ -615,6 +624,7 @@ class Rollout:
     old_log_probs: torch.Tensor  # (G, n)
     rewards: torch.Tensor  # (G,)
     advantages: torch.Tensor  # (G,)
+    ref_log_probs: torch.Tensor | None = None  # (G, n) under the initial policy (kl_coef > 0)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -680,6 +690,17 @@ class PolicyTrainer(Trainer):
                 )
                 for v in VARIANTS
             }
+        # The KL anchor's reference: a frozen copy of the initial policies (the query variant's is
+        # the relevance heuristic with weight POLICY_SIM_SCALE, the paper's variant is uniform).
+        # The initial weights depend only on the seed, so a resumed run rebuilds the same copies.
+        self.ref_policies: dict[str, LearnedPolicy] = {}
+        if cfg.kl_coef > 0:
+            with torch.random.fork_rng(devices=[]):  # building the copies draws (overwritten) init weights
+                for v, policy in self.policies.items():
+                    ref = LearnedPolicy.from_state(policy.policy_config(), policy.state_dict())
+                    for p in ref.parameters():
+                        p.requires_grad_(False)
+                    self.ref_policies[v] = ref
 
     def _modules_params(self):
         for v in VARIANTS:
@@ -753,7 +774,8 @@ class PolicyTrainer(Trainer):
                              "on a filesystem that every rank shares.")
         if found:
             saved = torch.load(path, weights_only=False, map_location="cpu")["config"]
-            for key in ("num_passages", "expand_fraction", "group_size", "ppo_epochs", "ppo_clip", "lr"):
+            saved.setdefault("kl_coef", 0.0)  # written before the KL anchor existed
+            for key in ("num_passages", "expand_fraction", "group_size", "ppo_epochs", "ppo_clip", "lr", "kl_coef"):
                 if saved.get(key) != getattr(self.cfg, key):
                     raise ValueError(
                         f"{path} was written with {key}={saved.get(key)!r} but this run has "
@@ -825,8 +847,8 @@ class PolicyTrainer(Trainer):
 
     # ------------------------------------------------------------------ RL
 
-    def _logits(self, variant: str, ep: Episode) -> torch.Tensor:
-        policy = self.policies[variant]
+    def _logits(self, variant: str, ep: Episode, policies: dict[str, LearnedPolicy] | None = None) -> torch.Tensor:
+        policy = (self.policies if policies is None else policies)[variant]
         return policy.forward_logits(ep.flat_vectors, policy.chunk_index(ep.chunks), ep.query_vector)
 
     @torch.no_grad()
@@ -856,20 +878,28 @@ class PolicyTrainer(Trainer):
                 with torch.no_grad():
                     logits = self._logits(v, ep)  # (L,)
                 actions = sample_sequences(logits, ep.n, cfg.group_size, gen)  # (G, n)
-                sampled[v] = (actions, sequence_log_probs(logits, actions))
+                ref = None
+                if v in self.ref_policies:
+                    with torch.no_grad():
+                        ref = sequence_log_probs(self._logits(v, ep, self.ref_policies), actions)  # (G, n)
+                sampled[v] = (actions, sequence_log_probs(logits, actions), ref)
             rewards = self.rewards(ep, [a.tolist() for v in VARIANTS for a in sampled[v][0]])  # (2G,)
             for vi, v in enumerate(VARIANTS):
                 r = rewards[vi * cfg.group_size : (vi + 1) * cfg.group_size]
-                out.append(Rollout(ep, v, sampled[v][0], sampled[v][1], r, group_advantages(r)))
+                actions, old, ref = sampled[v]
+                out.append(Rollout(ep, v, actions, old, r, group_advantages(r), ref))
         return out
 
     def _clipped_losses(self, variant: str, rollouts: Sequence[Rollout]) -> tuple[list[torch.Tensor], list[float], list[float]]:
-        """PPO clipped loss, clipped fraction and KL of each of ``variant``'s rollouts under the
-        current policy (the callers aggregate them over one process or over the ranks)."""
+        """PPO clipped loss (plus ``kl_coef`` times the KL from the initial policy), clipped fraction
+        and KL of each of ``variant``'s rollouts under the current policy (the callers aggregate them
+        over one process or over the ranks)."""
         losses, clips, kls = [], [], []
         for r in rollouts:
-            loss, st = ppo_clipped_loss(sequence_log_probs(self._logits(variant, r.episode), r.actions),
-                                        r.old_log_probs, r.advantages, self.cfg.ppo_clip)
+            log_probs = sequence_log_probs(self._logits(variant, r.episode), r.actions)
+            loss, st = ppo_clipped_loss(log_probs, r.old_log_probs, r.advantages, self.cfg.ppo_clip)
+            if r.ref_log_probs is not None:
+                loss = loss + self.cfg.kl_coef * reference_kl(log_probs, r.ref_log_probs)
             losses.append(loss)
             clips.append(st["clip_frac"])
             kls.append(st["kl"])
