@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 import pytest
+import torch
 
 pytest.importorskip("llama_index.core")
 pytest.importorskip("llama_index.vector_stores.chroma")
@@ -46,6 +47,7 @@ from refrag_integrations.llama_index import (  # noqa: E402
     collect_generation_stats,
     compressed_context_window,
 )
+from refrag_integrations.llama_index.postprocessor import passage_id_of  # noqa: E402
 
 NUM_DOCS = 8  # NQ train passages in the test index
 WORDS = 30  # words kept per passage: the tiny decoder's byte-level BPE makes ~4 tokens a word
@@ -271,12 +273,14 @@ def test_postprocessor_registers_nodes_and_preserves_order_and_scores(engine, re
     total = expanded = 0
     for n in out:
         meta = n.node.metadata
-        text = n.node.get_content(metadata_mode=MetadataMode.LLM).strip()
-        assert meta[METADATA_PASSAGE_ID] == passage_id(text)
+        rendered = n.node.get_content(metadata_mode=MetadataMode.LLM).strip()
+        text = n.node.get_content(metadata_mode=MetadataMode.NONE).strip()  # registered: content, no header
+        assert rendered.startswith("title: ") and rendered.endswith(text) and text in rendered
+        assert meta[METADATA_PASSAGE_ID] == passage_id(text) == passage_id_of(n.node)
         for key in (METADATA_PASSAGE_ID, METADATA_EXPANDED, METADATA_CHUNKS):
             assert key in n.node.excluded_llm_metadata_keys and key in n.node.excluded_embed_metadata_keys
             assert key not in n.node.get_content(metadata_mode=MetadataMode.EMBED)
-            assert key not in text
+            assert key not in rendered
         entry = engine.lookup_passage(meta[METADATA_PASSAGE_ID])
         assert entry is not None and text in engine.registered_passages()
         assert entry.vectors is not None and entry.vectors.shape[0] == meta[METADATA_CHUNKS] == len(entry.chunks)
@@ -284,6 +288,43 @@ def test_postprocessor_registers_nodes_and_preserves_order_and_scores(engine, re
         total += meta[METADATA_CHUNKS]
         expanded += len(meta[METADATA_EXPANDED])
     assert expanded == int(0.25 * total)  # one joint budget over all retrieved chunks
+
+
+def test_nodes_with_rendered_metadata_read_their_stored_chunk_vectors(engine, retriever, questions):
+    # The metadata header ("title: ...") is rendered into the prompt, but the passage registered is
+    # the node's content, whose id is the one `refrag index` stores: its vectors come from the
+    # engine's vector source (the Chroma chunk store in production), not from the encoder.
+    q = questions[3]
+    nodes = retriever.retrieve(q)
+    texts = [n.node.get_content(metadata_mode=MetadataMode.NONE).strip() for n in nodes]
+    stored = {passage_id(t): torch.full((len(engine.chunk(t)), engine.chunk_encoder.encoder_dim), 0.5 + i)
+              for i, t in enumerate(texts)}
+    asked = []
+
+    def source(ids):
+        asked.extend(ids)
+        return {pid: stored[pid] for pid in ids if pid in stored}
+
+    engine._cache.clear()  # nothing registered or encoded before: every vector must come from the source
+    old_source, engine.vector_source = engine.vector_source, source
+    encode, encoded = engine.chunk_encoder.encode, []
+
+    def recording_encode(texts, *args, **kwargs):
+        encoded.extend(texts)
+        return encode(texts, *args, **kwargs)
+
+    engine.chunk_encoder.encode = recording_encode
+    try:
+        out = RefragNodePostprocessor(engine=engine, policy="relevance", expand_fraction=0.25).postprocess_nodes(
+            nodes, query_str=q)
+    finally:
+        engine.vector_source = old_source
+        engine.chunk_encoder.encode = encode
+    assert set(asked) == set(stored)
+    assert encoded == [q]  # only the query, for the relevance policy; no chunk was encoded
+    for n, t in zip(out, texts):
+        entry = engine.lookup_passage(n.node.metadata[METADATA_PASSAGE_ID])
+        assert entry.text == t and torch.equal(entry.vectors, stored[passage_id(t)])
 
 
 def test_postprocessor_async_matches_sync(engine, retriever, questions):
@@ -319,7 +360,7 @@ def test_stock_retriever_query_engine_compresses_registered_nodes(engine, retrie
     compressed_tokens = sum(
         len(c.token_ids)
         for n in response.source_nodes
-        for c in engine.chunk(n.node.get_content(metadata_mode=MetadataMode.LLM).strip())
+        for c in engine.chunk(n.node.get_content(metadata_mode=MetadataMode.NONE).strip())
         if c.index not in n.node.metadata[METADATA_EXPANDED]
     )
     assert s.positions == s.prompt_tokens - compressed_tokens + s.chunks_compressed  # one position per compressed chunk
@@ -374,7 +415,7 @@ def test_passage_split_across_calls_stays_tokens(engine, retriever, questions):
         prompt_helper=PromptHelper.from_llm_metadata(llm.metadata, tokenizer=llm.tokenize, chunk_size_limit=120),
     )
     response = qe.query(questions[5])
-    texts = [n.node.get_content(metadata_mode=MetadataMode.LLM).strip() for n in response.source_nodes]
+    texts = [n.node.get_content(metadata_mode=MetadataMode.NONE).strip() for n in response.source_nodes]  # registered
     assert len(llm.seen) > 1
     split = [t for t in texts if not any(t in p for p, _ in llm.seen)]
     assert split, "expected at least one passage to be split by the chunk limit"

@@ -2,8 +2,8 @@
 
 For the retrieved nodes it gets the chunk vectors (engine cache, the engine's vector source such
 as the Chroma chunk store, or the encoder), runs the expansion policy with the query over all
-chunks at once, registers each node's prompt text (content hash -> chunk vectors + decision) in the
-engine's bounded cache, and returns the nodes in the same order with the same scores, carrying only
+chunks at once, registers each node's content (without its metadata header, which stays tokens;
+content hash -> chunk vectors + decision) in the engine's bounded cache, and returns the nodes in the same order with the same scores, carrying only
 small metadata that never reaches a prompt or an embedding.
 """
 
@@ -27,10 +27,16 @@ METADATA_CHUNKS = "refrag_chunks"
 _METADATA_KEYS = (METADATA_PASSAGE_ID, METADATA_EXPANDED, METADATA_CHUNKS)
 
 
-def prompt_text(node: Any) -> str:
-    """The text LlamaIndex puts into a prompt for ``node``, as the response synthesizers render it
-    (``get_content(MetadataMode.LLM)``) and as ``PromptHelper.repack`` strips it."""
-    return node.get_content(metadata_mode=MetadataMode.LLM).strip()
+def passage_text(node: Any) -> str:
+    """The passage REFRAG compresses for ``node``: its content without the metadata header.
+
+    LlamaIndex renders a node into a prompt as ``"{metadata_str}\n\n{content}"`` (the content
+    verbatim), so the content always occurs in the prompt. Registering the content rather than the
+    whole rendering keeps a small metadata header (``file_name: ...``, a title) as tokens, and
+    gives the passage the id that ``refrag index`` gives the same text, so a node whose text was
+    indexed gets its precomputed chunk vectors from the store even when metadata is rendered.
+    """
+    return node.get_content(metadata_mode=MetadataMode.NONE).strip()
 
 
 class RefragNodePostprocessor(BaseNodePostprocessor):
@@ -140,7 +146,7 @@ class RefragNodePostprocessor(BaseNodePostprocessor):
             for key in _METADATA_KEYS:  # a node postprocessed before: drop stale values
                 update["metadata"].pop(key, None)
             copy = node.model_copy(update=update)
-            text = prompt_text(copy)
+            text = passage_text(copy)
             copies.append((nws, copy, text or None))
         unique = list(dict.fromkeys(t for _, _, t in copies if t))
         plan: dict[str, tuple[Any, list[bool]]] = {}
@@ -196,5 +202,6 @@ def _with_keys(keys: List[str]) -> List[str]:
 
 
 def passage_id_of(node: Any) -> str:
-    """The passage id RefragNodePostprocessor registers for ``node`` (its prompt text's hash)."""
-    return passage_id(prompt_text(node))
+    """The passage id RefragNodePostprocessor registers for ``node`` (the hash of its content
+    without metadata, :func:`passage_text`)."""
+    return passage_id(passage_text(node))
