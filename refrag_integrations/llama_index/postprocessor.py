@@ -3,8 +3,9 @@
 For the retrieved nodes it gets the chunk vectors (engine cache, the engine's vector source such
 as the Chroma chunk store, or the encoder), runs the expansion policy with the query over all
 chunks at once, registers each node's content (without its metadata header, which stays tokens;
-content hash -> chunk vectors + decision) in the engine's bounded cache, and returns the nodes in the same order with the same scores, carrying only
-small metadata that never reaches a prompt or an embedding.
+content hash -> chunk vectors + decision) in the engine's bounded cache, and returns the nodes in
+the same order with the same scores, carrying only small metadata that never reaches a prompt or
+an embedding.
 """
 
 from __future__ import annotations
