@@ -264,6 +264,7 @@ def build_engine(
     budget: "ExpansionBudget | float | int | None" = None,
     autocast_dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    decoder_dtype: torch.dtype | str | None = None,
 ) -> "RefragEngine":
     """Load base models (+ a checkpoint) into a :class:`RefragEngine`; see
     :meth:`RefragEngine.from_pretrained`. With ``checkpoint=None`` the packaged default
@@ -271,9 +272,10 @@ def build_engine(
     projector is freshly initialised and the engine reports ``trained=False``."""
     from .encoder import ChunkEncoder
     from .engine import RefragEngine
-    from .models import load_decoder, load_encoder, model_fingerprint
+    from .models import load_decoder, load_encoder, model_fingerprint, resolve_dtype
     from .policy import make_policy
 
+    decoder_dtype = resolve_dtype(decoder_dtype)  # fail before loading anything
     ckpt: Checkpoint | None = None
     if checkpoint is None:
         default = default_checkpoint()
@@ -304,7 +306,7 @@ def build_engine(
         )
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    dec_model, dec_tok = load_decoder(decoder or cfg.decoder)
+    dec_model, dec_tok = load_decoder(decoder or cfg.decoder, dtype=decoder_dtype)
     enc_model, enc_tok = load_encoder(encoder or cfg.encoder)
     dec_fp, enc_fp = model_fingerprint(dec_model), model_fingerprint(enc_model)
     if ckpt is not None:
@@ -323,7 +325,7 @@ def build_engine(
 
     target_norm = None
     if ckpt is None:
-        target_norm = float(dec_model.get_input_embeddings().weight.detach().norm(dim=-1).mean())
+        target_norm = float(dec_model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
     chunk_encoder = ChunkEncoder(
         enc_model, enc_tok, decoder_dim=cfg.decoder_dim, pooling=cfg.pooling,
         projector_hidden=cfg.projector_hidden, target_norm=target_norm,

@@ -152,25 +152,57 @@ def _load_error(kind: str, name: str, err: Exception) -> ModelNotFoundError:
     )
 
 
+DECODER_DTYPES = {
+    "float32": "float32", "fp32": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
+
+
+def resolve_dtype(value: "torch.dtype | str | None", allowed: tuple[str, ...] = ("float32", "bfloat16", "float16")) -> "torch.dtype":
+    """A parameter dtype from a ``torch.dtype`` or a name (``"bfloat16"``, ``"bf16"``, ...);
+    ``None`` is float32.
+
+    Example:
+        >>> resolve_dtype("bf16")
+        torch.bfloat16
+
+    Raises:
+        ValueError: an unknown name, or a dtype outside ``allowed``.
+    """
+    import torch
+
+    if value is None:
+        return torch.float32
+    if isinstance(value, torch.dtype):
+        name = str(value).replace("torch.", "")
+    else:
+        name = DECODER_DTYPES.get(str(value).strip().lower(), str(value))
+    if name not in allowed:
+        raise ValueError(f"dtype must be one of {', '.join(allowed)}, got {value!r}.")
+    return getattr(torch, name)
+
+
 def load_decoder(
-    name_or_path: str = DEFAULT_DECODER, dtype: "torch.dtype | None" = None
+    name_or_path: str = DEFAULT_DECODER, dtype: "torch.dtype | str | None" = None
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load a causal-LM decoder and its tokenizer.
 
     Args:
         name_or_path: ``"smollm2-135m-instruct"`` (offline default), a local directory or a hub id.
-        dtype: parameter dtype; defaults to float32.
+        dtype: parameter dtype (``torch.float32``, ``torch.bfloat16``, ``torch.float16`` or their
+            names); defaults to float32. Half precision halves the decoder's memory.
 
     Raises:
         ModelNotFoundError: the model cannot be found (offline, unknown id, missing package).
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = resolve_dtype(dtype)
     path = resolve_decoder_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as err:
         if isinstance(err, ModelNotFoundError):
             raise

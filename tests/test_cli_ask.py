@@ -67,6 +67,11 @@ def test_ask_rejects_bad_input(tmp_path):
     bad.write_bytes(b"\xff\xfe\x00junk")
     res = runner.invoke(app, ["ask", "q?", "--passages", str(bad)])
     assert res.exit_code != 0 and "UTF-8" in _flat(res.output)
+    good = tmp_path / "good.txt"
+    good.write_text("Gustave Eiffel designed the tower.\n")
+    for argv in (["ask", "q?", "--passages", str(good)], ["bench", "--quick"], ["eval", "ppl", "--data", str(good)]):
+        res = runner.invoke(app, argv + ["--decoder-dtype", "int8"])
+        assert res.exit_code == 2 and "--decoder-dtype" in _flat(res.output) and "bfloat16" in _flat(res.output), argv
 
 
 @pytest.mark.integration

@@ -199,3 +199,42 @@ def test_budget_applies_to_policies(tiny_engine):
     assert res.stats.chunks_expanded == int(0.5 * res.stats.chunks)
     res = tiny_engine.prepare_rag(QUESTION, PASSAGES, "random", budget=2)
     assert res.stats.chunks_expanded == 2
+
+
+def test_half_precision_decoder(tiny_dirs, tiny_engine):
+    # decoder_dtype halves the decoder's memory; the chunk encoder and projector stay float32, the
+    # mixed input is built in the decoder's dtype, and KV-cached decoding still matches a cache-free
+    # re-run of the whole sequence.
+    dec, enc = tiny_dirs
+    engine = RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu",
+                                          decoder_dtype="bf16")
+    assert {p.dtype for p in engine.decoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in engine.chunk_encoder.parameters()} == {torch.float32}
+    engine.chunk_encoder.load_state_dict(tiny_engine.chunk_encoder.state_dict())
+    decisions = [[i % 2 == 0 for i in range(len(engine.chunk(p)))] for p in PASSAGES]
+    prepared = engine.prepare_rag(QUESTION, PASSAGES, decisions)
+    assert prepared.embeds.dtype == torch.bfloat16
+    logits = engine.forward_logits(prepared)
+    ref = tiny_engine.forward_logits(tiny_engine.prepare_rag(QUESTION, PASSAGES, decisions))
+    assert logits.dtype == torch.float32 and logits.shape == ref.shape
+    assert float((logits - ref).abs().max()) < 0.05 * float(ref.abs().max())  # bfloat16 rounding only
+
+    res = engine.generate_prepared([prepared], max_new_tokens=6)[0]
+    emb, embed, ref_ids = prepared.embeds, engine.decoder.get_input_embeddings(), []
+    with torch.no_grad():
+        for _ in range(6):
+            tok = int(engine.decoder(inputs_embeds=emb.unsqueeze(0), use_cache=False).logits[0, -1].argmax())
+            if tok in engine._eos_ids():
+                break
+            ref_ids.append(tok)
+            emb = torch.cat([emb, embed(torch.tensor([tok]))], 0)
+    assert res.token_ids == ref_ids and ref_ids
+
+
+@pytest.mark.parametrize("bad", ["int8", "float64", torch.int32])
+def test_bad_decoder_dtype_raises_before_loading(bad, monkeypatch):
+    import refrag_integrations.models as models
+
+    monkeypatch.setattr(models, "load_decoder", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+        RefragEngine.from_pretrained("none", decoder_dtype=bad)

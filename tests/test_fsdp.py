@@ -168,3 +168,30 @@ def test_fsdp_refuses_a_single_process_and_the_policy_stage(tmp_path, tiny_dirs,
     with pytest.raises(ValueError, match="fsdp"):
         TrainConfig(fsdp="yes")
     assert TrainConfig.from_dict({"stage": "cpt", "fsdp": True}).fsdp
+
+
+def test_fsdp_bfloat16_decoder_with_float32_adapters_matches_one_process(tmp_path, tiny_dirs, monkeypatch):
+    # decoder_dtype=bfloat16: each sharded layer holds bfloat16 frozen weights next to float32 LoRA
+    # adapters; the run (interrupted and resumed) ends where a single process with the same bfloat16
+    # decoder ends, up to reduction order, and the adapters stay float32 throughout.
+    common = dict(stage="cpt", lora_rank=2, max_steps=STEPS, batch_size=2, save_every=100, decoder_dtype="bfloat16")
+    out = tmp_path / "fsdp"
+    cfg = make_cfg(out, tiny_dirs, grad_accum=ACCUM, fsdp=True, **common)
+    ranks = spawn_interrupted_ranks(_worker, cfg, tmp_path)
+    assert all(v.dtype == torch.float32 for v in ranks[0]["local"]["decoder"].values())  # the adapters' shards
+    saved = torch.load(out / STATE_FILE, weights_only=False)
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    single = _trainer(make_cfg(tmp_path / "single", tiny_dirs, grad_accum=WORLD * ACCUM, **common))
+    assert {p.dtype for p in single.engine.decoder.parameters() if not p.requires_grad} == {torch.bfloat16}
+    init = single.trainable_state()
+    single.train()
+    want = single.trainable_state()
+    for part in ("projector", "encoder", "decoder"):
+        assert want[part] and saved["trainable"][part].keys() == want[part].keys(), part
+        for name, value in want[part].items():
+            got = saved["trainable"][part][name]
+            assert got.dtype == torch.float32, f"{part}.{name}"
+            assert not torch.equal(value, init[part][name]), f"{part}.{name} did not train"
+            torch.testing.assert_close(got, value, rtol=2e-3, atol=2e-4, msg=f"{part}.{name}")

@@ -330,6 +330,42 @@ def test_lora_stage_export_loads_and_reproduces_the_trained_model(tmp_path, tiny
     assert (logits_of(without, ctx) - want).abs().max() > 1e-3  # the adapters matter
 
 
+def test_bfloat16_decoder_trains_float32_adapters_and_exports_them(tmp_path, tiny_dirs):
+    # A half-precision frozen decoder (large decoders on GPUs): the base weights stay bfloat16 and
+    # untouched, the LoRA adapters are float32 and learn, and the export loads into either dtype.
+    from refrag_integrations import RefragEngine
+    from refrag_integrations.training.lora import LoRALinear
+
+    assert TrainConfig(decoder_dtype="bf16").decoder_dtype == "bfloat16"
+    trainer = make_trainer(make_cfg(tmp_path, tiny_dirs, stage="cpt", lora_rank=2, max_steps=20,
+                                    decoder_dtype="bfloat16"))
+    dec = trainer.engine.decoder
+    wrapped = [m for m in dec.modules() if isinstance(m, LoRALinear)]
+    assert wrapped and all(m.base.weight.dtype == torch.bfloat16 for m in wrapped)
+    assert all(m.lora_A.dtype == torch.float32 and m.lora_B.dtype == torch.float32 for m in wrapped)
+    assert {p.dtype for p in trainer.params} == {torch.float32}  # what the optimizer updates
+    base_before = wrapped[0].base.weight.detach().clone()
+    before, after = overfit(trainer, 20)
+    assert after < 0.7 * before, (before, after)
+    assert torch.equal(wrapped[0].base.weight, base_before)  # frozen
+    assert any(float(m.lora_B.detach().abs().sum()) > 0 for m in wrapped)
+
+    trainer.save_checkpoint()
+    d, e = tiny_dirs
+    ctx = heldout_ctx(trainer)
+    path = tmp_path / CHECKPOINT_DIR
+    half = RefragEngine.from_pretrained(path, decoder=str(d), encoder=str(e), device="cpu", decoder_dtype="bfloat16")
+    assert next(half.decoder.parameters()).dtype == torch.bfloat16
+    assert next(half.chunk_encoder.parameters()).dtype == torch.float32
+    full = RefragEngine.from_pretrained(path, decoder=str(d), encoder=str(e), device="cpu")
+    base = RefragEngine.from_pretrained("none", decoder=str(d), encoder=str(e), chunk_size=4, device="cpu")
+    base.chunk_encoder.load_state_dict(full.chunk_encoder.state_dict())  # same vectors, no LoRA
+    want = logits_of(full, ctx)
+    lora_effect = float((logits_of(base, ctx) - want).abs().max())
+    rounding = float((logits_of(half, ctx) - want).abs().max())
+    assert rounding < 0.1 * lora_effect, (rounding, lora_effect)  # the merged LoRA survives bfloat16
+
+
 def test_next_stage_carries_encoder_delta_and_adapters(tmp_path, tiny_dirs):
     from refrag_integrations import RefragEngine
     from refrag_integrations.checkpoint import load_checkpoint
@@ -384,6 +420,8 @@ def test_next_stage_carries_encoder_delta_and_adapters(tmp_path, tiny_dirs):
         ({"lr": 0.0}, "lr"),
         ({"lr": "fast"}, "lr must be a number"),
         ({"max_steps": 2.5}, "max_steps must be a number"),
+        ({"decoder_dtype": "float16"}, "decoder_dtype must be float32 or bfloat16"),
+        ({"decoder_dtype": "int8"}, "decoder_dtype"),
     ],
 )
 def test_bad_config_values_raise(bad, message):

@@ -34,7 +34,8 @@ def parse_list(value: Optional[str], cast: Callable[[str], T], name: str) -> Opt
     return items
 
 
-def load_engine(checkpoint: Optional[str], bf16: bool, threads: Optional[int], device: Optional[str]):
+def load_engine(checkpoint: Optional[str], bf16: bool, threads: Optional[int], device: Optional[str],
+                decoder_dtype: str = "float32"):
     """Build the engine for a benchmark or evaluation, with the thread count fixed first."""
     import torch
 
@@ -44,7 +45,13 @@ def load_engine(checkpoint: Optional[str], bf16: bool, threads: Optional[int], d
         if threads < 1:
             raise typer.BadParameter(f"--threads must be >= 1, got {threads}.")
         torch.set_num_threads(threads)
-    return RefragEngine.from_pretrained(checkpoint, autocast_dtype=torch.bfloat16 if bf16 else None, device=device)
+    try:
+        return RefragEngine.from_pretrained(checkpoint, autocast_dtype=torch.bfloat16 if bf16 else None, device=device,
+                                            decoder_dtype=decoder_dtype)
+    except ValueError as err:
+        if "dtype must be one of" in str(err):
+            raise typer.BadParameter(f"--decoder-dtype: {err}") from err
+        raise
 
 
 def warn_if_busy() -> None:
@@ -73,6 +80,7 @@ def bench(
     limit: Optional[int] = typer.Option(None, help="Measure at most this many new settings now (rerun to continue)."),
     quick: bool = typer.Option(False, help="Small defaults: lengths 512,1024, k=16, p=0, 1 repeat, 8 output tokens."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast for the decoder (both RAG and REFRAG)."),
+    decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help="Decoder weights: float32, bfloat16 or float16 (half the memory; GPUs)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     overwrite: bool = typer.Option(False, help="Discard results in --out made with other settings."),
@@ -111,7 +119,7 @@ def bench(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     warn_if_busy()
-    engine = load_engine(checkpoint, bf16, threads, device)
+    engine = load_engine(checkpoint, bf16, threads, device, decoder_dtype)
     from ..evaluation.bench import learned_policy
 
     if policy == "learned" and learned_policy(engine) is None:

@@ -53,6 +53,7 @@ def qa(
     seed: int = typer.Option(QA_SEED, help="Seed of distractors, gold position and the random policy."),
     out: Path = typer.Option(Path(DEFAULT_QA_DIR), help="Results directory."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast for the decoder."),
+    decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help="Decoder weights: float32, bfloat16 or float16 (half the memory; GPUs)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Start over even if --out holds a run with other settings."),
@@ -75,7 +76,7 @@ def qa(
         examples = load_qa(path, split)
         ns = parse_list(n, int, "--n")
         names = [x.strip() for x in policies.split(",") if x.strip()]
-        engine = load_engine(checkpoint, bf16, threads, device)
+        engine = load_engine(checkpoint, bf16, threads, device, decoder_dtype)
         if learned_policy(engine) is not None and "learned" not in names:
             names.append("learned")
         extra = {}
@@ -121,6 +122,7 @@ def ppl(
     checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint to evaluate (default: the packaged one, if any; 'none': base models, untrained projector)."),
     out: Path = typer.Option(Path(DEFAULT_PPL_DIR), help="Results directory."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast for the decoder."),
+    decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help="Decoder weights: float32, bfloat16 or float16 (half the memory; GPUs)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Start over even if --out holds a run with other settings."),
@@ -138,7 +140,7 @@ def ppl(
     if not path.is_file():
         raise typer.BadParameter(f"{path} does not exist; pass --data or --data-dir.")
     try:
-        engine = load_engine(checkpoint, bf16, threads, device)
+        engine = load_engine(checkpoint, bf16, threads, device, decoder_dtype)
         windows = heldout_windows(path.read_text(encoding="utf-8"), engine.tokenizer, context_tokens,
                                   continuation_tokens, limit=limit)
         doc = run_ppl(

@@ -78,6 +78,11 @@ class TrainConfig:
     )
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the decoder (0 = decoder frozen)."})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast (never fp16)."})
+    decoder_dtype: str = field(
+        default="float32",
+        metadata={"help": "Parameter dtype of the frozen decoder: float32, or bfloat16 to halve its memory (large "
+                  "decoders on GPUs; LoRA adapters, encoder and projector stay float32; never float16)."},
+    )
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)."})
     save_every: int = field(default=50, metadata={"help": "Save resume state every N steps."})
     eval_every: int = field(default=0, metadata={"help": "Evaluate every N steps (0 = only at the end)."})
@@ -134,6 +139,13 @@ class TrainConfig:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}.")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}.")
+        aliases = {"fp32": "float32", "bf16": "bfloat16"}
+        self.decoder_dtype = aliases.get(str(self.decoder_dtype).strip().lower(), str(self.decoder_dtype).strip().lower())
+        if self.decoder_dtype not in ("float32", "bfloat16"):
+            raise ValueError(
+                f"decoder_dtype must be float32 or bfloat16, got {self.decoder_dtype!r} (float16 can overflow in "
+                "training; use bfloat16)."
+            )
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"fsdp must be true or false, got {self.fsdp!r}.")
         if self.fsdp and self.stage == "policy":

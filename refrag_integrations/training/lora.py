@@ -16,15 +16,21 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 class LoRALinear(nn.Module):
-    """``base(x) + scale * x A^T B^T`` with the base frozen; B starts at zero (no change at init)."""
+    """``base(x) + scale * x A^T B^T`` with the base frozen; B starts at zero (no change at init).
+
+    A and B are float32 even when the base weight is bfloat16 / float16 (a half-precision frozen
+    decoder): the optimizer then updates full-precision adapters, and the forward casts them to
+    the input's dtype.
+    """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
         super().__init__()
         self.base = base
         self.rank = rank
         self.scale = alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype, device=base.weight.device))
+        dtype = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         for p in self.base.parameters():
             p.requires_grad_(False)

@@ -28,9 +28,10 @@ the last ``save_every`` save; signalling one worker process directly has no dead
 
 FSDP (``--set fsdp=true``). DDP replicates the decoder on every GPU. The stages as configured
 train only the chunk encoder, the projector and LoRA adapters, so the replicated decoder is frozen:
-no gradients or optimizer state, only its weights (4 bytes per parameter in fp32, as the engine
-loads it today; 2 in bf16), so a 7B decoder (28 GB) still fits one 80 GB GPU with room for
-activations, and DDP (the default) spares FSDP's per-layer all-gathers there. Use FSDP when the decoder does not
+no gradients or optimizer state, only its weights (4 bytes per parameter in fp32; 2 with
+``--set decoder_dtype=bfloat16``, which keeps the LoRA adapters, encoder and projector in fp32), so
+a 7B decoder (28 GB, or 14 GB in bf16) still fits one 80 GB GPU with room for activations, and DDP
+(the default) spares FSDP's per-layer all-gathers there. Use FSDP when the decoder does not
 fit once per GPU next to the activations (larger decoders, long contexts): each rank then holds
 1/N of the decoder. After ``add_lora`` the trainer calls ``torch.distributed.fsdp.fully_shard`` on
 each decoder layer and then on the decoder, leaving out the input embedding (``ignored_params``:
@@ -280,7 +281,7 @@ class Trainer:
             device = cfg.device
             if self.dist.enabled and device_type == "cuda" and (device is None or torch.device(device).index is None):
                 device = f"cuda:{self.dist.local_rank}"
-            kwargs: dict[str, Any] = {"device": device}
+            kwargs: dict[str, Any] = {"device": device, "decoder_dtype": cfg.decoder_dtype}
             if cfg.init_checkpoint:
                 engine = RefragEngine.from_pretrained(cfg.init_checkpoint, decoder=cfg.decoder, encoder=cfg.encoder, **kwargs)
             else:
