@@ -240,6 +240,32 @@ def test_qa_harness_fields_and_resume(tiny_engine, tmp_path):
         Q.run_qa(tiny_engine, examples, out, limit=1, **{**kw, "max_new_tokens": 4})
 
 
+def test_half_precision_weights_do_not_resume_into_a_bf16_autocast_run(tiny_dirs, tiny_engine, tmp_path):
+    # Both runs compute in bfloat16, but one has float32 weights under autocast and the other
+    # bfloat16 weights: their results directories must not mix. float32-weight runs keep the
+    # signature they always had (no new key), so existing results directories still resume.
+    import torch
+
+    from refrag_integrations import RefragEngine
+
+    dec, enc = tiny_dirs
+    half = RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu",
+                                        decoder_dtype="bfloat16")
+    kw = dict(ns=(1,), settings=Q.qa_settings([], [0.0]), limit=1, max_new_tokens=2, progress=False)
+    out = tmp_path / "qa"
+    tiny_engine.autocast_dtype = torch.bfloat16
+    try:
+        Q.run_qa(tiny_engine, _examples(), out, **kw)
+    finally:
+        tiny_engine.autocast_dtype = None
+    first = json.loads((out / "run.json").read_text())
+    assert first["dtype"] == "bfloat16" and "decoder_weights" not in first
+    with pytest.raises(ValueError, match="other settings"):
+        Q.run_qa(half, _examples(), out, **kw)
+    Q.run_qa(half, _examples(), tmp_path / "qa_half", **kw)
+    assert json.loads((tmp_path / "qa_half" / "run.json").read_text())["decoder_weights"] == "bfloat16"
+
+
 def test_qa_with_a_retriever_records_whether_gold_was_retrieved(tiny_engine, tmp_path):
     examples = _examples()
     corpus = [e.passage for e in examples]

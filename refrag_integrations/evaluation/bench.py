@@ -165,6 +165,16 @@ def cache_dtype(engine: "RefragEngine") -> "torch.dtype":
     return engine.autocast_dtype or next(engine.decoder.parameters()).dtype
 
 
+def weights_signature(engine: "RefragEngine") -> dict[str, str]:
+    """``{"decoder_weights": dtype}`` for a decoder loaded in half precision (``decoder_dtype``),
+    else nothing: results directories written with float32 weights keep their signature, and a
+    bfloat16-weights run never resumes into a float32-weights run with bf16 autocast."""
+    import torch
+
+    dtype = next(engine.decoder.parameters()).dtype
+    return {} if dtype == torch.float32 else {"decoder_weights": str(dtype).replace("torch.", "")}
+
+
 def _proc_status(field_name: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -451,6 +461,7 @@ def run_bench(
         "decoder_fingerprint": engine.config.decoder_fingerprint,
         "encoder": engine.config.encoder,
         "dtype": str(dtype).replace("torch.", ""),
+        **weights_signature(engine),
         "device": str(engine.device),
         "threads": torch.get_num_threads(),
         "repeats": settings.repeats,

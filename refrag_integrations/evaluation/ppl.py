@@ -151,7 +151,7 @@ def run_ppl(
     from tqdm.auto import tqdm
 
     from ..policy import RandomPolicy
-    from .bench import engine_for_k
+    from .bench import engine_for_k, weights_signature
 
     settings = ppl_settings(ks, ps)
     out = Path(out_dir)
@@ -160,6 +160,7 @@ def run_ppl(
         "decoder_fingerprint": engine.config.decoder_fingerprint,
         "projector_trained_k": engine.k if engine.trained else None,
         "dtype": str(engine.autocast_dtype or next(engine.decoder.parameters()).dtype).replace("torch.", ""),
+        **weights_signature(engine),
         "seed": seed,
         **(signature or {}),
     }

@@ -164,7 +164,7 @@ def run_qa(
     import torch
     from tqdm.auto import tqdm
 
-    from .bench import learned_policy
+    from .bench import learned_policy, weights_signature
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}.")
@@ -181,6 +181,7 @@ def run_qa(
         "k": engine.k,
         "projector_trained": bool(engine.trained),
         "dtype": str(engine.autocast_dtype or next(engine.decoder.parameters()).dtype).replace("torch.", ""),
+        **weights_signature(engine),
         "device": str(engine.device),
         "threads": torch.get_num_threads(),  # TTFTs of one run must be comparable
         "max_new_tokens": max_new_tokens,
