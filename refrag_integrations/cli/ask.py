@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from ..config import DEFAULT_COLLECTION, DEFAULT_EXPAND_FRACTION, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TOP_K
+from .common import DECODER_DTYPE_HELP, check_decoder_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import RefragEngine
@@ -64,7 +65,7 @@ def ask(
     expand_fraction: float = typer.Option(DEFAULT_EXPAND_FRACTION, "--expand-fraction", help="p: fraction of chunks kept as tokens."),
     max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, help="Generation limit."),
     bf16: bool = typer.Option(False, help="Run the decoder under bfloat16 autocast."),
-    decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help="Decoder weights: float32, bfloat16 or float16 (half the memory; GPUs)."),
+    decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help=DECODER_DTYPE_HELP, callback=check_decoder_dtype),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """Answer QUESTION from passages retrieved from an index (or given with --passages)."""
@@ -80,12 +81,6 @@ def ask(
     from ..store import EmbedderMismatchError, FingerprintMismatchError
 
     texts = read_passages(passages) if passages is not None else None
-    from ..models import resolve_dtype
-
-    try:
-        resolve_dtype(decoder_dtype)
-    except ValueError as err:
-        raise typer.BadParameter(f"--decoder-dtype: {err}") from err
     engine = RefragEngine.from_pretrained(checkpoint, autocast_dtype=torch.bfloat16 if bf16 else None,
                                           decoder_dtype=decoder_dtype)
     retrieve_s = 0.0

@@ -17,6 +17,7 @@ from ..evaluation.config import (
     DEFAULT_PPL_DIR,
     DEFAULT_QA_DIR,
 )
+from .common import DECODER_DTYPE_HELP, check_decoder_dtype
 
 T = TypeVar("T")
 
@@ -45,13 +46,8 @@ def load_engine(checkpoint: Optional[str], bf16: bool, threads: Optional[int], d
         if threads < 1:
             raise typer.BadParameter(f"--threads must be >= 1, got {threads}.")
         torch.set_num_threads(threads)
-    try:
-        return RefragEngine.from_pretrained(checkpoint, autocast_dtype=torch.bfloat16 if bf16 else None, device=device,
-                                            decoder_dtype=decoder_dtype)
-    except ValueError as err:
-        if "dtype must be one of" in str(err):
-            raise typer.BadParameter(f"--decoder-dtype: {err}") from err
-        raise
+    return RefragEngine.from_pretrained(checkpoint, autocast_dtype=torch.bfloat16 if bf16 else None, device=device,
+                                        decoder_dtype=decoder_dtype)
 
 
 def warn_if_busy() -> None:
@@ -80,7 +76,7 @@ def bench(
     limit: Optional[int] = typer.Option(None, help="Measure at most this many new settings now (rerun to continue)."),
     quick: bool = typer.Option(False, help="Small defaults: lengths 512,1024, k=16, p=0, 1 repeat, 8 output tokens."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast for the decoder (both RAG and REFRAG)."),
-    decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help="Decoder weights: float32, bfloat16 or float16 (half the memory; GPUs)."),
+    decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help=DECODER_DTYPE_HELP, callback=check_decoder_dtype),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     overwrite: bool = typer.Option(False, help="Discard results in --out made with other settings."),

@@ -9,6 +9,20 @@ from typing import Any
 import typer
 
 
+DECODER_DTYPE_HELP = "Decoder weights: float32, bfloat16 or float16 (half the memory; GPUs)."
+
+
+def check_decoder_dtype(value: str) -> str:
+    """``--decoder-dtype``: a clear usage error for an unknown dtype, before any model loads."""
+    from ..models import resolve_dtype
+
+    try:
+        resolve_dtype(value)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    return value
+
+
 def read_passages(path: Path) -> list[str]:
     """Read passages from a file: ``.jsonl`` (one object per line with ``text`` and optional
     ``title``) or plain text (passages separated by blank lines)."""

@@ -21,6 +21,7 @@ from ..evaluation.config import (
     QA_SEED,
 )
 from .bench import load_engine, parse_list
+from .common import DECODER_DTYPE_HELP, check_decoder_dtype
 
 app = typer.Typer(help="Evaluate answer quality (qa), perplexity (ppl), and write the benchmark page (report).",
                   no_args_is_help=True)
@@ -53,7 +54,7 @@ def qa(
     seed: int = typer.Option(QA_SEED, help="Seed of distractors, gold position and the random policy."),
     out: Path = typer.Option(Path(DEFAULT_QA_DIR), help="Results directory."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast for the decoder."),
-    decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help="Decoder weights: float32, bfloat16 or float16 (half the memory; GPUs)."),
+    decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help=DECODER_DTYPE_HELP, callback=check_decoder_dtype),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Start over even if --out holds a run with other settings."),
@@ -122,7 +123,7 @@ def ppl(
     checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint to evaluate (default: the packaged one, if any; 'none': base models, untrained projector)."),
     out: Path = typer.Option(Path(DEFAULT_PPL_DIR), help="Results directory."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast for the decoder."),
-    decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help="Decoder weights: float32, bfloat16 or float16 (half the memory; GPUs)."),
+    decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help=DECODER_DTYPE_HELP, callback=check_decoder_dtype),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Start over even if --out holds a run with other settings."),

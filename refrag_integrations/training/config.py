@@ -139,13 +139,15 @@ class TrainConfig:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}.")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}.")
-        aliases = {"fp32": "float32", "bf16": "bfloat16"}
-        self.decoder_dtype = aliases.get(str(self.decoder_dtype).strip().lower(), str(self.decoder_dtype).strip().lower())
-        if self.decoder_dtype not in ("float32", "bfloat16"):
+        from ..models import resolve_dtype
+
+        try:
+            self.decoder_dtype = str(resolve_dtype(self.decoder_dtype, allowed=("float32", "bfloat16"))).replace("torch.", "")
+        except ValueError as err:
             raise ValueError(
                 f"decoder_dtype must be float32 or bfloat16, got {self.decoder_dtype!r} (float16 can overflow in "
                 "training; use bfloat16)."
-            )
+            ) from err
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"fsdp must be true or false, got {self.fsdp!r}.")
         if self.fsdp and self.stage == "policy":
