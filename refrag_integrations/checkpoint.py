@@ -260,6 +260,7 @@ def build_engine(
     encoder: str | None = None,
     chunk_size: int | None = None,
     pooling: str | None = None,
+    chunk_context: str | None = None,
     policy: "ExpansionPolicy | str | None" = None,
     budget: "ExpansionBudget | float | int | None" = None,
     autocast_dtype: torch.dtype | None = None,
@@ -272,7 +273,7 @@ def build_engine(
     projector is freshly initialised and the engine reports ``trained=False``."""
     from .encoder import ChunkEncoder
     from .engine import RefragEngine
-    from .models import load_decoder, load_encoder, model_fingerprint, resolve_dtype
+    from .models import decoder_encoder_layers, load_decoder, load_encoder, model_fingerprint, resolve_dtype
     from .policy import make_policy
 
     decoder_dtype = resolve_dtype(decoder_dtype)  # fail before loading anything
@@ -282,7 +283,8 @@ def build_engine(
         if default is not None:
             cand = load_checkpoint(default)
             if (decoder in (None, cand.config.decoder) and encoder in (None, cand.config.encoder)
-                    and chunk_size in (None, cand.config.chunk_size) and pooling in (None, cand.config.pooling)):
+                    and chunk_size in (None, cand.config.chunk_size) and pooling in (None, cand.config.pooling)
+                    and chunk_context in (None, cand.config.chunk_context)):
                 ckpt = cand
     elif str(checkpoint) == "none":
         pass  # the base models with a fresh, untrained projector (e.g. to evaluate the base decoder)
@@ -297,17 +299,23 @@ def build_engine(
         cfg = ckpt.config
         if chunk_size is not None and chunk_size != cfg.chunk_size:
             raise CheckpointMismatchError(f"The checkpoint was trained with k={cfg.chunk_size}, not k={chunk_size}.")
+        if chunk_context is not None and chunk_context != cfg.chunk_context:
+            raise CheckpointMismatchError(
+                f"The checkpoint was trained with chunk_context={cfg.chunk_context!r}, not {chunk_context!r}."
+            )
     else:
         cfg = RefragConfig(
             decoder=decoder or DEFAULT_DECODER,
             encoder=encoder or DEFAULT_ENCODER,
             chunk_size=chunk_size if chunk_size is not None else DEFAULT_CHUNK_SIZE,
             pooling=pooling or "mean",
+            chunk_context=chunk_context or "chunk",
         )
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     dec_model, dec_tok = load_decoder(decoder or cfg.decoder, dtype=decoder_dtype)
-    enc_model, enc_tok = load_encoder(encoder or cfg.encoder)
+    enc_name = encoder or cfg.encoder
+    enc_model, enc_tok = load_encoder(enc_name, decoder=dec_model, decoder_tokenizer=dec_tok)
     dec_fp, enc_fp = model_fingerprint(dec_model), model_fingerprint(enc_model)
     if ckpt is not None:
         for what, want, got, name in (
@@ -328,7 +336,8 @@ def build_engine(
         target_norm = float(dec_model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
     chunk_encoder = ChunkEncoder(
         enc_model, enc_tok, decoder_dim=cfg.decoder_dim, pooling=cfg.pooling,
-        projector_hidden=cfg.projector_hidden, target_norm=target_norm,
+        projector_hidden=cfg.projector_hidden, target_norm=target_norm, chunk_context=cfg.chunk_context,
+        reads_decoder_tokens=decoder_encoder_layers(enc_name) is not None,
     )
     trained = False
     learned_policy = None

@@ -98,3 +98,22 @@ def chunk_passage(text: str, tokenizer: Any, k: int) -> list[Chunk]:
             end = start + len(chunk_text)
         chunks.append(Chunk(token_ids=tuple(piece), text=chunk_text, start=start, end=end, index=i))
     return chunks
+
+
+def chunks_from_token_ids(token_ids: Sequence[int], tokenizer: Any, k: int) -> list[Chunk]:
+    """Chunks of a window of decoder token ids (training data is drawn as token windows).
+
+    Each chunk's text is its own tokens decoded, and the spans tile the concatenated text, as
+    :func:`chunk_passage` does for a passage.
+
+    Example:
+        >>> [c.token_ids for c in chunks_from_token_ids([5, 6, 7], tok, 2)]   # doctest: +SKIP
+        [(5, 6), (7,)]
+    """
+    chunks: list[Chunk] = []
+    start = 0
+    for i, piece in enumerate(chunk_token_ids(token_ids, k)):
+        text = tokenizer.decode(piece)
+        chunks.append(Chunk(token_ids=tuple(int(t) for t in piece), text=text, start=start, end=start + len(text), index=i))
+        start += len(text)
+    return chunks

@@ -28,6 +28,14 @@ DEFAULT_PASSAGE_CACHE_SIZE = 4096  # passages kept in the engine's process-local
 PROMPT_RESERVE_TOKENS = 256
 
 POOLINGS = ("mean", "cls")
+# What a chunk vector sees: its own k tokens only (the paper: chunks encoded independently), or its
+# whole passage, encoded once and pooled over the chunk's token span (a chunk knows its neighbours;
+# still computed once per passage at index time and stored per chunk).
+CHUNK_CONTEXTS = ("chunk", "passage")
+# An encoder named "decoder:N" is the decoder's own first N layers (OSCAR, arXiv 2504.07109): its
+# token states start in the decoder's space and it reads the decoder's tokens, so chunk spans are exact.
+DECODER_ENCODER_PREFIX = "decoder:"
+PASSAGE_ENCODER_MAX_TOKENS = 512  # chunk_context="passage": longer passages are encoded in windows of whole chunks
 
 # The instruction that frames retrieved passages. Training (sft) and inference share it.
 RAG_SYSTEM_PROMPT = "Answer the question using the passages. Reply with a short answer."
@@ -98,13 +106,19 @@ class RefragConfig:
     )
     encoder: str = field(
         default=DEFAULT_ENCODER,
-        metadata={"help": "Chunk encoder: HF id, local path, or the packaged default name."},
+        metadata={"help": "Chunk encoder: HF id, local path, the packaged default name, or 'decoder:N' (the "
+                  "decoder's own first N layers)."},
     )
     chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE, metadata={"help": "k: decoder tokens per chunk (8, 16, 32)."}
     )
     pooling: str = field(
         default="mean", metadata={"help": "How encoder token states become one chunk vector."}
+    )
+    chunk_context: str = field(
+        default="chunk",
+        metadata={"help": "What a chunk vector sees: 'chunk' (its own k tokens, the paper) or 'passage' (the "
+                  "whole passage encoded once, each chunk's span pooled)."},
     )
     projector_hidden: int | None = field(
         default=None,
@@ -131,6 +145,12 @@ class RefragConfig:
             )
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}.")
+        if self.chunk_context not in CHUNK_CONTEXTS:
+            raise ValueError(f"chunk_context must be one of {CHUNK_CONTEXTS}, got {self.chunk_context!r}.")
+        if self.chunk_context == "passage" and self.pooling != "mean":
+            raise ValueError(
+                f"chunk_context='passage' pools each chunk's token span, so pooling must be 'mean', got {self.pooling!r}."
+            )
         if self.projector_hidden is not None and self.projector_hidden < 1:
             raise ValueError(f"projector_hidden must be positive or None, got {self.projector_hidden!r}.")
 

@@ -218,6 +218,7 @@ class RefragEngine:
         encoder: str | None = None,
         chunk_size: int | None = None,
         pooling: str | None = None,
+        chunk_context: str | None = None,
         policy: ExpansionPolicy | str | None = None,
         budget: ExpansionBudget | float | int | None = None,
         autocast_dtype: torch.dtype | None = None,
@@ -231,8 +232,9 @@ class RefragEngine:
                 ``None`` loads the packaged default checkpoint when it fits the named base models
                 (else fresh, *untrained* projector weights); ``"default"`` requires it; ``"none"``
                 never loads one (the unmodified base decoder with an untrained projector).
-            decoder, encoder, chunk_size, pooling: base models and settings when ``checkpoint``
-                is None (defaults from :class:`RefragConfig`). With a checkpoint, ``decoder``
+            decoder, encoder, chunk_size, pooling, chunk_context: base models and settings when
+                ``checkpoint`` is None (defaults from :class:`RefragConfig`; ``encoder="decoder:N"``
+                uses the decoder's own first N layers). With a checkpoint, ``decoder``
                 may name a local copy of the same decoder; a different decoder is refused.
             policy: default expansion policy (an object or a name: all, none, random, relevance).
             budget: default expansion budget (fraction p, max count, or ExpansionBudget).
@@ -251,6 +253,7 @@ class RefragEngine:
             encoder=encoder,
             chunk_size=chunk_size,
             pooling=pooling,
+            chunk_context=chunk_context,
             policy=policy,
             budget=budget,
             autocast_dtype=autocast_dtype,
@@ -347,13 +350,10 @@ class RefragEngine:
         encode_s = 0.0
         if missing:
             t0 = time.perf_counter()
-            texts_flat = [c.text for e in missing for c in e.chunks]
             with torch.no_grad():
-                flat = self.chunk_encoder.encode(texts_flat).float().cpu()  # (sum L, d_enc)
-            i = 0
-            for e in missing:
-                e.vectors = flat[i : i + len(e.chunks)]
-                i += len(e.chunks)
+                encoded = self.chunk_encoder.encode_passages([e.chunks for e in missing])  # [(L_i, d_enc)]
+            for e, v in zip(missing, encoded):
+                e.vectors = v.float().cpu()
             encode_s = time.perf_counter() - t0
             if self.vector_sink is not None:
                 self.vector_sink({passage_id(e.text): e.vectors for e in missing})

@@ -574,14 +574,9 @@ class _Indexer:
 
         engine = self.engine
         chunks = [chunk_passage(r.text, engine.tokenizer, engine.k) for r in records]
-        texts = [c.text for cs in chunks for c in cs]
         with torch.no_grad():
-            flat = engine.chunk_encoder.encode(texts).float().cpu()  # (sum L, d_enc)
-        out, i = {}, 0
-        for r, cs in zip(records, chunks):
-            out[r.id] = flat[i : i + len(cs)]
-            i += len(cs)
-        return out
+            encoded = engine.chunk_encoder.encode_passages(chunks)  # [(L_i, d_enc)]
+        return {r.id: v.float().cpu() for r, v in zip(records, encoded)}
 
     def flush(self) -> None:
         batch, self.batch = self.batch, []

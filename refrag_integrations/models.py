@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import DEFAULT_DECODER, DEFAULT_ENCODER, cache_dir
+from .config import DECODER_ENCODER_PREFIX, DEFAULT_DECODER, DEFAULT_ENCODER, cache_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -213,17 +213,88 @@ def load_decoder(
     return model, tokenizer
 
 
+def decoder_encoder_layers(name: str) -> int | None:
+    """N for an encoder named ``"decoder:N"`` (the decoder's first N layers), else None.
+
+    Example:
+        >>> decoder_encoder_layers("decoder:6"), decoder_encoder_layers("all-minilm-l6-v2")
+        (6, None)
+    """
+    if not isinstance(name, str) or not name.startswith(DECODER_ENCODER_PREFIX):
+        return None
+    tail = name[len(DECODER_ENCODER_PREFIX):]
+    if not tail.isdigit() or int(tail) < 1:
+        raise ValueError(f"an encoder named {name!r} must be '{DECODER_ENCODER_PREFIX}N' with N >= 1 decoder layers.")
+    return int(tail)
+
+
+def encoder_from_decoder(decoder: "PreTrainedModel", num_layers: int) -> "PreTrainedModel":
+    """A copy of the decoder's embedding and first ``num_layers`` layers as an ``AutoModel``.
+
+    Its ``last_hidden_state`` is the residual stream after layer N, normalised by the RMSNorm that
+    layer N+1 applies to its input (the final norm when N is the whole depth), so token states have
+    the scale the decoder itself reads. The copy is float32 and independent of the decoder
+    (training the encoder never changes the decoder).
+
+    Raises:
+        ValueError: ``num_layers`` exceeds the decoder's depth, or the decoder has no layer list.
+    """
+    import copy
+
+    import torch
+    from transformers import AutoModel
+
+    base = decoder.get_decoder() if hasattr(decoder, "get_decoder") else None
+    layers = getattr(base, "layers", None)
+    if base is None or layers is None or not hasattr(base, "embed_tokens"):
+        raise ValueError(
+            f"encoder='decoder:N' needs a decoder with embed_tokens and a layer list (Llama, Qwen, Mistral, ...); "
+            f"{type(decoder).__name__} has none."
+        )
+    depth = len(layers)
+    if not 1 <= num_layers <= depth:
+        raise ValueError(f"encoder='decoder:{num_layers}' asks for {num_layers} layers; the decoder has {depth}.")
+    cfg = copy.deepcopy(base.config)
+    cfg.num_hidden_layers = num_layers
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[:num_layers]
+    enc = AutoModel.from_config(cfg, dtype=torch.float32)
+    state = {k: v for k, v in base.state_dict().items()
+             if not k.startswith(("layers.", "norm.")) or (k.startswith("layers.") and int(k.split(".")[1]) < num_layers)}
+    norm = layers[num_layers].input_layernorm if num_layers < depth else base.norm
+    state.update({f"norm.{k}": v for k, v in norm.state_dict().items()})
+    enc.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    enc.eval()
+    return enc
+
+
 def load_encoder(
-    name_or_path: str = DEFAULT_ENCODER, dtype: "torch.dtype | None" = None
+    name_or_path: str = DEFAULT_ENCODER,
+    dtype: "torch.dtype | None" = None,
+    *,
+    decoder: "PreTrainedModel | None" = None,
+    decoder_tokenizer: "PreTrainedTokenizerBase | None" = None,
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-    """Load a bidirectional encoder (``AutoModel``) and its tokenizer.
+    """Load a chunk encoder (``AutoModel``) and its tokenizer.
+
+    Args:
+        name_or_path: the offline default name, a local directory, a hub id, or ``"decoder:N"``
+            (the decoder's own first N layers; then ``decoder`` and ``decoder_tokenizer`` are needed).
+        dtype: parameter dtype (default float32).
+        decoder, decoder_tokenizer: the loaded decoder, for ``"decoder:N"``.
 
     Raises:
         ModelNotFoundError: the model cannot be found.
+        ValueError: ``"decoder:N"`` without a decoder, or N out of range.
     """
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    n = decoder_encoder_layers(name_or_path)
+    if n is not None:
+        if decoder is None or decoder_tokenizer is None:
+            raise ValueError(f"encoder {name_or_path!r} is built from the decoder: pass decoder= and decoder_tokenizer=.")
+        return encoder_from_decoder(decoder, n), decoder_tokenizer
     path = resolve_encoder_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -148,6 +148,13 @@ def compute_chunk_vector_fingerprint(chunk_encoder: "ChunkEncoder", tokenizer: A
         "max_length": int(chunk_encoder.max_length),
         "encoder_class": type(chunk_encoder.encoder).__name__,
     }
+    # Settings added later enter only when they differ from what earlier vectors used, so indexes
+    # built before them keep their fingerprint.
+    if chunk_encoder.chunk_context != "chunk":
+        settings["chunk_context"] = chunk_encoder.chunk_context
+        settings["passage_max_length"] = int(chunk_encoder.passage_max_length)
+    if chunk_encoder.reads_decoder_tokens:
+        settings["reads_decoder_tokens"] = True
     h.update(json.dumps(settings, sort_keys=True).encode())
     for name, tensor in sorted(chunk_encoder.encoder.state_dict().items()):
         flat = tensor.detach().cpu().contiguous().reshape(-1)
@@ -165,6 +172,7 @@ def fingerprint_info(engine: "RefragEngine") -> dict[str, Any]:
         "decoder": str(engine.config.decoder),
         "k": int(engine.k),
         "pooling": engine.chunk_encoder.pooling,
+        "chunk_context": engine.chunk_encoder.chunk_context,
         "dim": int(engine.chunk_encoder.encoder_dim),
     }
 

@@ -22,7 +22,7 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def train(
-    stage: str = typer.Argument(..., help="reconstruct, cpt, mixed, sft or policy."),
+    stage: str = typer.Argument(..., help="reconstruct, cpt, mixed, sft, distill or policy."),
     config: Optional[Path] = typer.Option(None, help="YAML file with TrainConfig fields."),
     output_dir: Optional[str] = typer.Option(None, help="Run directory (resume state + checkpoint/)."),
     init_checkpoint: Optional[str] = typer.Option(None, help="Checkpoint of the previous stage."),
@@ -52,6 +52,8 @@ def train(
         raise typer.BadParameter(str(err)) from err
     if stage == "sft":
         from ..training.sft import SFTTrainer as runner_cls
+    elif stage == "distill":
+        from ..training.distill import DistillTrainer as runner_cls
     elif stage == "policy":
         from ..training.policy_rl import PolicyTrainer as runner_cls
     else:

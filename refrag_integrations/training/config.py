@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("reconstruct", "cpt", "mixed", "sft", "policy")
+STAGES = ("reconstruct", "cpt", "mixed", "sft", "distill", "policy")
 #: expand_fraction when a config gives none: mixed uses the paper's p = 0.1; sft trains and the
 #: policy chooses at the p = 0.25 the evaluations and the default checkpoint use.
-STAGE_EXPAND_FRACTION = {"reconstruct": 0.0, "cpt": 0.0, "mixed": 0.1, "sft": 0.25, "policy": 0.25}
+STAGE_EXPAND_FRACTION = {"reconstruct": 0.0, "cpt": 0.0, "mixed": 0.1, "sft": 0.25, "distill": 0.0, "policy": 0.25}
 
 
 @dataclass
@@ -31,6 +31,26 @@ class TrainConfig:
     decoder: str | None = field(default=None, metadata={"help": "Decoder (default: RefragConfig's)."})
     encoder: str | None = field(default=None, metadata={"help": "Encoder (default: RefragConfig's)."})
     chunk_size: int = field(default=16, metadata={"help": "k, decoder tokens per chunk."})
+    chunk_context: str | None = field(
+        default=None,
+        metadata={"help": "What a chunk vector sees: 'chunk' (its own tokens, the paper) or 'passage' (its whole "
+                  "passage, each chunk's span pooled). Default: the init checkpoint's, else 'chunk'."},
+    )
+    distill_temperature: float = field(
+        default=1.0,
+        metadata={"help": "distill: softmax temperature of the teacher and the student (the KL is scaled by T^2)."},
+    )
+    distill_ce_weight: float = field(
+        default=0.0,
+        metadata={"help": "distill: weight of cross-entropy on the gold answer (QA examples) or the true "
+                  "continuation (text examples), added to the KL."},
+    )
+    qa_share: float = field(
+        default=1.0,
+        metadata={"help": "distill: share of examples that are NQ train questions (gold + distractor passages, "
+                  "KL on the answer); the rest are Wikipedia next-paragraph continuations (KL on o tokens after "
+                  "max_chunks compressed chunks)."},
+    )
     data_dir: str = field(default="../shared/data", metadata={"help": "Directory with the shared data files."})
     max_chunks: int = field(default=16, metadata={"help": "L_max: most chunks per example (curriculum top)."})
     num_passages: int = field(default=5, metadata={"help": "sft, policy: passages per question (gold + distractors)."})
@@ -135,6 +155,14 @@ class TrainConfig:
             )
         if not 0.0 <= self.compressed_share <= 1.0:
             raise ValueError(f"compressed_share must be in [0, 1], got {self.compressed_share!r}.")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be positive, got {self.distill_temperature!r}.")
+        if self.distill_ce_weight < 0:
+            raise ValueError(f"distill_ce_weight must be >= 0, got {self.distill_ce_weight!r}.")
+        if not 0.0 <= self.qa_share <= 1.0:
+            raise ValueError(f"qa_share must be in [0, 1], got {self.qa_share!r}.")
+        if self.chunk_context is not None and self.chunk_context not in ("chunk", "passage"):
+            raise ValueError(f"chunk_context must be 'chunk' or 'passage', got {self.chunk_context!r}.")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}.")
         if self.lr <= 0:

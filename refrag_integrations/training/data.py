@@ -20,6 +20,7 @@ from ..evaluation.data import QAExample as NQExample  # one loader for training 
 from ..evaluation.data import load_qa, nq_path
 
 WIKITEXT_VALID = "wikitext2-valid.txt"
+ENWIKI_2015_FILE = "enwiki-2015-articles.jsonl.gz"  # 5,546 articles, ~21 M tokens, no NQ eval titles
 WIKITEXT_TEST = "wikitext2-test.txt"
 
 
@@ -45,6 +46,15 @@ def pretraining_documents(data_dir: str | Path) -> list[str]:
     docs.append(_require(data_dir / WIKITEXT_VALID).read_text(encoding="utf-8"))
     docs.extend(ex.passage for ex in load_nq(data_dir, "train"))
     return docs
+
+
+def distillation_documents(data_dir: str | Path) -> list[str]:
+    """Texts for next-paragraph distillation: the 5,546 Wikipedia articles of
+    ``enwiki-2015-articles.jsonl.gz`` (none of the NQ eval titles)."""
+    import gzip
+
+    with gzip.open(_require(Path(data_dir) / ENWIKI_2015_FILE), "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
 
 
 def heldout_documents(data_dir: str | Path) -> list[str]:

@@ -17,10 +17,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..engine import RefragEngine
 
 
-def chunk_texts(engine: "RefragEngine", windows: Sequence[Sequence[int]], k: int) -> list[str]:
-    """Decoded text of every k-token chunk of every window, window-major."""
-    tok = engine.tokenizer
-    return [tok.decode(list(w[i : i + k])) for w in windows for i in range(0, len(w), k)]
+def window_chunk_vectors(engine: "RefragEngine", windows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Projected chunk vectors of token windows, ``(B*L, d)`` window-major: each window is one
+    passage to the encoder (what ``chunk_context`` sees), cut into chunks of k tokens."""
+    from ..chunking import chunks_from_token_ids
+
+    k = engine.config.chunk_size
+    chunk_lists = [chunks_from_token_ids(list(w), engine.tokenizer, k) for w in windows]
+    c = torch.cat(engine.chunk_encoder.encode_passages(chunk_lists), 0)  # (B*L, d_enc)
+    return engine.chunk_encoder.project(c)
 
 
 def context_blocks(
@@ -41,7 +46,7 @@ def context_blocks(
     if S % k:
         raise ValueError(f"context length {S} is not a multiple of k={k}.")
     L = S // k
-    vecs = engine.chunk_encoder(chunk_texts(engine, ctx.tolist(), k))  # (B*L, d)
+    vecs = window_chunk_vectors(engine, ctx.tolist())  # (B*L, d)
     embed = engine.decoder.get_input_embeddings()
     vecs = vecs.to(embed.weight.dtype).view(B, L, -1)  # (B, L, d)
     if expand is None or not bool(expand.any()):

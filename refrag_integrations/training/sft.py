@@ -38,12 +38,8 @@ class SFTTrainer(Trainer):
 
         eng = self.engine
         chunk_lists = [eng.chunk(p) for p in passages]
-        flat = [c.text for cl in chunk_lists for c in cl]
-        vecs = eng.chunk_encoder.encode(flat)  # (sum L, d_enc), with grad
-        per, i = [], 0
-        for cl in chunk_lists:
-            per.append(vecs[i : i + len(cl)])
-            i += len(cl)
+        per = eng.chunk_encoder.encode_passages(chunk_lists)  # [(L_i, d_enc)], with grad
+        flat = [c for cl in chunk_lists for c in cl]
         p = 0.0 if self.cfg.compressed_share and rng.random() < self.cfg.compressed_share else self.cfg.expand_fraction
         n_expand = int(p * len(flat))
         picked = set(rng.sample(range(len(flat)), n_expand))

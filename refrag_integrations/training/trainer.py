@@ -283,11 +283,14 @@ class Trainer:
                 device = f"cuda:{self.dist.local_rank}"
             kwargs: dict[str, Any] = {"device": device, "decoder_dtype": cfg.decoder_dtype}
             if cfg.init_checkpoint:
-                engine = RefragEngine.from_pretrained(cfg.init_checkpoint, decoder=cfg.decoder, encoder=cfg.encoder, **kwargs)
+                engine = RefragEngine.from_pretrained(
+                    cfg.init_checkpoint, decoder=cfg.decoder, encoder=cfg.encoder, chunk_context=cfg.chunk_context, **kwargs
+                )
             else:
                 torch.manual_seed(cfg.seed)
                 engine = RefragEngine.from_pretrained(
-                    decoder=cfg.decoder, encoder=cfg.encoder, chunk_size=cfg.chunk_size, **kwargs
+                    "none", decoder=cfg.decoder, encoder=cfg.encoder, chunk_size=cfg.chunk_size,
+                    chunk_context=cfg.chunk_context, **kwargs
                 )
         self.engine = engine
         if engine.config.chunk_size != cfg.chunk_size:
