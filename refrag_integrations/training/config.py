@@ -106,6 +106,9 @@ class TrainConfig:
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)."})
     save_every: int = field(default=50, metadata={"help": "Save resume state every N steps."})
     eval_every: int = field(default=0, metadata={"help": "Evaluate every N steps (0 = only at the end)."})
+    eval_before: bool = field(
+        default=True, metadata={"help": "Evaluate the initial model before the first step (metrics_before.json)."}
+    )
     eval_examples: int = field(default=64, metadata={"help": "Held-out examples per evaluation setting."})
     seed: int = field(default=0, metadata={"help": "Seed for data sampling and initialisation."})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: cuda if available)."})
@@ -176,6 +179,8 @@ class TrainConfig:
                 f"decoder_dtype must be float32 or bfloat16, got {self.decoder_dtype!r} (float16 can overflow in "
                 "training; use bfloat16)."
             ) from err
+        if not isinstance(self.eval_before, bool):
+            raise ValueError(f"eval_before must be true or false, got {self.eval_before!r}.")
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"fsdp must be true or false, got {self.fsdp!r}.")
         if self.fsdp and self.stage == "policy":

@@ -46,32 +46,45 @@ def lora_disabled(model: torch.nn.Module) -> Iterator[None]:
             m.scale = s
 
 
-def target_logits(engine, prefix: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced logits ``(B, T, V)`` predicting ``targets (B, T)`` after ``prefix (B, P, d)``."""
-    embed = engine.decoder.get_input_embeddings()
-    tgt_emb = embed(targets[:, :-1])  # (B, T-1, d)
-    inputs = torch.cat([prefix.to(tgt_emb.dtype), tgt_emb], 1)  # (B, P+T-1, d)
-    pos = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand(inputs.shape[0], -1)
-    out = engine.decoder(inputs_embeds=inputs, position_ids=pos, use_cache=False, logits_to_keep=targets.shape[1])
-    return out.logits.float()
+def target_logits(engine, prefixes: list[torch.Tensor], targets: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Teacher-forced logits predicting each ``targets[i] (T_i,)`` after ``prefixes[i] (P_i, d)``,
+    all rows in one right-padded forward (causal attention: padding after a row never reaches it).
+    Returns one ``(T_i, V)`` float32 tensor per row; the LM head runs only at target positions."""
+    dec = engine.decoder
+    embed = dec.get_input_embeddings()
+    rows = [torch.cat([p.to(embed.weight.dtype), embed(t[:-1])], 0) for p, t in zip(prefixes, targets)]  # (P+T-1, d)
+    x = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, S, d)
+    pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+    hidden = dec.get_decoder()(inputs_embeds=x, position_ids=pos, use_cache=False).last_hidden_state  # (B, S, d)
+    head = dec.get_output_embeddings()
+    out = []
+    for i, (p, t) in enumerate(zip(prefixes, targets)):
+        start = p.shape[0] - 1  # the last prefix position predicts the first target token
+        out.append(head(hidden[i, start : start + t.shape[0]]).float())  # (T_i, V)
+    return out
 
 
 def distill_loss(
-    student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float, ce_weight: float
+    student: list[torch.Tensor], teacher: list[torch.Tensor], targets: list[torch.Tensor], temperature: float,
+    ce_weight: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """T^2 * KL(teacher_T || student_T), mean over target positions, plus ``ce_weight`` x CE.
+    """T^2 * KL(teacher_T || student_T) averaged over each row's target positions, then over rows,
+    plus ``ce_weight`` x cross-entropy on the true tokens.
 
     Args:
-        student, teacher: logits ``(B, T, V)``; targets: ``(B, T)`` true token ids.
+        student, teacher: per-row logits ``(T_i, V)``; targets: per-row true ids ``(T_i,)``.
     """
     t = temperature
-    log_s = F.log_softmax(student / t, -1)  # (B, T, V)
-    log_t = F.log_softmax(teacher / t, -1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * t * t
-    ce = F.cross_entropy(student.transpose(1, 2), targets)
+    kls, ces, acc, agree = [], [], 0.0, 0.0
+    for s_i, t_i, y in zip(student, teacher, targets):
+        log_s = F.log_softmax(s_i / t, -1)  # (T_i, V)
+        log_t = F.log_softmax(t_i / t, -1)
+        kls.append((log_t.exp() * (log_t - log_s)).sum(-1).mean() * t * t)
+        ces.append(F.cross_entropy(s_i, y))
+        acc += float((s_i.argmax(-1) == y).float().mean()) / len(targets)
+        agree += float((s_i.argmax(-1) == t_i.argmax(-1)).float().mean()) / len(targets)
+    kl, ce = torch.stack(kls).mean(), torch.stack(ces).mean()
     loss = kl + ce_weight * ce if ce_weight else kl
-    acc = float((student.argmax(-1) == targets).float().mean())
-    agree = float((student.argmax(-1) == teacher.argmax(-1)).float().mean())
     return loss, {"kl": float(kl.detach()), "ce": float(ce.detach()), "acc": acc, "agree": agree}
 
 
@@ -88,68 +101,79 @@ class DistillTrainer(SFTTrainer):
             self._text = TokenCorpus(distillation_documents(self.cfg.data_dir), self.engine.tokenizer)
         return self._text
 
-    def teacher(self):
+    def teacher(self) -> contextlib.ExitStack:
         """Context manager under which the decoder is the teacher (no gradients, LoRA off)."""
         stack = contextlib.ExitStack()
         stack.enter_context(torch.no_grad())
         stack.enter_context(lora_disabled(self.engine.decoder))
         return stack
 
-    def qa_example(self, rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
+    def qa_rows(self, rng: random.Random, n: int) -> tuple[list, list, list]:
+        """``n`` NQ train examples as (student prefixes, teacher prefixes, answer targets)."""
         from .data import rag_passages
 
         cfg, eng = self.cfg, self.engine
         examples = self.data()
-        idx = rng.randrange(len(examples))
-        passages, _ = rag_passages(rng, examples, idx, cfg.num_passages)
-        ex = examples[idx]
-        chunk_lists = [eng.chunk(p) for p in passages]
-        vectors = eng.chunk_encoder.encode_passages(chunk_lists)  # [(L_i, d_enc)], with grad
-        n = sum(len(cl) for cl in chunk_lists)
-        p = 0.0 if cfg.compressed_share and rng.random() < cfg.compressed_share else cfg.expand_fraction
-        picked = set(rng.sample(range(n), int(p * n)))
-        decisions, i = [], 0
-        for cl in chunk_lists:
-            decisions.append([(i + j) in picked for j in range(len(cl))])
-            i += len(cl)
-        target = torch.tensor([self.answer_ids(ex.answers[0])], device=eng.device)  # (1, T)
-        student_in = eng.prepare_rag(ex.question, passages, decisions, vectors=vectors)
-        with self.teacher():
-            teacher_in = eng.prepare_rag(ex.question, passages, "all")
-            teacher = target_logits(eng, teacher_in.embeds.unsqueeze(0), target)
-        student = target_logits(eng, student_in.embeds.unsqueeze(0), target)
-        return distill_loss(student, teacher, target, cfg.distill_temperature, cfg.distill_ce_weight)
+        drawn = []
+        for _ in range(n):
+            idx = rng.randrange(len(examples))
+            drawn.append((examples[idx], rag_passages(rng, examples, idx, cfg.num_passages)[0]))
+        chunk_lists = [[eng.chunk(p) for p in passages] for _, passages in drawn]
+        flat_vectors = eng.chunk_encoder.encode_passages([cl for cls in chunk_lists for cl in cls])  # with grad
+        students, teachers, targets, v = [], [], [], 0
+        for (ex, passages), cls in zip(drawn, chunk_lists):
+            vectors = flat_vectors[v : v + len(cls)]
+            v += len(cls)
+            total = sum(len(cl) for cl in cls)
+            p = 0.0 if cfg.compressed_share and rng.random() < cfg.compressed_share else cfg.expand_fraction
+            picked = set(rng.sample(range(total), int(p * total)))
+            decisions, i = [], 0
+            for cl in cls:
+                decisions.append([(i + j) in picked for j in range(len(cl))])
+                i += len(cl)
+            students.append(eng.prepare_rag(ex.question, passages, decisions, vectors=vectors).embeds)
+            with self.teacher():
+                teachers.append(eng.prepare_rag(ex.question, passages, "all").embeds)
+            targets.append(torch.tensor(self.answer_ids(ex.answers[0]), device=eng.device))
+        return students, teachers, targets
 
-    def text_example(self, rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
+    def text_rows(self, rng: random.Random, n: int) -> tuple[list, list, list]:
+        """``n`` Wikipedia windows: ``max_chunks`` chunks of context, ``continuation_tokens`` targets."""
         from .objectives import context_blocks, random_expansion
 
         cfg, eng = self.cfg, self.engine
         L, k, o = cfg.max_chunks, cfg.chunk_size, cfg.continuation_tokens
-        w = torch.tensor([self.text_corpus().window(rng, L * k + o)], device=eng.device)  # (1, L*k + o)
+        w = torch.tensor(self.text_corpus().windows(rng, L * k + o, n), device=eng.device)  # (n, L*k + o)
         ctx, cont = w[:, : L * k], w[:, L * k :]
-        expand = random_expansion(rng, 1, L, cfg.expand_fraction)
+        student = context_blocks(eng, ctx, random_expansion(rng, n, L, cfg.expand_fraction))  # (n, L', d)
         with self.teacher():
-            teacher = target_logits(eng, eng.decoder.get_input_embeddings()(ctx), cont)
-        student = target_logits(eng, context_blocks(eng, ctx, expand), cont)
-        return distill_loss(student, teacher, cont, cfg.distill_temperature, cfg.distill_ce_weight)
+            teacher = eng.decoder.get_input_embeddings()(ctx)  # (n, L*k, d)
+        return list(student), list(teacher), list(cont)
 
     def loss_for_step(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = self.cfg
+        """One micro-batch: ``batch_size`` examples, each a QA example with probability ``qa_share``
+        (else a text example); students in one forward, teachers in another."""
+        cfg, eng = self.cfg, self.engine
         rng = self.micro_rng(step, micro)
-        losses, agg = [], {}
-        for _ in range(cfg.batch_size):
-            qa = cfg.qa_share >= 1.0 or rng.random() < cfg.qa_share
-            loss, m = self.qa_example(rng) if qa else self.text_example(rng)
-            losses.append(loss)
-            for key, v in m.items():
-                agg[key] = agg.get(key, 0.0) + v / cfg.batch_size
-        return torch.stack(losses).mean(), agg
+        n_qa = sum(1 for _ in range(cfg.batch_size) if cfg.qa_share >= 1.0 or rng.random() < cfg.qa_share)
+        students, teachers, targets = [], [], []
+        for rows in ((self.qa_rows(rng, n_qa) if n_qa else None),
+                     (self.text_rows(rng, cfg.batch_size - n_qa) if n_qa < cfg.batch_size else None)):
+            if rows is not None:
+                students += rows[0]
+                teachers += rows[1]
+                targets += rows[2]
+        with self.teacher():
+            teacher_logits = target_logits(eng, teachers, targets)
+        student_logits = target_logits(eng, students, targets)
+        return distill_loss(student_logits, teacher_logits, targets, cfg.distill_temperature, cfg.distill_ce_weight)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """On the first ``eval_examples`` NQ *eval* questions with ``num_passages`` passages: the
-        gold answer's mean NLL and greedy Match with no context, full context (RAG) and every chunk
-        compressed (p = 0), and the student's KL from the teacher on the answer."""
+        gold answer's mean NLL with no context, full context (RAG) and every chunk compressed
+        (p = 0), the student's KL from the teacher on the answer, and greedy Match at p = 0 (the
+        decoder is the teacher's, so closed-book and RAG Match are `refrag eval qa`'s)."""
         from tqdm.auto import tqdm
 
         from ..evaluation.metrics import match as match_score
@@ -159,25 +183,23 @@ class DistillTrainer(SFTTrainer):
         was = eng.chunk_encoder.training
         eng.chunk_encoder.eval()
         pool = load_nq(cfg.data_dir, "eval")
-        rows: dict[str, dict[str, list[float]]] = {m: {"nll": [], "match": []} for m in ("closed_book", "full", "compressed_p0")}
-        kls = []
+        nll: dict[str, list[float]] = {m: [] for m in ("closed_book", "full", "compressed_p0")}
+        kls, hits = [], []
         for i, ex in enumerate(tqdm(pool[: cfg.eval_examples], desc="distill eval", leave=False)):
             passages = rag_passages(random.Random(10_000 + i), pool, i, cfg.num_passages)[0]
-            target = torch.tensor([self.answer_ids(ex.answers[0])], device=eng.device)
-            logits = {}
+            target = torch.tensor(self.answer_ids(ex.answers[0]), device=eng.device)
+            settings = {"closed_book": ([], "all"), "full": (passages, "all"), "compressed_p0": (passages, "none")}
             with eng._autocast():
-                for name, (use, expand) in {"closed_book": ([], "all"), "full": (passages, "all"),
-                                            "compressed_p0": (passages, "none")}.items():
-                    prepared = eng.prepare_rag(ex.question, use, expand)
-                    logits[name] = target_logits(eng, prepared.embeds.unsqueeze(0), target)
-                    nll = F.cross_entropy(logits[name].transpose(1, 2), target)
-                    rows[name]["nll"].append(float(nll))
-                    res = eng.generate(ex.question, use, expand=expand, max_new_tokens=24)
-                    rows[name]["match"].append(float(match_score(res.text, ex.answers)))
-            kls.append(float(distill_loss(logits["compressed_p0"], logits["full"], target, 1.0, 0.0)[1]["kl"]))
+                prefixes = [eng.prepare_rag(ex.question, use, expand).embeds for use, expand in settings.values()]
+                logits = dict(zip(settings, target_logits(eng, prefixes, [target] * len(settings))))
+                res = eng.generate(ex.question, passages, expand="none", max_new_tokens=24)
+            for name in settings:
+                nll[name].append(float(F.cross_entropy(logits[name], target)))
+            hits.append(float(match_score(res.text, ex.answers)))
+            kls.append(distill_loss([logits["compressed_p0"]], [logits["full"]], [target], 1.0, 0.0)[1]["kl"])
         eng.chunk_encoder.train(was)
-        out: dict[str, Any] = {"examples": len(kls), "num_passages": cfg.num_passages,
-                               "kl_p0": sum(kls) / max(len(kls), 1)}
-        for name, r in rows.items():
-            out[name] = {k: sum(v) / max(len(v), 1) for k, v in r.items()}
+        n = max(len(kls), 1)
+        out: dict[str, Any] = {"examples": len(kls), "num_passages": cfg.num_passages, "kl_p0": sum(kls) / n,
+                               "match_p0": sum(hits) / n}
+        out.update({f"nll_{name}": sum(v) / n for name, v in nll.items()})
         return out

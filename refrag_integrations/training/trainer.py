@@ -800,7 +800,7 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        need_before = main and self.step == 0 and not (self.out / "metrics_before.json").exists()
+        need_before = cfg.eval_before and main and self.step == 0 and not (self.out / "metrics_before.json").exists()
         if self.fsdp:
             need_before = self._broadcast_object(need_before)  # rank 0 decides for all
         if need_before:
