@@ -38,7 +38,9 @@ DEFINITIONS = """\
   row's own decisions for that question) as tokens, in order inside their passages, and deletes the
   unexpanded chunks instead of compressing them (a passage with nothing kept is left out); same
   decoder and generation. REFRAG - drop (Match, paired bootstrap 95% CI over the same questions) is
-  what the compressed positions add.
+  what the compressed positions add. Rerunning an existing results directory with `--control drop`
+  answers only the drop rows (REFRAG records older than the recorded decisions get them from the
+  same policy and seed again, checked against their recorded counts).
 - **Perplexity**: mean NLL (nats) of o held-out continuation tokens after s context tokens given
   as nothing, as tokens, or as REFRAG chunk vectors (WikiText-2 test).
 - An **untrained projector** makes compressed chunks noise: REFRAG *quality* numbers mean nothing
