@@ -391,7 +391,8 @@ class RefragEngine:
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string.")
         system = RAG_SYSTEM_PROMPT if system_prompt is None else system_prompt
-        body = "".join(f"Passage {i + 1}:\n{p}\n\n" for i, p in enumerate(passages))
+        labelled = [f"Passage {i + 1}:\n{p}" for i, p in enumerate(passages)]
+        body = "".join(f"{x}\n\n" for x in labelled)
         user = f"{body}Question: {question.strip()}"
         if getattr(self.tokenizer, "chat_template", None):
             messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -400,7 +401,9 @@ class RefragEngine:
         else:
             prompt = f"{system}\n\n{user}\nAnswer:"
             add_special = True
-        return prompt, self.locate_passages(prompt, passages), add_special
+        # Searched with their labels: a short passage (e.g. a few words) may also occur in the instruction.
+        spans = [(b - len(p), b) for (_, b), p in zip(self.locate_passages(prompt, labelled), passages)]
+        return prompt, spans, add_special
 
     @staticmethod
     def locate_passages(prompt: str, passages: Sequence[str]) -> list[tuple[int, int]]:

@@ -28,6 +28,18 @@ def test_expand_all_matches_plain_decoder(engine_name, request):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("engine_name", ["tiny_engine", "tiny_chat_engine"])
+def test_a_passage_that_also_occurs_in_the_instruction_is_found_under_its_label(engine_name, request):
+    engine: RefragEngine = request.getfixturevalue(engine_name)
+    passages = ["the question", PASSAGES[0]]  # "the question" is also part of the RAG instruction
+    prompt, spans, _ = engine.build_prompt(QUESTION, passages)
+    assert prompt.find("the question") < spans[0][0]
+    for i, ((a, b), p) in enumerate(zip(spans, passages)):
+        assert prompt[a:b] == p and prompt[:a].endswith(f"Passage {i + 1}:\n")
+    assert engine.prepare_rag(QUESTION, passages, "none").stats.context_tokens == sum(
+        len(c.token_ids) for p in passages for c in engine.chunk(p))
+
+
 def test_position_arithmetic(tiny_engine):
     k = tiny_engine.k
     chunks = [tiny_engine.chunk(p) for p in PASSAGES]

@@ -46,6 +46,9 @@ def qa(
         help="NAME=CHECKPOINT: also evaluate another checkpoint's learned policy (same encoder weights, e.g. "
              "a policy run's checkpoint-chunks) as setting refrag_learned-NAME_pP. Repeatable."),
     p: str = typer.Option("0,0.1,0.25", "--p", help="Expand fractions p, comma-separated (0 = compress every chunk)."),
+    control: Optional[str] = typer.Option(
+        None, help="'drop': add a drop_<policy>_pP row per selective REFRAG row, with the same expanded chunks as "
+                   "tokens and the unexpanded chunks deleted instead of compressed (REFRAG minus drop is reported)."),
     retrieval: str = typer.Option("distractors", help="'distractors' (gold + other questions' gold passages) or 'chroma' (top-N retrieved)."),
     index_dir: Optional[Path] = typer.Option(None, help="Chroma directory for --retrieval chroma (default: <out>/chroma)."),
     checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint to evaluate (default: the packaged one, if any; 'none': base models, untrained projector)."),
@@ -63,14 +66,21 @@ def qa(
     """QA with N passages: closed-book, full-context RAG, REFRAG per policy and p.
 
     Match, EM, F1 with bootstrap 95% CIs, TTFT per setting, an accuracy-vs-TTFT plot and the
-    equal-latency comparison. Resumable per answer.
+    equal-latency comparison; with --control drop, REFRAG minus its drop control. Resumable per
+    answer.
     """
     from ..evaluation.bench import learned_policy
     from ..evaluation.data import load_qa, nq_path
-    from ..evaluation.qa import EXTRA_POLICY_PREFIX, PLOT_FILE, TABLE_FILE, load_extra_policy, qa_settings, run_qa
+    from ..evaluation.qa import (
+        EXTRA_POLICY_PREFIX, PLOT_FILE, TABLE_FILE, check_controls, load_extra_policy, qa_settings, run_qa,
+    )
 
     if retrieval not in ("distractors", "chroma"):
         raise typer.BadParameter(f"--retrieval must be 'distractors' or 'chroma', got {retrieval!r}.")
+    try:  # before any model loads
+        controls = check_controls([control] if control is not None else [])
+    except ValueError as err:
+        raise typer.BadParameter(f"--control: {err}") from err
     path = data if data is not None else nq_path(data_dir)
     split = split or ("eval" if data is None else "all")
     try:
@@ -87,7 +97,7 @@ def qa(
                 raise ValueError(f"--learned-policy takes NAME=CHECKPOINT, got {spec!r}.")
             extra[name.strip()] = load_extra_policy(engine, path_.strip())
             names.append(EXTRA_POLICY_PREFIX + name.strip())
-        settings = qa_settings(names, parse_list(p, float, "--p"))
+        settings = qa_settings(names, parse_list(p, float, "--p"), controls)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
     retrieve = None

@@ -1,7 +1,10 @@
 """Question answering with N passages: closed-book, full-context RAG and REFRAG per expansion
 policy and fraction p, on one engine and the same passages; Match / EM / F1 with bootstrap 95%
 CIs, TTFT per setting, and the equal-latency comparison (REFRAG with more passages against RAG
-with fewer, as in the paper).
+with fewer, as in the paper). The drop control (``controls=("drop",)``) answers every selective
+REFRAG row again with the same expanded chunks as tokens and the unexpanded chunks deleted
+instead of compressed, and reports REFRAG minus drop with a paired bootstrap 95% CI: what the
+compressed positions are worth.
 
 Every request goes through :meth:`RefragEngine.generate`, i.e. the engine's own RAG prompt, which
 the SFT stage trains on. Passages for N are the gold passage plus N-1 distractors (other
@@ -41,12 +44,15 @@ UNTRAINED_NOTE = (
 
 @dataclass(frozen=True)
 class QASetting:
-    """One way of answering: ``closed_book`` (no passages), ``rag`` (all chunks expanded), or
-    REFRAG with an expansion policy at fraction p (``refrag_p0`` compresses everything)."""
+    """One way of answering: ``closed_book`` (no passages), ``rag`` (all chunks expanded),
+    REFRAG with an expansion policy at fraction p (``refrag_p0`` compresses everything), or the
+    drop control of a REFRAG setting (``control_of``: its expanded chunks as tokens, its other
+    chunks deleted)."""
 
     name: str
     expand: str  # "all", "none", or a policy name ("relevance", "random", "learned")
     p: float | None = None
+    control_of: str | None = None  # drop control: the REFRAG setting whose decisions it reuses
 
     @property
     def uses_passages(self) -> bool:
@@ -54,7 +60,7 @@ class QASetting:
 
     @property
     def is_refrag(self) -> bool:
-        return self.expand != "all"
+        return self.expand != "all" and self.control_of is None
 
 
 # Selective policies for p > 0: query relevance, random, the paper's perplexity-desc baseline, and
@@ -62,15 +68,39 @@ class QASetting:
 # this checkpoint's chunk vectors) are named "learned-<name>" and passed to run_qa.
 SELECTIVE_POLICIES = ("relevance", "random", "perplexity-desc", "learned")
 EXTRA_POLICY_PREFIX = "learned-"
+# Control rows: "drop" keeps a selective REFRAG row's expanded chunks as tokens and deletes the
+# unexpanded ones instead of compressing them (same decisions, same decoder, same generation).
+QA_CONTROLS = ("drop",)
 
 
-def qa_settings(policies: Sequence[str] = QA_POLICIES, ps: Sequence[float] = QA_PS) -> list[QASetting]:
-    """Closed-book, RAG, REFRAG at p = 0, then every (policy, p > 0).
+def check_controls(controls: Sequence[str]) -> tuple[str, ...]:
+    """The control names, validated (see :data:`QA_CONTROLS`).
+
+    Example:
+        >>> check_controls(["drop"])
+        ('drop',)
+    """
+    if isinstance(controls, str):
+        raise TypeError(f"controls must be a list of names, e.g. ['drop'], not the str {controls!r}.")
+    for c in controls:
+        if c not in QA_CONTROLS:
+            raise ValueError(f"unknown control {c!r}; choose from {QA_CONTROLS}.")
+    return tuple(dict.fromkeys(controls))
+
+
+def qa_settings(
+    policies: Sequence[str] = QA_POLICIES, ps: Sequence[float] = QA_PS, controls: Sequence[str] = ()
+) -> list[QASetting]:
+    """Closed-book, RAG, REFRAG at p = 0, then every (policy, p > 0), then (``controls``
+    containing ``"drop"``) a ``drop_<policy>_p<p>`` twin of every selective REFRAG setting.
 
     Example:
         >>> [s.name for s in qa_settings(["relevance"], [0.0, 0.25])]
         ['closed_book', 'rag', 'refrag_p0', 'refrag_relevance_p0.25']
+        >>> [s.name for s in qa_settings(["relevance"], [0.25], controls=["drop"])][-1]
+        'drop_relevance_p0.25'
     """
+    controls = check_controls(controls)
     out = [QASetting("closed_book", "all"), QASetting("rag", "all")]
     ps = [float(p) for p in ps]
     for p in ps:
@@ -86,6 +116,41 @@ def qa_settings(policies: Sequence[str] = QA_POLICIES, ps: Sequence[float] = QA_
         for p in ps:
             if p > 0:
                 out.append(QASetting(f"refrag_{policy}_p{p:g}", policy, p))
+    if "drop" in controls:
+        selective = [s for s in out if s.is_refrag and s.p]
+        if not selective:
+            raise ValueError("the drop control needs a selective REFRAG setting: give a policy and some p > 0.")
+        # After every REFRAG setting: each question's REFRAG answer (and its decisions) comes first.
+        out += [QASetting(f"drop_{s.name[len('refrag_'):]}", s.expand, s.p, control_of=s.name) for s in selective]
+    return out
+
+
+def kept_passages(engine: "RefragEngine", passages: Sequence[str], expanded: Sequence[Sequence[int]]) -> list[str]:
+    """The drop control's passages: each passage reduced to the text of its expanded chunks, in
+    order (chunk texts tile the passage, so this is the concatenation of the kept spans); a
+    passage left with no kept text is dropped.
+
+    Args:
+        engine: the engine whose chunking (k decoder tokens) the decisions refer to.
+        passages: the passages the REFRAG setting answered from, in prompt order.
+        expanded: per passage, the indices of its expanded chunks (``GenerationStats.expanded``).
+
+    Example:
+        >>> kept_passages(engine, ["aaaa bbbb cccc"], [[0, 2]])  # doctest: +SKIP
+        ['aaaa cccc']
+    """
+    if len(expanded) != len(passages):
+        raise ValueError(f"expanded has decisions for {len(expanded)} passages but {len(passages)} were given.")
+    out = []
+    for j, (text, keep) in enumerate(zip(passages, expanded)):
+        chunks = engine.chunk(text)
+        bad = [i for i in keep if not 0 <= i < len(chunks)]
+        if bad:
+            raise ValueError(f"expanded[{j}] names chunks {bad}, but passage {j} has {len(chunks)} chunks.")
+        keep = set(keep)
+        kept = "".join(c.text for c in chunks if c.index in keep)
+        if kept.strip():
+            out.append(kept)
     return out
 
 
@@ -206,10 +271,14 @@ def run_qa(
                 if record_key(s.name, 0 if s.name == "closed_book" else n, ex.line) not in log:
                     work.append((ex, n, s))
     reuse: dict[str, Any] = {"extra_policies": dict(extra_policies or {})}
-    for s in settings:  # fail before answering anything
+    by_name = {s.name: s for s in settings}
+    for i, s in enumerate(settings):  # fail before answering anything
         if s.expand.startswith(EXTRA_POLICY_PREFIX) and s.expand[len(EXTRA_POLICY_PREFIX):] not in reuse["extra_policies"]:
             raise ValueError(f"setting {s.name!r} needs the learned policy {s.expand[len(EXTRA_POLICY_PREFIX):]!r}; "
                              "pass it in extra_policies.")
+        if s.control_of is not None and not any(t.name == s.control_of and t.is_refrag for t in settings[:i]):
+            raise ValueError(f"control setting {s.name!r} reuses the decisions of {s.control_of!r}, which must be a "
+                             "REFRAG setting listed before it (see qa_settings).")
     bar = tqdm(total=len(work), desc="refrag eval qa", unit="answer", disable=not progress)
     passages_for: dict[tuple[int, int], tuple[list[str], bool, int | None]] = {}
     for ex, n, s in work:
@@ -225,13 +294,19 @@ def run_qa(
         passages, gold_in, gold_at = passages_for[(ex.line, n)]
         n_used = 0 if s.name == "closed_book" else n
         use = passages if s.uses_passages else []
-        for text in use:  # pre-tokenise (RAG) / precompute chunk vectors (REFRAG, "cached")
+        control: dict[str, Any] = {}
+        if s.control_of is not None:
+            expanded, source = _control_decisions(engine, log, by_name[s.control_of], ex, n, passages, seed, reuse)
+            use = kept_passages(engine, passages, expanded)
+            control = {"chunks": sum(len(engine.chunk(t)) for t in passages), "chunks_expanded": sum(map(len, expanded)),
+                       "expanded": expanded, "passages_kept": len(use), "decisions_from": source}
+        for text in use:  # pre-tokenise (RAG, drop) / precompute chunk vectors (REFRAG, "cached")
             engine.chunk(text)
         if s.is_refrag:
             engine.chunk_vectors(use)
-        expand = _policy_for(engine, s, seed, ex.line, n, reuse)
-        res = engine.generate(ex.question, use, expand=expand, budget=s.p if s.p else None,
-                              max_new_tokens=max_new_tokens)
+        expand = "all" if s.control_of is not None else _policy_for(engine, s, seed, ex.line, n, reuse)
+        budget = s.p if s.p and s.is_refrag else None
+        res = engine.generate(ex.question, use, expand=expand, budget=budget, max_new_tokens=max_new_tokens)
         st = res.stats
         log.append({
             "key": record_key(s.name, n_used, ex.line), "setting": s.name, "n": n_used, "line": ex.line,
@@ -243,6 +318,8 @@ def run_qa(
             "gold_in_passages": gold_in if s.uses_passages else None,
             "gold_position": gold_at if s.uses_passages else None,
             "projector_trained": st.trained if s.is_refrag else None,
+            **({"expanded": st.expanded} if s.is_refrag else {}),  # the decisions a drop control reuses
+            **control,
         })
         bar.update(1)
     bar.close()
@@ -257,6 +334,27 @@ def run_qa(
         title = None if engine.trained else "untrained projector: REFRAG points are not REFRAG quality"
         plot_qa_tradeoff(doc["rows"], out / PLOT_FILE, title=title)
     return doc
+
+
+def _control_decisions(
+    engine: "RefragEngine", log: JsonlLog, refrag: QASetting, ex: QAExample, n: int, passages: Sequence[str],
+    seed: int, reuse: dict[str, Any],
+) -> tuple[list[list[int]], str]:
+    """The expanded chunk indices per passage that the REFRAG setting used for this question, and
+    where they came from: its prediction record, or (a record written before decisions were
+    recorded) the same policy with the same seed asked again, checked against the record's counts."""
+    rec = log.records[record_key(refrag.name, n, ex.line)]  # answered before: it precedes in settings
+    if rec.get("expanded") is not None:
+        return [list(e) for e in rec["expanded"]], "refrag record"
+    policy = _policy_for(engine, refrag, seed, ex.line, n, reuse)
+    decisions = engine.decide(ex.question, passages, policy, refrag.p if refrag.p else None)
+    expanded = [[i for i, keep in enumerate(d) if keep] for d in decisions]
+    counts = (sum(map(len, decisions)), sum(map(len, expanded)))
+    if counts != (rec["chunks"], rec["chunks_expanded"]):
+        raise ValueError(f"{refrag.name} for line {ex.line}, N={n} expanded {rec['chunks_expanded']} of {rec['chunks']} "
+                         f"chunks, but its policy now gives {counts[1]} of {counts[0]}: its decisions cannot be "
+                         "recovered; answer it again (delete its records from predictions.jsonl) or use --overwrite.")
+    return expanded, "recomputed"
 
 
 def load_extra_policy(engine: "RefragEngine", checkpoint: str | Path) -> Any:
@@ -304,7 +402,7 @@ def summarize_qa(
 ) -> dict[str, Any]:
     """Per (setting, N): Match / EM / F1 with bootstrap 95% CIs and median TTFT, over the examples
     that every (setting, N) has finished (so all rows compare the same questions); plus the
-    equal-latency comparison."""
+    equal-latency comparison and, for every REFRAG row with a drop twin, REFRAG minus drop."""
     by_key = {r["key"]: r for r in records}
     cells = [(s, 0 if s.name == "closed_book" else n) for n in ns for s in settings
              if not (s.name == "closed_book" and n != ns[0])]
@@ -315,6 +413,8 @@ def summarize_qa(
         if not recs:
             continue
         row: dict[str, Any] = {"setting": s.name, "policy": s.expand, "p": s.p, "n": n, "examples": len(recs)}
+        if s.control_of is not None:
+            row["control_of"] = s.control_of
         for metric in ("match", "em", "f1"):
             row[metric] = bootstrap_ci([r[metric] for r in recs]).to_dict()
         row["ttft_s"] = median([r["ttft_s"] for r in recs])
@@ -324,7 +424,43 @@ def summarize_qa(
             row["gold_in_passages"] = statistics.fmean(1.0 if r["gold_in_passages"] else 0.0 for r in recs)
         row["projector_trained"] = recs[0]["projector_trained"]
         rows.append(row)
-    return {"examples": len(common), "rows": rows, "equal_latency": equal_latency(rows)}
+    doc: dict[str, Any] = {"examples": len(common), "rows": rows, "equal_latency": equal_latency(rows)}
+    drops = []
+    for s, n in cells:
+        if s.control_of is not None and common:
+            pairs = [(by_key[record_key(s.control_of, n, ln)], by_key[record_key(s.name, n, ln)]) for ln in common]
+            drops.append(drop_difference(s.control_of, s.name, n, pairs))
+    if drops:
+        doc["drop_control"] = drops
+    return doc
+
+
+def drop_difference(
+    refrag: str, drop: str, n: int, pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], metric: str = "match"
+) -> dict[str, Any]:
+    """REFRAG minus its drop control on the same questions, with a paired bootstrap 95% CI (the
+    per-question differences are resampled, so both rows move together).
+
+    Args:
+        refrag, drop: the two settings' names.
+        n: passage count N.
+        pairs: per question, the REFRAG record and the drop record (prediction-log records).
+        metric: ``match``, ``em`` or ``f1``.
+
+    Example:
+        >>> r = [({"match": 1.0, "positions": 50}, {"match": 0.0, "positions": 40})] * 3
+        >>> drop_difference("refrag_random_p0.25", "drop_random_p0.25", 5, r)["difference"]["mean"]
+        1.0
+    """
+    if not pairs:
+        raise ValueError(f"no questions answered in both {refrag!r} and {drop!r} (N={n}).")
+    return {
+        "setting": refrag, "control": drop, "n": n, "examples": len(pairs), "metric": metric,
+        "refrag": statistics.fmean(a[metric] for a, _ in pairs), "drop": statistics.fmean(b[metric] for _, b in pairs),
+        "difference": bootstrap_ci([a[metric] - b[metric] for a, b in pairs]).to_dict(),
+        "refrag_positions": statistics.fmean(a["positions"] for a, _ in pairs),
+        "drop_positions": statistics.fmean(b["positions"] for _, b in pairs),
+    }
 
 
 def equal_latency(rows: Sequence[dict[str, Any]], metric: str = "match") -> list[dict[str, Any]]:
@@ -387,5 +523,21 @@ def qa_markdown(doc: dict[str, Any]) -> str:
             lines.append(
                 f"| {e['rag_n']} | {e['rag_ttft_s'] * 1000:.0f} | {e['rag_match']:.3f} | {e['refrag_setting']} | "
                 f"{e['refrag_n']} | {e['refrag_ttft_s'] * 1000:.0f} | {e['refrag_match']:.3f} | {e['delta_match']:+.3f} |"
+            )
+    if doc.get("drop_control"):
+        lines += [
+            "",
+            "Drop control: each selective REFRAG row minus its drop twin, which keeps the same expanded chunks as "
+            "tokens and deletes the unexpanded chunks instead of compressing them (same questions, paired bootstrap "
+            "95% CI). A difference above 0 is what the compressed positions added.",
+            "",
+            "| REFRAG setting | N | examples | REFRAG Match | drop Match | REFRAG - drop [95% CI] | REFRAG positions | drop positions |",
+            "|---|---:|---:|---:|---:|---|---:|---:|",
+        ]
+        for d in doc["drop_control"]:
+            c = d["difference"]
+            lines.append(
+                f"| {d['setting']} | {d['n']} | {d['examples']} | {d['refrag']:.3f} | {d['drop']:.3f} | "
+                f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {d['refrag_positions']:.0f} | {d['drop_positions']:.0f} |"
             )
     return "\n".join(lines) + "\n"

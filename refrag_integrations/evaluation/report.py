@@ -33,6 +33,14 @@ DEFINITIONS = """\
   passages (gold at a random position, fixed seed) unless retrieved; Match (normalised gold
   inside the normalised answer), EM, F1 (SQuAD normalisation), bootstrap 95% CIs; REFRAG TTFT with
   precomputed chunk vectors. Prompts are the engine's own (`RefragEngine.generate`).
+- **Drop control** (`refrag eval qa --control drop`): for every selective REFRAG row
+  `refrag_<policy>_p<p>`, a row `drop_<policy>_p<p>` that keeps the same expanded chunks (the REFRAG
+  row's own decisions for that question) as tokens, in order inside their passages, and deletes the
+  unexpanded chunks instead of compressing them (a passage with nothing kept is left out); same
+  decoder and generation. REFRAG - drop (Match, paired bootstrap 95% CI over the same questions) is
+  what the compressed positions add. Rerunning an existing results directory with `--control drop`
+  answers only the drop rows (REFRAG records older than the recorded decisions get them from the
+  same policy and seed again, checked against their recorded counts).
 - **Perplexity**: mean NLL (nats) of o held-out continuation tokens after s context tokens given
   as nothing, as tokens, or as REFRAG chunk vectors (WikiText-2 test).
 - An **untrained projector** makes compressed chunks noise: REFRAG *quality* numbers mean nothing
