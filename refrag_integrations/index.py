@@ -505,6 +505,7 @@ class IndexReport:
         added: passages newly written to the store.
         present: passages that were already indexed (skipped).
         chunks: chunk vectors written.
+        repaired: stored passages whose vectors could not be read back, written again.
         seconds: wall time of the run.
         problems: ``(where, why)`` for every input that was skipped, in whole or in part.
     """
@@ -514,6 +515,7 @@ class IndexReport:
     added: int = 0
     present: int = 0
     chunks: int = 0
+    repaired: int = 0
     seconds: float = 0.0
     problems: list[tuple[str, str]] = field(default_factory=list)
 
@@ -538,6 +540,8 @@ class IndexReport:
             f"indexed), {self.chunks} chunk vectors written, in {self.seconds:.1f} s "
             f"({self.passages_per_s:.1f} passages/s, {self.chunks_per_s:.1f} chunk vectors/s)"
         ]
+        if self.repaired:
+            lines.append(f"repaired {self.repaired} stored passage(s) whose vectors could not be read back")
         lines += [f"skipped {where}: {why}" for where, why in self.problems]
         return "\n".join(lines)
 
@@ -589,15 +593,29 @@ class _Indexer:
             return
         ids = [r.id for r in batch]
         present = self.store.has_passages(ids)
-        complete = self.store.complete_chunk_vectors(ids) if self.engine is not None else set(ids)
-        need_chunks = [r for r in batch if r.id not in complete]
-        need_passage = [r for r in batch if r.id not in present]
+        self.write(batch, present)
+        self.report.added += len(batch) - len(present)
+        self.report.present += len(present)
+
+    def write(self, batch: Sequence[PassageRecord], present: set[str]) -> int:
+        """Write what ``batch`` lacks: chunk vectors that are missing or unreadable, then the
+        passages not ``present`` or whose retrieval vector is unreadable (the commit). Returns the
+        number of passages whose chunk vectors were missing."""
+        ids = [r.id for r in batch]
+        broken_passages = self.store.unreadable_passages(list(present)) if self.embedder is not None else set()
+        if self.engine is not None:
+            complete = self.store.complete_chunk_vectors(ids)
+            broken_chunks = self.store.unreadable_chunk_vectors(list(complete))
+            need_chunks = [r for r in batch if r.id not in complete or r.id in broken_chunks]
+        else:
+            broken_chunks, need_chunks = set(), []
+        need_passage = [r for r in batch if r.id not in present or r.id in broken_passages]
         if need_chunks:
             self.report.chunks += self.store.write_chunk_vectors(self.chunk_vectors(need_chunks))
-        if need_passage:
+        if need_passage and self.embedder is not None:
             self.store.add_passages(need_passage, self.embedder.embed([r.text for r in need_passage]), self.embedder)
-        self.report.added += len(need_passage)
-        self.report.present += len(batch) - len(need_passage)
+        self.report.repaired += len(present & (broken_passages | broken_chunks))
+        return len(need_chunks) - len(broken_chunks)
 
 
 def index_paths(
@@ -639,6 +657,7 @@ def index_paths(
     report = IndexReport()
     files, report.problems = expand_paths(paths)
     indexer = _Indexer(store, engine, embedder, report, batch_size)
+    store.lock_for_writing()
     bar = tqdm(total=None, unit="passage", desc="indexing", disable=not progress, dynamic_ncols=True)
     try:
         for path in files:
@@ -666,25 +685,53 @@ def refresh_chunk_vectors(
     store: ChunkStore, engine: "RefragEngine", *, batch_size: int = DEFAULT_INDEX_BATCH_SIZE, progress: bool = True
 ) -> IndexReport:
     """Compute the chunk vectors of every stored passage that lacks them under ``engine``'s
-    fingerprint (after a new checkpoint or k, without the original files). Resumable like
-    :func:`index_paths`."""
+    fingerprint (after a new checkpoint or k, without the original files), and write again the
+    ones that cannot be read back. Resumable like :func:`index_paths`."""
+    return verify_index(store, engine, None, batch_size=batch_size, progress=progress)
+
+
+def verify_index(
+    store: ChunkStore,
+    engine: "RefragEngine | None",
+    embedder: Any,
+    *,
+    batch_size: int = DEFAULT_INDEX_BATCH_SIZE,
+    progress: bool = True,
+) -> IndexReport:
+    """Check every stored passage and repair what is missing or unreadable: chunk vectors under
+    ``engine``'s fingerprint (encoded again) and, with an ``embedder``, retrieval vectors
+    (embedded again). This is what ``refrag index --verify`` runs.
+
+    Args:
+        store: the store, bound to ``engine``'s fingerprint (``ChunkStore.for_engine``).
+        engine: makes the chunk vectors, or None to check retrieval vectors only.
+        embedder: the retrieval embedder the index was built with, or None to check chunk vectors only.
+        batch_size: passages per round trip.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        An :class:`IndexReport`: ``passages`` checked, ``added`` (passages that had no chunk
+        vectors), ``repaired`` (passages with vectors that could not be read back), ``chunks``.
+    """
     from tqdm.auto import tqdm
 
-    if store.fingerprint != engine.chunk_vector_fingerprint():
-        raise ValueError("Open the store with ChunkStore.for_engine(engine, ...) to refresh its chunk vectors.")
+    if engine is None and embedder is None:
+        raise ValueError("verify_index needs an engine (chunk vectors), an embedder (retrieval vectors), or both.")
+    if engine is not None and store.fingerprint != engine.chunk_vector_fingerprint():
+        raise ValueError("Open the store with ChunkStore.for_engine(engine, ...) to check its chunk vectors.")
+    if embedder is not None:
+        store.check_embedder(embedder)
     t0 = time.perf_counter()
     report = IndexReport()
-    indexer = _Indexer(store, engine, None, report, batch_size)
-    bar = tqdm(total=store.count_passages(), unit="passage", desc="chunk vectors", disable=not progress)
+    indexer = _Indexer(store, engine, embedder, report, batch_size)
+    store.lock_for_writing()
+    bar = tqdm(total=store.count_passages(), unit="passage", desc="checking", disable=not progress)
     try:
         for page in store.iter_passages(batch_size):
-            done = store.complete_chunk_vectors([r.id for r in page])
-            todo = [r for r in page if r.id not in done]
-            if todo:
-                report.chunks += store.write_chunk_vectors(indexer.chunk_vectors(todo))
+            added = indexer.write(page, {r.id for r in page})
             report.passages += len(page)
-            report.added += len(todo)
-            report.present += len(page) - len(todo)
+            report.added += added
+            report.present += len(page) - added
             bar.update(len(page))
     finally:
         bar.close()

@@ -30,6 +30,7 @@ import json
 import logging
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence
@@ -38,7 +39,14 @@ import numpy as np
 import torch
 
 from .chunking import passage_id
-from .config import CHUNK_COLLECTION_HNSW, DEFAULT_COLLECTION, PASSAGE_COLLECTION_HNSW, default_index_dir
+from . import index_lock
+from .config import (
+    CHUNK_COLLECTION_HNSW,
+    DEFAULT_COLLECTION,
+    INDEX_LOCK_TIMEOUT_S,
+    PASSAGE_COLLECTION_HNSW,
+    default_index_dir,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .encoder import ChunkEncoder
@@ -195,6 +203,12 @@ class ChunkStore:
             ``"error"`` (raise :class:`FingerprintMismatchError`) or ``"encode"`` (log a warning
             and let the engine encode them at query time). Never are they used.
         client: an existing Chroma client to use instead of opening one.
+        writer: (embedded) take the index directory's writer lock before opening it, and keep it
+            until :meth:`close`. Without it, the first write takes the lock; it then refuses
+            (:class:`~refrag_integrations.index_lock.StaleIndexError`) if another process wrote
+            the directory after this process opened it.
+        lock_timeout: seconds to wait for another process's writer lock before
+            :class:`~refrag_integrations.index_lock.IndexLockedError` (0: do not wait).
 
     Example:
         >>> store = ChunkStore.for_engine(engine, "/tmp/refrag-index")        # doctest: +SKIP
@@ -217,6 +231,8 @@ class ChunkStore:
         embedder: Embedder | None = None,
         on_mismatch: str = "error",
         client: Any = None,
+        writer: bool = False,
+        lock_timeout: float = INDEX_LOCK_TIMEOUT_S,
     ) -> None:
         if path is not None and host is not None:
             raise ValueError("You must specify exactly one of path (embedded Chroma) or host (a Chroma server), not both.")
@@ -226,19 +242,26 @@ class ChunkStore:
             )
         if on_mismatch not in ON_MISMATCH:
             raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}.")
+        if not isinstance(lock_timeout, (int, float)) or isinstance(lock_timeout, bool) or not lock_timeout >= 0:
+            raise ValueError(f"lock_timeout must be a number of seconds >= 0, got {lock_timeout!r}.")
         self.collection = collection
         self.fingerprint = fingerprint
         self.fingerprint_info = dict(fingerprint_info or {})
         self.embedder = embedder
         self.on_mismatch = on_mismatch
+        self.lock_timeout = float(lock_timeout)
+        # the embedded directory this store writes under the writer lock (None: a server or a given client)
+        self.root: Path | None = None
+        self._writing: weakref.finalize | None = None
         if client is not None:
             self.location = "the given Chroma client"
         elif host is not None:
             self.location = f"{'https' if ssl else 'http'}://{host}:{port or 8000}"
         else:
-            self.location = str(Path(path) if path is not None else default_index_dir())
-        self._client = client if client is not None else self._connect(path, host, port, ssl, headers)
+            self.root = Path(path) if path is not None else default_index_dir()
+            self.location = str(self.root)
         self._lock = threading.RLock()
+        self._client = client if client is not None else self._connect(path, host, port, ssl, headers, writer)
         self._passages: Any = None
         self._chunks: Any = None
         self._mismatch_warned = False
@@ -248,7 +271,7 @@ class ChunkStore:
 
     # ------------------------------------------------------------------ construction
 
-    def _connect(self, path, host, port, ssl, headers) -> Any:
+    def _connect(self, path, host, port, ssl, headers, writer) -> Any:
         try:
             import chromadb
             from chromadb.config import Settings
@@ -263,11 +286,40 @@ class ChunkStore:
                     f"Could not reach a Chroma server at {self.location} ({type(err).__name__}: {err}). "
                     "Start one with `chroma run --path DIR --port PORT`, or use an embedded store (path=...)."
                 ) from err
-        root = Path(path) if path is not None else default_index_dir()
+        root = self.root
         if root.exists() and not root.is_dir():
             raise ValueError(f"The index path {root} exists and is not a directory.")
         root.mkdir(parents=True, exist_ok=True)
+        if writer:  # before Chroma reads anything: this process's view then includes every earlier write
+            self.lock_for_writing()
+        index_lock.note_opened(root)
         return chromadb.PersistentClient(path=str(root), settings=settings)
+
+    # ------------------------------------------------------------------ writer lock
+
+    def lock_for_writing(self, timeout: float | None = None) -> None:
+        """Take the embedded index's writer lock (once; kept until :meth:`close` or process exit).
+        Every write takes it; call it first to fail early. A no-op for a server or a given client.
+
+        Args:
+            timeout: seconds to wait for another writer (default: the store's ``lock_timeout``).
+
+        Raises:
+            IndexLockedError: another process holds the lock past ``timeout``.
+            StaleIndexError: another process wrote the index after this process opened it.
+        """
+        with self._lock:
+            if self.root is None or self._writing is not None:
+                return
+            index_lock.acquire(self.root, self.lock_timeout if timeout is None else timeout, on_wait=logger.warning)
+            self._writing = weakref.finalize(self, index_lock.release, self.root)  # runs once: close() or GC
+
+    def close(self) -> None:
+        """Give back the writer lock, if this store took it (reading stays possible)."""
+        with self._lock:
+            if self._writing is not None:
+                self._writing()
+                self._writing = None
 
     @classmethod
     def for_engine(
@@ -431,6 +483,7 @@ class ChunkStore:
                 f"embeddings must have shape ({len(records)}, {embedder.dim}) (passages, embedder dim), got {vecs.shape}."
             )
         self.check_embedder(embedder)
+        self.lock_for_writing()
         col = self._passage_collection(create_for=embedder)
         for start in range(0, len(records), self._max_batch):
             part = records[start : start + self._max_batch]
@@ -524,6 +577,7 @@ class ChunkStore:
         if not ids:
             return 0
         flat = np.concatenate(rows, 0)  # (sum L, d_enc)
+        self.lock_for_writing()
         col = self._chunk_collection(create=True)
         for start in range(0, len(ids), self._max_batch):
             end = start + self._max_batch
@@ -533,14 +587,28 @@ class ChunkStore:
     def _write_back(self, vectors: Mapping[str, torch.Tensor]) -> None:
         """Engine sink: store query-time encodings; a failing write never fails the request."""
         try:
+            self.lock_for_writing(timeout=0)  # never make a request wait for another process's indexing
             self.write_chunk_vectors(vectors)
         except Exception as err:  # the answer does not depend on the write-back
             logger.warning("Could not write chunk vectors back to %s: %s", self.location, err)
 
     def _fetch_rows(self, col: Any, ids: Sequence[str], include: list[str]) -> dict[str, Any]:
-        merged: dict[str, list] = {"ids": [], "metadatas": [], "embeddings": []}
-        for part in self._batches(list(ids)):
-            got = col.get(where={"passage_id": {"$in": list(part)}}, include=include)
+        """Chunk rows of the passages ``ids``; ``merged["unreadable"]``: passages whose rows are
+        listed but whose vectors Chroma cannot read (its vector index lost them)."""
+        from chromadb.errors import InternalError
+
+        merged: dict[str, Any] = {"ids": [], "metadatas": [], "embeddings": [], "unreadable": set()}
+        parts = [list(part) for part in self._batches(list(ids))]
+        while parts:
+            part = parts.pop()
+            try:
+                got = col.get(where={"passage_id": {"$in": part}}, include=include)
+            except InternalError:  # "Error finding id": look for the passages it is about, one by one
+                if len(part) == 1:
+                    merged["unreadable"].add(part[0])
+                else:
+                    parts.extend([p] for p in part)
+                continue
             merged["ids"].extend(got["ids"])
             merged["metadatas"].extend(got["metadatas"] or [])
             if "embeddings" in include and got["embeddings"] is not None:
@@ -581,10 +649,45 @@ class ChunkStore:
                     continue  # an interrupted write: treat as missing, it will be encoded again
                 # float32 round trip is exact: Chroma returns the stored float32 values as float64.
                 found[pid] = torch.from_numpy(np.stack([rows[i] for i in range(n)]).astype(np.float32))
+            if got["unreadable"]:
+                logger.warning(
+                    "%d passage(s) have chunk vectors that cannot be read in %s; encoding them at query time. "
+                    "Repair the index with `refrag index --verify --index %s`.",
+                    len(got["unreadable"]), self.location, self.location,
+                )
         missing = [pid for pid in ids if pid not in found]
         if missing:
             self._report_mismatch(missing)
         return found
+
+    def unreadable_chunk_vectors(self, ids: Sequence[str]) -> set[str]:
+        """The subset of ``ids`` whose chunk vectors are listed under this fingerprint but cannot
+        be read back (e.g. after two processes wrote an embedded index at once): to be encoded and
+        written again. One round trip when all are readable."""
+        col = self._chunk_collection()
+        if col is None or not ids:
+            return set()
+        return self._fetch_rows(col, list(dict.fromkeys(ids)), ["embeddings"])["unreadable"]
+
+    def unreadable_passages(self, ids: Sequence[str]) -> set[str]:
+        """The subset of ``ids`` that are stored passages whose retrieval vector cannot be read back."""
+        from chromadb.errors import InternalError
+
+        col = self._passage_collection()
+        if col is None or not ids:
+            return set()
+        bad: set[str] = set()
+        parts = [list(part) for part in self._batches(list(dict.fromkeys(ids)))]
+        while parts:
+            part = parts.pop()
+            try:
+                col.get(ids=part, include=["embeddings"])
+            except InternalError:
+                if len(part) == 1:
+                    bad.add(part[0])
+                else:
+                    parts.extend([p] for p in part)
+        return bad
 
     def complete_chunk_vectors(self, ids: Sequence[str]) -> set[str]:
         """The subset of ``ids`` whose chunk vectors are stored completely under this fingerprint
@@ -669,6 +772,7 @@ class ChunkStore:
 
     def drop_chunk_vectors(self, fingerprint: str) -> None:
         """Delete every chunk vector of ``fingerprint`` (e.g. an encoder no longer used)."""
+        self.lock_for_writing()
         with self._lock:
             if self._get(self._chunks_prefix() + fingerprint) is not None:
                 self._client.delete_collection(self._chunks_prefix() + fingerprint)

@@ -303,7 +303,9 @@ def test_cli_index_then_ask_from_the_index(tmp_path, docs):
     assert rep["files"] == 4 and rep["added"] == rep["passages"] > 0 and rep["chunks"] > 0
     assert [p["where"] for p in rep["problems"]] == [str(tmp_path / "missing.txt")]
     again = _last_json(runner.invoke(app, ["index", str(docs), "--index", str(idx), "--json", "--quiet"]).stdout)
-    assert again["added"] == 0 and again["chunks"] == 0
+    assert again["added"] == 0 and again["chunks"] == 0 and again["repaired"] == 0
+    verified = _last_json(runner.invoke(app, ["index", "--verify", "--index", str(idx), "--json", "--quiet"]).stdout)
+    assert verified["verify"]["passages"] == rep["passages"] and verified["verify"]["repaired"] == 0
     res = runner.invoke(app, ["ask", "Who is the Eiffel Tower named after?", "--index", str(idx), "--top-k", "2",
                               "--json", "--max-new-tokens", "8"])
     assert res.exit_code == 0, res.output

@@ -12,6 +12,7 @@ from ..config import (
     DEFAULT_COLLECTION,
     DEFAULT_EMBEDDER,
     DEFAULT_INDEX_BATCH_SIZE,
+    INDEX_LOCK_TIMEOUT_S,
     PASSAGE_MAX_WORDS,
     PASSAGE_MIN_WORDS,
 )
@@ -71,39 +72,68 @@ def index(
     max_words: int = typer.Option(PASSAGE_MAX_WORDS, help="Passages never grow past this many words."),
     progress: bool = typer.Option(True, "--progress/--quiet", help="Show a progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Then check every stored passage and repair the chunk and retrieval vectors that are "
+        "missing or cannot be read back.",
+    ),
+    lock_timeout: float = typer.Option(
+        INDEX_LOCK_TIMEOUT_S, help="Seconds to wait while another process writes the same embedded index."
+    ),
 ) -> None:
     """Index PATHS into a Chroma index: passages, retrieval vectors and REFRAG chunk vectors.
 
     Idempotent and resumable: run it again after an interruption (or on the same files) and it
-    adds exactly what is missing.
+    adds exactly what is missing. One process writes an embedded index at a time: a second one
+    waits up to --lock-timeout seconds.
     """
     from ..engine import RefragEngine
-    from ..index import SentenceEmbedder, index_paths, refresh_chunk_vectors
+    from ..index import SentenceEmbedder, index_paths, refresh_chunk_vectors, verify_index
+    from ..index_lock import IndexLockedError, StaleIndexError
 
-    if not paths and not chunk_vectors:
+    if not paths and not chunk_vectors and not verify:
         raise typer.BadParameter("Nothing to do: give PATHS, or let the chunk vectors be computed.")
     engine = RefragEngine.from_pretrained(checkpoint) if chunk_vectors else None
-    store = open_store(engine, index_dir, host, port, collection, must_exist=not paths)
     try:
-        if paths:
+        store = open_store(engine, index_dir, host, port, collection, must_exist=not paths, writer=True,
+                           lock_timeout=lock_timeout)
+    except (IndexLockedError, StaleIndexError) as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1)
+    reports = []
+    try:
+        emb = None
+        if paths or verify:
             emb = SentenceEmbedder(embedder)
             try:
                 store.check_embedder(emb)
             except ValueError as err:
                 raise typer.BadParameter(str(err)) from err
-            report = index_paths(paths, store, engine, emb, batch_size=batch_size, min_words=min_words,
-                                 max_words=max_words, progress=progress)
-        else:
-            report = refresh_chunk_vectors(store, engine, batch_size=batch_size, progress=progress)
+        if paths:
+            reports.append(index_paths(paths, store, engine, emb, batch_size=batch_size, min_words=min_words,
+                                       max_words=max_words, progress=progress))
+        elif not verify:
+            reports.append(refresh_chunk_vectors(store, engine, batch_size=batch_size, progress=progress))
+        if verify:
+            reports.append(verify_index(store, engine, emb, batch_size=batch_size, progress=progress))
     except KeyboardInterrupt:
         typer.echo("interrupted: everything written so far is kept; run the same command again to resume.", err=True)
         raise typer.Exit(130)
+    report = reports[0]
     if as_json:
-        typer.echo(json.dumps({**report.to_dict(), "index": store.location,
-                               "fingerprint": store.fingerprint, "total_passages": store.count_passages()}))
+        out = {**report.to_dict(), "index": store.location, "fingerprint": store.fingerprint,
+               "total_passages": store.count_passages()}
+        if verify:
+            out["verify"] = reports[-1].to_dict()
+        typer.echo(json.dumps(out))
     else:
-        typer.echo(report.summary())
+        for r in reports:
+            typer.echo(r.summary() if r is not reports[-1] or not verify else _verify_summary(r))
         typer.echo(f"index: {store.location} ({store.count_passages()} passages; chunk-vector fingerprint "
                    f"{store.fingerprint or 'none'})")
     if paths and report.files == 0:
         raise typer.Exit(1)
+
+
+def _verify_summary(report: Any) -> str:
+    return (f"verified {report.passages} stored passage(s): {report.added} lacked chunk vectors, {report.repaired} "
+            f"had vectors that could not be read back; {report.chunks} chunk vectors written, in {report.seconds:.1f} s")
