@@ -25,7 +25,9 @@ and on a Chroma server (``ChunkStore(host=..., port=...)``, ``HttpClient``), e.g
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import re
@@ -41,6 +43,7 @@ import torch
 from .chunking import passage_id
 from . import index_lock
 from .config import (
+    CHROMA_SERVER_TIMEOUT_S,
     CHUNK_COLLECTION_HNSW,
     DEFAULT_COLLECTION,
     INDEX_LOCK_TIMEOUT_S,
@@ -68,6 +71,33 @@ class FingerprintMismatchError(ValueError):
 
 class EmbedderMismatchError(ValueError):
     """The store's retrieval vectors were made by another embedder than the one given."""
+
+
+class ChromaTimeoutError(TimeoutError):
+    """A Chroma server did not answer a call within the store's timeout."""
+
+
+def _server_call(method):
+    """Report a Chroma server that does not answer in time as :class:`ChromaTimeoutError`
+    naming the server and the timeout (httpx raises its own timeout errors from deep inside chromadb)."""
+    import httpx
+
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def gen_wrapper(self, *args, **kwargs):
+            try:
+                yield from method(self, *args, **kwargs)
+            except httpx.TimeoutException as err:
+                raise self._timeout_error(err) from err
+        return gen_wrapper
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except httpx.TimeoutException as err:
+            raise self._timeout_error(err) from err
+    return wrapper
 
 
 class Embedder(Protocol):
@@ -209,6 +239,8 @@ class ChunkStore:
             the directory after this process opened it.
         lock_timeout: seconds to wait for another process's writer lock before
             :class:`~refrag_integrations.index_lock.IndexLockedError` (0: do not wait).
+        timeout: (server) seconds each call to the Chroma server may take before
+            :class:`ChromaTimeoutError`.
 
     Example:
         >>> store = ChunkStore.for_engine(engine, "/tmp/refrag-index")        # doctest: +SKIP
@@ -233,6 +265,7 @@ class ChunkStore:
         client: Any = None,
         writer: bool = False,
         lock_timeout: float = INDEX_LOCK_TIMEOUT_S,
+        timeout: float = CHROMA_SERVER_TIMEOUT_S,
     ) -> None:
         if path is not None and host is not None:
             raise ValueError("You must specify exactly one of path (embedded Chroma) or host (a Chroma server), not both.")
@@ -244,6 +277,9 @@ class ChunkStore:
             raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}.")
         if not isinstance(lock_timeout, (int, float)) or isinstance(lock_timeout, bool) or not lock_timeout >= 0:
             raise ValueError(f"lock_timeout must be a number of seconds >= 0, got {lock_timeout!r}.")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}.")
+        self.timeout = float(timeout)
         self.collection = collection
         self.fingerprint = fingerprint
         self.fingerprint_info = dict(fingerprint_info or {})
@@ -265,11 +301,15 @@ class ChunkStore:
         self._passages: Any = None
         self._chunks: Any = None
         self._mismatch_warned = False
-        self._max_batch = int(self._client.get_max_batch_size())
+        self._max_batch = self._max_batch_size()
         if embedder is not None:
             self.check_embedder(embedder)
 
     # ------------------------------------------------------------------ construction
+
+    @_server_call
+    def _max_batch_size(self) -> int:
+        return int(self._client.get_max_batch_size())
 
     def _connect(self, path, host, port, ssl, headers, writer) -> Any:
         try:
@@ -279,13 +319,21 @@ class ChunkStore:
             raise ImportError("The chunk store needs chromadb: pip install 'chromadb>=1.0'.") from err
         settings = Settings(anonymized_telemetry=False)
         if host is not None:
+            import httpx
+
             try:
-                return chromadb.HttpClient(host=host, port=port or 8000, ssl=ssl, headers=headers, settings=settings)
+                # chromadb's own first calls have no timeout: ask the server once, with ours, first
+                httpx.get(f"{self.location}/api/v2/heartbeat", headers=headers, timeout=self.timeout)
+                client = chromadb.HttpClient(host=host, port=port or 8000, ssl=ssl, headers=headers, settings=settings)
+            except httpx.TimeoutException as err:
+                raise self._timeout_error(err) from err
             except Exception as err:  # chromadb raises plain ValueError / httpx errors here
                 raise ConnectionError(
                     f"Could not reach a Chroma server at {self.location} ({type(err).__name__}: {err}). "
                     "Start one with `chroma run --path DIR --port PORT`, or use an embedded store (path=...)."
                 ) from err
+            _set_http_timeout(client, self.timeout)
+            return client
         root = self.root
         if root.exists() and not root.is_dir():
             raise ValueError(f"The index path {root} exists and is not a directory.")
@@ -294,6 +342,13 @@ class ChunkStore:
             self.lock_for_writing()
         index_lock.note_opened(root)
         return chromadb.PersistentClient(path=str(root), settings=settings)
+
+    def _timeout_error(self, err: Exception) -> ChromaTimeoutError:
+        return ChromaTimeoutError(
+            f"The Chroma server at {self.location} did not answer within the {self.timeout:g} s timeout "
+            f"({type(err).__name__}). Check that it is running and not overloaded (a stopped or frozen `chroma run`), "
+            "or allow more time: ChunkStore(timeout=...) / --server-timeout."
+        )
 
     # ------------------------------------------------------------------ writer lock
 
@@ -330,6 +385,7 @@ class ChunkStore:
         kwargs.setdefault("fingerprint_info", fingerprint_info(engine))
         return cls(path, **kwargs)
 
+    @_server_call
     def attach(self, engine: "RefragEngine", *, write_back: bool = False) -> "ChunkStore":
         """Make ``engine`` read precomputed chunk vectors from this store
         (``engine.vector_source = store.fetch_chunk_vectors``), and with ``write_back`` store the
@@ -419,6 +475,7 @@ class ChunkStore:
                 self._chunks = col
             return self._chunks
 
+    @_server_call
     def check_embedder(self, embedder: Embedder) -> None:
         """Raise :class:`EmbedderMismatchError` if the stored passages were embedded by another model."""
         col = self._passage_collection()
@@ -439,15 +496,18 @@ class ChunkStore:
 
     # ------------------------------------------------------------------ passages
 
+    @_server_call
     def count_passages(self) -> int:
         col = self._passage_collection()
         return 0 if col is None else int(col.count())
 
+    @_server_call
     def embedder_name(self) -> str | None:
         """Name of the retrieval embedder the index was built with (None for an empty store)."""
         col = self._passage_collection()
         return None if col is None else (col.metadata or {}).get("embedder")
 
+    @_server_call
     def has_passages(self, ids: Sequence[str]) -> set[str]:
         """The subset of ``ids`` that are stored passages (one round trip)."""
         col = self._passage_collection()
@@ -458,6 +518,7 @@ class ChunkStore:
             found.update(col.get(ids=list(part), include=[])["ids"])
         return found
 
+    @_server_call
     def add_passages(
         self, records: Sequence[PassageRecord], embeddings: np.ndarray, embedder: Embedder | None = None
     ) -> int:
@@ -495,6 +556,7 @@ class ChunkStore:
             )
         return len(records)
 
+    @_server_call
     def get_passages(self, ids: Sequence[str]) -> dict[str, PassageRecord]:
         """The stored passages among ``ids``, by id."""
         col = self._passage_collection()
@@ -507,6 +569,7 @@ class ChunkStore:
                 out[pid] = _record(doc, meta)
         return out
 
+    @_server_call
     def iter_passages(self, batch_size: int = 256) -> Iterator[list[PassageRecord]]:
         """All stored passages, a page at a time (for re-encoding chunk vectors)."""
         col = self._passage_collection()
@@ -520,6 +583,7 @@ class ChunkStore:
             yield [_record(doc, meta) for doc, meta in zip(got["documents"], got["metadatas"])]
             offset += len(got["ids"])
 
+    @_server_call
     def search(
         self, query: str | np.ndarray | Sequence[float], top_k: int, *, embedder: Embedder | None = None
     ) -> list[SearchHit]:
@@ -555,6 +619,7 @@ class ChunkStore:
 
     # ------------------------------------------------------------------ chunk vectors
 
+    @_server_call
     def write_chunk_vectors(self, vectors: Mapping[str, torch.Tensor | np.ndarray]) -> int:
         """Store pre-projection chunk vectors ``{passage_id: (L, d_enc)}`` under this store's
         fingerprint (upsert: idempotent). Returns the number of chunk vectors written."""
@@ -615,6 +680,7 @@ class ChunkStore:
                 merged["embeddings"].extend(list(got["embeddings"]))
         return merged
 
+    @_server_call
     def fetch_chunk_vectors(self, ids: Sequence[str]) -> dict[str, torch.Tensor]:
         """Precomputed chunk vectors for many passages in one round trip: ``{passage_id:
         Tensor(L, d_enc)}`` for the passages whose vectors are stored, complete, under this store's
@@ -660,6 +726,7 @@ class ChunkStore:
             self._report_mismatch(missing)
         return found
 
+    @_server_call
     def unreadable_chunk_vectors(self, ids: Sequence[str]) -> set[str]:
         """The subset of ``ids`` whose chunk vectors are listed under this fingerprint but cannot
         be read back (e.g. after two processes wrote an embedded index at once): to be encoded and
@@ -669,6 +736,7 @@ class ChunkStore:
             return set()
         return self._fetch_rows(col, list(dict.fromkeys(ids)), ["embeddings"])["unreadable"]
 
+    @_server_call
     def unreadable_passages(self, ids: Sequence[str]) -> set[str]:
         """The subset of ``ids`` that are stored passages whose retrieval vector cannot be read back."""
         from chromadb.errors import InternalError
@@ -689,6 +757,7 @@ class ChunkStore:
                     parts.extend([p] for p in part)
         return bad
 
+    @_server_call
     def complete_chunk_vectors(self, ids: Sequence[str]) -> set[str]:
         """The subset of ``ids`` whose chunk vectors are stored completely under this fingerprint
         (one metadata-only round trip)."""
@@ -703,6 +772,7 @@ class ChunkStore:
             sizes[meta["passage_id"]] = int(meta["n_chunks"])
         return {pid for pid, idx in seen.items() if idx == set(range(sizes[pid]))}
 
+    @_server_call
     def fingerprints(self) -> dict[str, dict[str, Any]]:
         """Every chunk-vector fingerprint in this store: ``{fp: {"vectors": count, ...info}}``."""
         out: dict[str, dict[str, Any]] = {}
@@ -751,6 +821,7 @@ class ChunkStore:
             logger.warning("%s Encoding them at query time.", msg)
             self._mismatch_warned = True
 
+    @_server_call
     def check_fingerprint(self) -> None:
         """Report a store whose chunk vectors were all made for another fingerprint.
 
@@ -770,6 +841,7 @@ class ChunkStore:
             raise FingerprintMismatchError(msg)
         logger.warning("%s Encoding at query time.", msg)
 
+    @_server_call
     def drop_chunk_vectors(self, fingerprint: str) -> None:
         """Delete every chunk vector of ``fingerprint`` (e.g. an encoder no longer used)."""
         self.lock_for_writing()
@@ -779,9 +851,24 @@ class ChunkStore:
             if fingerprint == self.fingerprint:
                 self._chunks = None
 
+    @_server_call
     def summary(self) -> dict[str, Any]:
         """Counts: passages, and chunk vectors per fingerprint."""
         return {"location": self.location, "passages": self.count_passages(), "fingerprints": self.fingerprints()}
+
+
+def _set_http_timeout(client: Any, seconds: float) -> None:
+    """Give a chromadb HttpClient's HTTP session a timeout. chromadb (1.x) creates it with
+    ``timeout=None`` and offers no setting for it, so a frozen server would block every call forever."""
+    import httpx
+
+    session = getattr(getattr(client, "_server", None), "_session", None)
+    if not isinstance(session, httpx.Client):
+        raise RuntimeError(
+            "This chromadb version's HttpClient has no HTTP session where refrag-integrations sets its timeout; "
+            "install the chromadb version pinned by refrag-integrations."
+        )
+    session.timeout = httpx.Timeout(seconds)
 
 
 def _record(doc: str, meta: Mapping[str, Any] | None) -> PassageRecord:

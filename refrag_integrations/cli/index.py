@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 import typer
 
 from ..config import (
+    CHROMA_SERVER_TIMEOUT_S,
     DEFAULT_COLLECTION,
     DEFAULT_EMBEDDER,
     DEFAULT_INDEX_BATCH_SIZE,
@@ -79,6 +80,9 @@ def index(
     lock_timeout: float = typer.Option(
         INDEX_LOCK_TIMEOUT_S, help="Seconds to wait while another process writes the same embedded index."
     ),
+    server_timeout: float = typer.Option(
+        CHROMA_SERVER_TIMEOUT_S, help="Seconds each call to a Chroma server (--host) may take."
+    ),
 ) -> None:
     """Index PATHS into a Chroma index: passages, retrieval vectors and REFRAG chunk vectors.
 
@@ -89,14 +93,15 @@ def index(
     from ..engine import RefragEngine
     from ..index import SentenceEmbedder, index_paths, refresh_chunk_vectors, verify_index
     from ..index_lock import IndexLockedError, StaleIndexError
+    from ..store import ChromaTimeoutError
 
     if not paths and not chunk_vectors and not verify:
         raise typer.BadParameter("Nothing to do: give PATHS, or let the chunk vectors be computed.")
     engine = RefragEngine.from_pretrained(checkpoint) if chunk_vectors else None
     try:
         store = open_store(engine, index_dir, host, port, collection, must_exist=not paths, writer=True,
-                           lock_timeout=lock_timeout)
-    except (IndexLockedError, StaleIndexError) as err:
+                           lock_timeout=lock_timeout, timeout=server_timeout)
+    except (IndexLockedError, StaleIndexError, ChromaTimeoutError) as err:
         typer.echo(f"Error: {err}", err=True)
         raise typer.Exit(1)
     reports = []
@@ -118,6 +123,9 @@ def index(
     except KeyboardInterrupt:
         typer.echo("interrupted: everything written so far is kept; run the same command again to resume.", err=True)
         raise typer.Exit(130)
+    except (ChromaTimeoutError, StaleIndexError) as err:
+        typer.echo(f"Error: {err} Everything written so far is kept; run the same command again to resume.", err=True)
+        raise typer.Exit(1)
     report = reports[0]
     if as_json:
         out = {**report.to_dict(), "index": store.location, "fingerprint": store.fingerprint,
