@@ -35,13 +35,14 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .chunking import passage_id
 from . import index_lock
+from .embedder import Embedder
 from .config import (
     CHROMA_SERVER_TIMEOUT_S,
     CHUNK_COLLECTION_HNSW,
@@ -98,17 +99,6 @@ def _server_call(method):
         except httpx.TimeoutException as err:
             raise self._timeout_error(err) from err
     return wrapper
-
-
-class Embedder(Protocol):
-    """What the store needs from a retrieval embedder (see :class:`refrag_integrations.index.SentenceEmbedder`)."""
-
-    name: str
-    fingerprint: str
-    dim: int
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:  # (N, dim) float32, L2-normalised
-        ...
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ def index(
     waits up to --lock-timeout seconds.
     """
     from ..engine import RefragEngine
-    from ..index import SentenceEmbedder, index_paths, refresh_chunk_vectors, verify_index
+    from ..embedder import SentenceEmbedder
+    from ..index import index_paths, refresh_chunk_vectors, verify_index
     from ..index_lock import IndexLockedError, StaleIndexError
     from ..store import ChromaTimeoutError
 
