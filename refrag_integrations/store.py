@@ -78,26 +78,44 @@ class ChromaTimeoutError(TimeoutError):
     """A Chroma server did not answer a call within the store's timeout."""
 
 
-def _server_call(method):
-    """Report a Chroma server that does not answer in time as :class:`ChromaTimeoutError`
-    naming the server and the timeout (httpx raises its own timeout errors from deep inside chromadb)."""
-    import httpx
+class CorruptIndexError(RuntimeError):
+    """An embedded index whose Chroma database (``chroma.sqlite3``) cannot be read: rebuild it."""
+
+
+# SQLite's SQLITE_CORRUPT (11) and SQLITE_NOTADB (26), as chromadb reports them
+_CORRUPT_DB = re.compile(r"\(code: (11|26)\)|database disk image is malformed|file is not a database")
+
+
+def _is_corrupt(err: Exception) -> bool:
+    return bool(_CORRUPT_DB.search(str(err)))
+
+
+def _chroma_call(method):
+    """Turn chromadb's low-level failures into errors that name the store and what to do: a server
+    that does not answer in time (:class:`ChromaTimeoutError`), a damaged embedded database
+    (:class:`CorruptIndexError`)."""
 
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
         def gen_wrapper(self, *args, **kwargs):
             try:
                 yield from method(self, *args, **kwargs)
-            except httpx.TimeoutException as err:
-                raise self._timeout_error(err) from err
+            except Exception as err:
+                worded = self._translate(err)
+                if worded is err:
+                    raise
+                raise worded from err
         return gen_wrapper
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except httpx.TimeoutException as err:
-            raise self._timeout_error(err) from err
+        except Exception as err:
+            worded = self._translate(err)
+            if worded is err:
+                raise
+            raise worded from err
     return wrapper
 
 
@@ -297,7 +315,7 @@ class ChunkStore:
 
     # ------------------------------------------------------------------ construction
 
-    @_server_call
+    @_chroma_call
     def _max_batch_size(self) -> int:
         return int(self._client.get_max_batch_size())
 
@@ -331,7 +349,29 @@ class ChunkStore:
         if writer:  # before Chroma reads anything: this process's view then includes every earlier write
             self.lock_for_writing()
         index_lock.note_opened(root)
-        return chromadb.PersistentClient(path=str(root), settings=settings)
+        try:
+            return chromadb.PersistentClient(path=str(root), settings=settings)
+        except Exception as err:  # chromadb raises InternalError with SQLite's message
+            if _is_corrupt(err):
+                raise self._corrupt_error(err) from err
+            raise
+
+    def _translate(self, err: Exception) -> Exception:
+        """The error to raise for ``err`` from chromadb (``err`` itself when it needs no words)."""
+        import httpx
+
+        if isinstance(err, httpx.TimeoutException):
+            return self._timeout_error(err)
+        if self.root is not None and not isinstance(err, CorruptIndexError) and _is_corrupt(err):
+            return self._corrupt_error(err)
+        return err
+
+    def _corrupt_error(self, err: Exception) -> CorruptIndexError:
+        return CorruptIndexError(
+            f"The index at {self.root} is damaged: Chroma cannot read its database {self.root / 'chroma.sqlite3'} "
+            f"({str(err).strip()}). Rebuild it: move the directory away and run `refrag index PATH... --index "
+            f"{self.root}` again."
+        )
 
     def _timeout_error(self, err: Exception) -> ChromaTimeoutError:
         return ChromaTimeoutError(
@@ -375,7 +415,7 @@ class ChunkStore:
         kwargs.setdefault("fingerprint_info", fingerprint_info(engine))
         return cls(path, **kwargs)
 
-    @_server_call
+    @_chroma_call
     def attach(self, engine: "RefragEngine", *, write_back: bool = False) -> "ChunkStore":
         """Make ``engine`` read precomputed chunk vectors from this store
         (``engine.vector_source = store.fetch_chunk_vectors``), and with ``write_back`` store the
@@ -465,7 +505,7 @@ class ChunkStore:
                 self._chunks = col
             return self._chunks
 
-    @_server_call
+    @_chroma_call
     def check_embedder(self, embedder: Embedder) -> None:
         """Raise :class:`EmbedderMismatchError` if the stored passages were embedded by another model."""
         col = self._passage_collection()
@@ -486,18 +526,18 @@ class ChunkStore:
 
     # ------------------------------------------------------------------ passages
 
-    @_server_call
+    @_chroma_call
     def count_passages(self) -> int:
         col = self._passage_collection()
         return 0 if col is None else int(col.count())
 
-    @_server_call
+    @_chroma_call
     def embedder_name(self) -> str | None:
         """Name of the retrieval embedder the index was built with (None for an empty store)."""
         col = self._passage_collection()
         return None if col is None else (col.metadata or {}).get("embedder")
 
-    @_server_call
+    @_chroma_call
     def has_passages(self, ids: Sequence[str]) -> set[str]:
         """The subset of ``ids`` that are stored passages (one round trip)."""
         col = self._passage_collection()
@@ -508,7 +548,7 @@ class ChunkStore:
             found.update(col.get(ids=list(part), include=[])["ids"])
         return found
 
-    @_server_call
+    @_chroma_call
     def add_passages(
         self, records: Sequence[PassageRecord], embeddings: np.ndarray, embedder: Embedder | None = None
     ) -> int:
@@ -546,7 +586,7 @@ class ChunkStore:
             )
         return len(records)
 
-    @_server_call
+    @_chroma_call
     def get_passages(self, ids: Sequence[str]) -> dict[str, PassageRecord]:
         """The stored passages among ``ids``, by id."""
         col = self._passage_collection()
@@ -559,7 +599,7 @@ class ChunkStore:
                 out[pid] = _record(doc, meta)
         return out
 
-    @_server_call
+    @_chroma_call
     def iter_passages(self, batch_size: int = 256) -> Iterator[list[PassageRecord]]:
         """All stored passages, a page at a time (for re-encoding chunk vectors)."""
         col = self._passage_collection()
@@ -573,7 +613,7 @@ class ChunkStore:
             yield [_record(doc, meta) for doc, meta in zip(got["documents"], got["metadatas"])]
             offset += len(got["ids"])
 
-    @_server_call
+    @_chroma_call
     def search(
         self, query: str | np.ndarray | Sequence[float], top_k: int, *, embedder: Embedder | None = None
     ) -> list[SearchHit]:
@@ -609,7 +649,7 @@ class ChunkStore:
 
     # ------------------------------------------------------------------ chunk vectors
 
-    @_server_call
+    @_chroma_call
     def write_chunk_vectors(self, vectors: Mapping[str, torch.Tensor | np.ndarray]) -> int:
         """Store pre-projection chunk vectors ``{passage_id: (L, d_enc)}`` under this store's
         fingerprint (upsert: idempotent). Returns the number of chunk vectors written."""
@@ -658,7 +698,9 @@ class ChunkStore:
             part = parts.pop()
             try:
                 got = col.get(where={"passage_id": {"$in": part}}, include=include)
-            except InternalError:  # "Error finding id": look for the passages it is about, one by one
+            except InternalError as err:  # "Error finding id": look for the passages it is about, one by one
+                if _is_corrupt(err):
+                    raise
                 if len(part) == 1:
                     merged["unreadable"].add(part[0])
                 else:
@@ -670,7 +712,7 @@ class ChunkStore:
                 merged["embeddings"].extend(list(got["embeddings"]))
         return merged
 
-    @_server_call
+    @_chroma_call
     def fetch_chunk_vectors(self, ids: Sequence[str]) -> dict[str, torch.Tensor]:
         """Precomputed chunk vectors for many passages in one round trip: ``{passage_id:
         Tensor(L, d_enc)}`` for the passages whose vectors are stored, complete, under this store's
@@ -716,7 +758,7 @@ class ChunkStore:
             self._report_mismatch(missing)
         return found
 
-    @_server_call
+    @_chroma_call
     def unreadable_chunk_vectors(self, ids: Sequence[str]) -> set[str]:
         """The subset of ``ids`` whose chunk vectors are listed under this fingerprint but cannot
         be read back (e.g. after two processes wrote an embedded index at once): to be encoded and
@@ -726,7 +768,7 @@ class ChunkStore:
             return set()
         return self._fetch_rows(col, list(dict.fromkeys(ids)), ["embeddings"])["unreadable"]
 
-    @_server_call
+    @_chroma_call
     def unreadable_passages(self, ids: Sequence[str]) -> set[str]:
         """The subset of ``ids`` that are stored passages whose retrieval vector cannot be read back."""
         from chromadb.errors import InternalError
@@ -740,14 +782,16 @@ class ChunkStore:
             part = parts.pop()
             try:
                 col.get(ids=part, include=["embeddings"])
-            except InternalError:
+            except InternalError as err:
+                if _is_corrupt(err):
+                    raise
                 if len(part) == 1:
                     bad.add(part[0])
                 else:
                     parts.extend([p] for p in part)
         return bad
 
-    @_server_call
+    @_chroma_call
     def complete_chunk_vectors(self, ids: Sequence[str]) -> set[str]:
         """The subset of ``ids`` whose chunk vectors are stored completely under this fingerprint
         (one metadata-only round trip)."""
@@ -762,7 +806,7 @@ class ChunkStore:
             sizes[meta["passage_id"]] = int(meta["n_chunks"])
         return {pid for pid, idx in seen.items() if idx == set(range(sizes[pid]))}
 
-    @_server_call
+    @_chroma_call
     def fingerprints(self) -> dict[str, dict[str, Any]]:
         """Every chunk-vector fingerprint in this store: ``{fp: {"vectors": count, ...info}}``."""
         out: dict[str, dict[str, Any]] = {}
@@ -811,7 +855,7 @@ class ChunkStore:
             logger.warning("%s Encoding them at query time.", msg)
             self._mismatch_warned = True
 
-    @_server_call
+    @_chroma_call
     def check_fingerprint(self) -> None:
         """Report a store whose chunk vectors were all made for another fingerprint.
 
@@ -831,7 +875,7 @@ class ChunkStore:
             raise FingerprintMismatchError(msg)
         logger.warning("%s Encoding at query time.", msg)
 
-    @_server_call
+    @_chroma_call
     def drop_chunk_vectors(self, fingerprint: str) -> None:
         """Delete every chunk vector of ``fingerprint`` (e.g. an encoder no longer used)."""
         self.lock_for_writing()
@@ -841,7 +885,7 @@ class ChunkStore:
             if fingerprint == self.fingerprint:
                 self._chunks = None
 
-    @_server_call
+    @_chroma_call
     def summary(self) -> dict[str, Any]:
         """Counts: passages, and chunk vectors per fingerprint."""
         return {"location": self.location, "passages": self.count_passages(), "fingerprints": self.fingerprints()}

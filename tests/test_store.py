@@ -340,3 +340,41 @@ def test_bad_arguments(tmp_path, engine):
     store.add_passages([PassageRecord("a b c")], emb.embed(["a b c"]), emb)
     with pytest.raises(ValueError, match="top_k"):
         store.search("q", top_k=0, embedder=emb)
+
+
+def _damage(db: Path, start: int, length: int | None = None) -> None:
+    """Write random bytes over part of a file (to the end when length is None)."""
+    size = db.stat().st_size
+    rng = np.random.default_rng(0)
+    with open(db, "r+b") as f:
+        f.seek(start)
+        f.write(rng.integers(0, 256, size=(length or size - start), dtype=np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("where", ["header", "pages"])
+def test_a_damaged_database_names_the_index_and_says_rebuild(tmp_path, engine, where):
+    from typer.testing import CliRunner
+
+    from refrag_integrations.cli import app
+    from refrag_integrations.store import CorruptIndexError
+
+    store = ChunkStore.for_engine(engine, tmp_path / "idx")
+    emb = FakeEmbedder()
+    store.add_passages([PassageRecord(p) for p in PASSAGES], emb.embed(PASSAGES), emb)
+    store.write_chunk_vectors({passage_id(p): encoded(engine, p) for p in PASSAGES})
+    copies = []
+    for name in ("lib", "cli"):  # chromadb keeps a failed open per directory and process: one copy each
+        copy = tmp_path / name
+        shutil.copytree(tmp_path / "idx", copy)
+        db = copy / "chroma.sqlite3"
+        _damage(db, 0, 4096) if where == "header" else _damage(db, 4096)
+        copies.append(copy)
+    with pytest.raises(CorruptIndexError) as err:
+        damaged = ChunkStore.for_engine(engine, copies[0])
+        damaged.count_passages()
+        damaged.fetch_chunk_vectors([passage_id(PASSAGES[0])])
+    assert str(copies[0]) in str(err.value) and "chroma.sqlite3" in str(err.value) and "Rebuild" in str(err.value)
+    # the CLI says the same in one line, before loading any model, and exits 1
+    res = CliRunner().invoke(app, ["index", "--no-chunk-vectors", "--verify", "--index", str(copies[1])])
+    assert res.exit_code == 1 and "is damaged" in res.output and "Traceback" not in res.output, res.output
+    assert store.count_passages() == len(PASSAGES)  # the original is untouched

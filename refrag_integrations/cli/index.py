@@ -36,7 +36,7 @@ def open_store(
     """Open the embedded index at ``index_dir`` (default dir if None) or the server at ``host``,
     bound to ``engine``'s chunk-vector fingerprint when an engine is given."""
     from ..config import default_index_dir
-    from ..store import ChunkStore
+    from ..store import ChunkStore, CorruptIndexError
 
     if host is not None and index_dir is not None:
         raise typer.BadParameter("Give either --index DIR (embedded Chroma) or --host (a Chroma server), not both.")
@@ -52,6 +52,9 @@ def open_store(
         return ChunkStore.for_engine(engine, collection=collection, **where, **kwargs)
     except (ConnectionError, ValueError) as err:
         raise typer.BadParameter(str(err)) from err
+    except CorruptIndexError as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
 
 
 def index(
@@ -94,7 +97,7 @@ def index(
     from ..embedder import SentenceEmbedder
     from ..index import index_paths, refresh_chunk_vectors, verify_index
     from ..index_lock import IndexLockedError, StaleIndexError
-    from ..store import ChromaTimeoutError
+    from ..store import ChromaTimeoutError, CorruptIndexError
 
     if not paths and not chunk_vectors and not verify:
         raise typer.BadParameter("Nothing to do: give PATHS, or let the chunk vectors be computed.")
@@ -126,6 +129,9 @@ def index(
         raise typer.Exit(130)
     except (ChromaTimeoutError, StaleIndexError) as err:
         typer.echo(f"Error: {err} Everything written so far is kept; run the same command again to resume.", err=True)
+        raise typer.Exit(1)
+    except CorruptIndexError as err:
+        typer.echo(f"Error: {err}", err=True)
         raise typer.Exit(1)
     report = reports[0]
     if as_json:
