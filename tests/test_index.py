@@ -284,6 +284,34 @@ def test_refresh_adds_vectors_for_a_new_fingerprint(tmp_path, docs, engine, embe
     assert set(store.fingerprints()) == {engine.chunk_vector_fingerprint(), k8.chunk_vector_fingerprint()}
 
 
+# --------------------------------------------------------------------------- CLI argument checks
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--min-words", "300", "--max-words", "200"], "--min-words (300) must not exceed --max-words (200)"),
+    (["--embedder", "bogus-embedder"], "'bogus-embedder' is not a local directory"),
+    (["--embedder", "not/a/valid/hub/id"], "neither a local directory nor a valid hub id"),
+    (["--server-timeout", "0"], "--server-timeout"),
+    (["--lock-timeout", "-1"], "--lock-timeout"),
+])
+def test_cli_index_refuses_bad_values_before_loading_anything(tmp_path, docs, monkeypatch, args, says):
+    from refrag_integrations import embedder as embedder_module
+    from refrag_integrations.cli import app
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(RefragEngine, "from_pretrained", no_loading)
+    monkeypatch.setattr(embedder_module, "SentenceEmbedder", no_loading)
+    res = CliRunner().invoke(app, ["index", str(docs), "--index", str(tmp_path / "idx"), *args])
+    text = " ".join(res.output.replace("│", " ").split())
+    assert res.exit_code == 2 and says in text, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)  # no traceback
+    assert not (tmp_path / "idx").exists()  # nothing was created either
+
+
 # --------------------------------------------------------------------------- CLI (real default models)
 
 

@@ -57,6 +57,34 @@ def open_store(
         raise typer.Exit(1) from None
 
 
+def check_embedder_name(value: str) -> str:
+    """``--embedder``: a local directory, the offline default, or a hub id that is cached (or, when
+    downloads are allowed, one that may be downloaded); checked before any model loads."""
+    import os
+
+    from huggingface_hub import try_to_load_from_cache
+
+    from ..models import resolve_encoder_path
+
+    path = resolve_encoder_path(value)
+    if Path(path).is_dir():
+        return value
+    try:
+        cached = try_to_load_from_cache(path, "config.json")
+    except ValueError as err:  # huggingface_hub's HFValidationError: not a valid hub id either
+        raise typer.BadParameter(
+            f"{value!r} is neither a local directory nor a valid hub id ({err}). Use the offline default "
+            f"{DEFAULT_EMBEDDER!r} or a local sentence-transformers directory."
+        ) from None
+    if not isinstance(cached, str) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise typer.BadParameter(
+            f"{value!r} is not a local directory and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
+            f"downloading it. Use the offline default {DEFAULT_EMBEDDER!r}, a local sentence-transformers "
+            "directory, or a cached hub id."
+        )
+    return value
+
+
 def index(
     paths: Optional[List[Path]] = typer.Argument(
         None, help="Files or directories (.txt, .md, .jsonl, .jsonl.gz, .pdf). With none, the chunk vectors of "
@@ -69,11 +97,15 @@ def index(
     port: int = typer.Option(8000, help="Chroma server port."),
     collection: str = typer.Option(DEFAULT_COLLECTION, help="Prefix of the Chroma collections."),
     checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint whose encoder makes the chunk vectors."),
-    embedder: str = typer.Option(DEFAULT_EMBEDDER, help="Retrieval embedder (sentence-transformers)."),
+    embedder: str = typer.Option(
+        DEFAULT_EMBEDDER, callback=lambda v: check_embedder_name(v), help="Retrieval embedder (sentence-transformers)."
+    ),
     chunk_vectors: bool = typer.Option(True, "--chunk-vectors/--no-chunk-vectors", help="Precompute REFRAG chunk vectors."),
-    batch_size: int = typer.Option(DEFAULT_INDEX_BATCH_SIZE, help="Passages per batch."),
-    min_words: int = typer.Option(PASSAGE_MIN_WORDS, help="A passage ends at a paragraph boundary past this many words."),
-    max_words: int = typer.Option(PASSAGE_MAX_WORDS, help="Passages never grow past this many words."),
+    batch_size: int = typer.Option(DEFAULT_INDEX_BATCH_SIZE, min=1, help="Passages per batch."),
+    min_words: int = typer.Option(
+        PASSAGE_MIN_WORDS, min=1, help="A passage ends at a paragraph boundary past this many words."
+    ),
+    max_words: int = typer.Option(PASSAGE_MAX_WORDS, min=1, help="Passages never grow past this many words."),
     progress: bool = typer.Option(True, "--progress/--quiet", help="Show a progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
     verify: bool = typer.Option(
@@ -81,7 +113,7 @@ def index(
         "missing or cannot be read back.",
     ),
     lock_timeout: float = typer.Option(
-        INDEX_LOCK_TIMEOUT_S, help="Seconds to wait while another process writes the same embedded index."
+        INDEX_LOCK_TIMEOUT_S, min=0, help="Seconds to wait while another process writes the same embedded index."
     ),
     server_timeout: float = typer.Option(
         CHROMA_SERVER_TIMEOUT_S, help="Seconds each call to a Chroma server (--host) may take."
@@ -101,6 +133,13 @@ def index(
 
     if not paths and not chunk_vectors and not verify:
         raise typer.BadParameter("Nothing to do: give PATHS, or let the chunk vectors be computed.")
+    if min_words > max_words:
+        raise typer.BadParameter(
+            f"--min-words ({min_words}) must not exceed --max-words ({max_words}).", param_hint="'--min-words'"
+        )
+    if not server_timeout > 0 or server_timeout == float("inf"):
+        raise typer.BadParameter(f"must be a positive number of seconds, got {server_timeout}.",
+                                 param_hint="'--server-timeout'")
     engine = RefragEngine.from_pretrained(checkpoint) if chunk_vectors else None
     try:
         store = open_store(engine, index_dir, host, port, collection, must_exist=not paths, writer=True,
@@ -112,11 +151,11 @@ def index(
     try:
         emb = None
         if paths or verify:
-            emb = SentenceEmbedder(embedder)
             try:
+                emb = SentenceEmbedder(embedder)
                 store.check_embedder(emb)
-            except ValueError as err:
-                raise typer.BadParameter(str(err)) from err
+            except ValueError as err:  # ModelNotFoundError, EmbedderMismatchError
+                raise typer.BadParameter(str(err), param_hint="'--embedder'") from err
         if paths:
             reports.append(index_paths(paths, store, engine, emb, batch_size=batch_size, min_words=min_words,
                                        max_words=max_words, progress=progress))
