@@ -289,6 +289,7 @@ def test_refresh_adds_vectors_for_a_new_fingerprint(tmp_path, docs, engine, embe
 
 @pytest.mark.parametrize("args, says", [
     (["--batch-size", "0"], "--batch-size"),
+    (["--max-words", "0"], "--max-words"),
     (["--min-words", "300", "--max-words", "200"], "--min-words (300) must not exceed --max-words (200)"),
     (["--embedder", "bogus-embedder"], "'bogus-embedder' is not a local directory"),
     (["--embedder", "not/a/valid/hub/id"], "neither a local directory nor a valid hub id"),

@@ -129,7 +129,7 @@ def test_a_process_with_an_out_of_date_view_refuses_to_write(tmp_path, tiny_dirs
         index_paths(corpus[1:], mine, engine, FakeEmbedder(), progress=False, **SIZES)
 
 
-def test_rerun_and_verify_repair_unreadable_chunk_vectors(tmp_path, engine, corpus):
+def test_rerun_and_verify_repair_unreadable_chunk_vectors(tmp_path, engine, corpus, caplog):
     idx, saved = tmp_path / "idx", tmp_path / "saved-segment"
     emb = FakeEmbedder()
     store = ChunkStore.for_engine(engine, idx)
@@ -148,7 +148,9 @@ def test_rerun_and_verify_repair_unreadable_chunk_vectors(tmp_path, engine, corp
     broken = store.unreadable_chunk_vectors(ids)
     assert len(ids) == 2 * N and len(broken) >= N // 2
     assert store.complete_chunk_vectors(ids) == set(ids)  # the rows are listed: only reading finds it
-    assert len(store.fetch_chunk_vectors(ids)) == 2 * N - len(broken)  # no crash: those are encoded at query time
+    with caplog.at_level("WARNING", logger="refrag_integrations.store"):
+        assert len(store.fetch_chunk_vectors(ids)) == 2 * N - len(broken)  # no crash: those are encoded at query time
+    assert "refrag index --verify" in caplog.text
     # a re-run on the same files does not say "0 added, all fine": it repairs them
     again = index_paths(corpus, store, engine, emb, progress=False, **SIZES)
     assert again.added == 0 and again.repaired == len(broken) and again.chunks > 0
