@@ -52,6 +52,8 @@ DEFAULT_INDEX_BATCH_SIZE = 64  # passages embedded and written per round trip
 # the cheapest HNSW graph Chroma allows (writes ~3x faster); passages get cosine search.
 CHUNK_COLLECTION_HNSW = {"space": "l2", "ef_construction": 16, "max_neighbors": 4}
 PASSAGE_COLLECTION_HNSW = {"space": "cosine"}
+INDEX_LOCK_TIMEOUT_S = 300.0  # a second writer of an embedded index waits this long for the first
+CHROMA_SERVER_TIMEOUT_S = 30.0  # every call to a Chroma server fails after this long without an answer
 DEFAULT_TOP_K = 8  # passages retrieved per question
 DEMO_QUESTIONS = 5  # questions `refrag demo` asks
 DEMO_MAX_NEW_TOKENS = 32  # answer length limit in `refrag demo` (short NQ answers)

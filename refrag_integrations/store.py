@@ -25,20 +25,32 @@ and on a Chroma server (``ChunkStore(host=..., port=...)``, ``HttpClient``), e.g
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .chunking import passage_id
-from .config import CHUNK_COLLECTION_HNSW, DEFAULT_COLLECTION, PASSAGE_COLLECTION_HNSW, default_index_dir
+from . import index_lock
+from .embedder import Embedder
+from .config import (
+    CHROMA_SERVER_TIMEOUT_S,
+    CHUNK_COLLECTION_HNSW,
+    DEFAULT_COLLECTION,
+    INDEX_LOCK_TIMEOUT_S,
+    PASSAGE_COLLECTION_HNSW,
+    default_index_dir,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .encoder import ChunkEncoder
@@ -62,15 +74,49 @@ class EmbedderMismatchError(ValueError):
     """The store's retrieval vectors were made by another embedder than the one given."""
 
 
-class Embedder(Protocol):
-    """What the store needs from a retrieval embedder (see :class:`refrag_integrations.index.SentenceEmbedder`)."""
+class ChromaTimeoutError(TimeoutError):
+    """A Chroma server did not answer a call within the store's timeout."""
 
-    name: str
-    fingerprint: str
-    dim: int
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:  # (N, dim) float32, L2-normalised
-        ...
+class CorruptIndexError(RuntimeError):
+    """An embedded index whose Chroma database (``chroma.sqlite3``) cannot be read: rebuild it."""
+
+
+# SQLite's SQLITE_CORRUPT (11) and SQLITE_NOTADB (26), as chromadb reports them
+_CORRUPT_DB = re.compile(r"\(code: (11|26)\)|database disk image is malformed|file is not a database")
+
+
+def _is_corrupt(err: Exception) -> bool:
+    return bool(_CORRUPT_DB.search(str(err)))
+
+
+def _chroma_call(method):
+    """Turn chromadb's low-level failures into errors that name the store and what to do: a server
+    that does not answer in time (:class:`ChromaTimeoutError`), a damaged embedded database
+    (:class:`CorruptIndexError`)."""
+
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def gen_wrapper(self, *args, **kwargs):
+            try:
+                yield from method(self, *args, **kwargs)
+            except Exception as err:
+                worded = self._translate(err)
+                if worded is err:
+                    raise
+                raise worded from err
+        return gen_wrapper
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:
+            worded = self._translate(err)
+            if worded is err:
+                raise
+            raise worded from err
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -203,6 +249,14 @@ class ChunkStore:
             ``"error"`` (raise :class:`FingerprintMismatchError`) or ``"encode"`` (log a warning
             and let the engine encode them at query time). Never are they used.
         client: an existing Chroma client to use instead of opening one.
+        writer: (embedded) take the index directory's writer lock before opening it, and keep it
+            until :meth:`close`. Without it, the first write takes the lock; it then refuses
+            (:class:`~refrag_integrations.index_lock.StaleIndexError`) if another process wrote
+            the directory after this process opened it.
+        lock_timeout: seconds to wait for another process's writer lock before
+            :class:`~refrag_integrations.index_lock.IndexLockedError` (0: do not wait).
+        timeout: (server) seconds each call to the Chroma server may take before
+            :class:`ChromaTimeoutError`.
 
     Example:
         >>> store = ChunkStore.for_engine(engine, "/tmp/refrag-index")        # doctest: +SKIP
@@ -225,6 +279,9 @@ class ChunkStore:
         embedder: Embedder | None = None,
         on_mismatch: str = "error",
         client: Any = None,
+        writer: bool = False,
+        lock_timeout: float = INDEX_LOCK_TIMEOUT_S,
+        timeout: float = CHROMA_SERVER_TIMEOUT_S,
     ) -> None:
         if path is not None and host is not None:
             raise ValueError("You must specify exactly one of path (embedded Chroma) or host (a Chroma server), not both.")
@@ -234,29 +291,43 @@ class ChunkStore:
             )
         if on_mismatch not in ON_MISMATCH:
             raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}.")
+        if not isinstance(lock_timeout, (int, float)) or isinstance(lock_timeout, bool) or not lock_timeout >= 0:
+            raise ValueError(f"lock_timeout must be a number of seconds >= 0, got {lock_timeout!r}.")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}.")
+        self.timeout = float(timeout)
         self.collection = collection
         self.fingerprint = fingerprint
         self.fingerprint_info = dict(fingerprint_info or {})
         self.embedder = embedder
         self.on_mismatch = on_mismatch
+        self.lock_timeout = float(lock_timeout)
+        # the embedded directory this store writes under the writer lock (None: a server or a given client)
+        self.root: Path | None = None
+        self._writing: weakref.finalize | None = None
         if client is not None:
             self.location = "the given Chroma client"
         elif host is not None:
             self.location = f"{'https' if ssl else 'http'}://{host}:{port or 8000}"
         else:
-            self.location = str(Path(path) if path is not None else default_index_dir())
-        self._client = client if client is not None else self._connect(path, host, port, ssl, headers)
+            self.root = Path(path) if path is not None else default_index_dir()
+            self.location = str(self.root)
         self._lock = threading.RLock()
+        self._client = client if client is not None else self._connect(path, host, port, ssl, headers, writer)
         self._passages: Any = None
         self._chunks: Any = None
         self._mismatch_warned = False
-        self._max_batch = int(self._client.get_max_batch_size())
+        self._max_batch = self._max_batch_size()
         if embedder is not None:
             self.check_embedder(embedder)
 
     # ------------------------------------------------------------------ construction
 
-    def _connect(self, path, host, port, ssl, headers) -> Any:
+    @_chroma_call
+    def _max_batch_size(self) -> int:
+        return int(self._client.get_max_batch_size())
+
+    def _connect(self, path, host, port, ssl, headers, writer) -> Any:
         try:
             import chromadb
             from chromadb.config import Settings
@@ -264,18 +335,84 @@ class ChunkStore:
             raise ImportError("The chunk store needs chromadb: pip install 'chromadb>=1.0'.") from err
         settings = Settings(anonymized_telemetry=False)
         if host is not None:
+            import httpx
+
             try:
-                return chromadb.HttpClient(host=host, port=port or 8000, ssl=ssl, headers=headers, settings=settings)
+                # chromadb's own first calls have no timeout: ask the server once, with ours, first
+                httpx.get(f"{self.location}/api/v2/heartbeat", headers=headers, timeout=self.timeout)
+                client = chromadb.HttpClient(host=host, port=port or 8000, ssl=ssl, headers=headers, settings=settings)
+            except httpx.TimeoutException as err:
+                raise self._timeout_error(err) from err
             except Exception as err:  # chromadb raises plain ValueError / httpx errors here
                 raise ConnectionError(
                     f"Could not reach a Chroma server at {self.location} ({type(err).__name__}: {err}). "
                     "Start one with `chroma run --path DIR --port PORT`, or use an embedded store (path=...)."
                 ) from err
-        root = Path(path) if path is not None else default_index_dir()
+            _set_http_timeout(client, self.timeout)
+            return client
+        root = self.root
         if root.exists() and not root.is_dir():
             raise ValueError(f"The index path {root} exists and is not a directory.")
         root.mkdir(parents=True, exist_ok=True)
-        return chromadb.PersistentClient(path=str(root), settings=settings)
+        if writer:  # before Chroma reads anything: this process's view then includes every earlier write
+            self.lock_for_writing()
+        index_lock.note_opened(root)
+        try:
+            return chromadb.PersistentClient(path=str(root), settings=settings)
+        except Exception as err:  # chromadb raises InternalError with SQLite's message
+            if _is_corrupt(err):
+                raise self._corrupt_error(err) from err
+            raise
+
+    def _translate(self, err: Exception) -> Exception:
+        """The error to raise for ``err`` from chromadb (``err`` itself when it needs no words)."""
+        import httpx
+
+        if isinstance(err, httpx.TimeoutException):
+            return self._timeout_error(err)
+        if self.root is not None and not isinstance(err, CorruptIndexError) and _is_corrupt(err):
+            return self._corrupt_error(err)
+        return err
+
+    def _corrupt_error(self, err: Exception) -> CorruptIndexError:
+        return CorruptIndexError(
+            f"The index at {self.root} is damaged: Chroma cannot read its database {self.root / 'chroma.sqlite3'} "
+            f"({str(err).strip()}). Rebuild it: move the directory away and run `refrag index PATH... --index "
+            f"{self.root}` again."
+        )
+
+    def _timeout_error(self, err: Exception) -> ChromaTimeoutError:
+        return ChromaTimeoutError(
+            f"The Chroma server at {self.location} did not answer within the {self.timeout:g} s timeout "
+            f"({type(err).__name__}). Check that it is running and not overloaded (a stopped or frozen `chroma run`), "
+            "or allow more time: ChunkStore(timeout=...) / --server-timeout."
+        )
+
+    # ------------------------------------------------------------------ writer lock
+
+    def lock_for_writing(self, timeout: float | None = None) -> None:
+        """Take the embedded index's writer lock (once; kept until :meth:`close` or process exit).
+        Every write takes it; call it first to fail early. A no-op for a server or a given client.
+
+        Args:
+            timeout: seconds to wait for another writer (default: the store's ``lock_timeout``).
+
+        Raises:
+            IndexLockedError: another process holds the lock past ``timeout``.
+            StaleIndexError: another process wrote the index after this process opened it.
+        """
+        with self._lock:
+            if self.root is None or self._writing is not None:
+                return
+            index_lock.acquire(self.root, self.lock_timeout if timeout is None else timeout, on_wait=logger.warning)
+            self._writing = weakref.finalize(self, index_lock.release, self.root)  # runs once: close() or GC
+
+    def close(self) -> None:
+        """Give back the writer lock, if this store took it (reading stays possible)."""
+        with self._lock:
+            if self._writing is not None:
+                self._writing()
+                self._writing = None
 
     @classmethod
     def for_engine(
@@ -286,6 +423,7 @@ class ChunkStore:
         kwargs.setdefault("fingerprint_info", fingerprint_info(engine))
         return cls(path, **kwargs)
 
+    @_chroma_call
     def attach(self, engine: "RefragEngine", *, write_back: bool = False) -> "ChunkStore":
         """Make ``engine`` read precomputed chunk vectors from this store
         (``engine.vector_source = store.fetch_chunk_vectors``), and with ``write_back`` store the
@@ -375,6 +513,7 @@ class ChunkStore:
                 self._chunks = col
             return self._chunks
 
+    @_chroma_call
     def check_embedder(self, embedder: Embedder) -> None:
         """Raise :class:`EmbedderMismatchError` if the stored passages were embedded by another model."""
         col = self._passage_collection()
@@ -395,15 +534,18 @@ class ChunkStore:
 
     # ------------------------------------------------------------------ passages
 
+    @_chroma_call
     def count_passages(self) -> int:
         col = self._passage_collection()
         return 0 if col is None else int(col.count())
 
+    @_chroma_call
     def embedder_name(self) -> str | None:
         """Name of the retrieval embedder the index was built with (None for an empty store)."""
         col = self._passage_collection()
         return None if col is None else (col.metadata or {}).get("embedder")
 
+    @_chroma_call
     def has_passages(self, ids: Sequence[str]) -> set[str]:
         """The subset of ``ids`` that are stored passages (one round trip)."""
         col = self._passage_collection()
@@ -414,6 +556,7 @@ class ChunkStore:
             found.update(col.get(ids=list(part), include=[])["ids"])
         return found
 
+    @_chroma_call
     def add_passages(
         self, records: Sequence[PassageRecord], embeddings: np.ndarray, embedder: Embedder | None = None
     ) -> int:
@@ -439,6 +582,7 @@ class ChunkStore:
                 f"embeddings must have shape ({len(records)}, {embedder.dim}) (passages, embedder dim), got {vecs.shape}."
             )
         self.check_embedder(embedder)
+        self.lock_for_writing()
         col = self._passage_collection(create_for=embedder)
         for start in range(0, len(records), self._max_batch):
             part = records[start : start + self._max_batch]
@@ -450,6 +594,7 @@ class ChunkStore:
             )
         return len(records)
 
+    @_chroma_call
     def get_passages(self, ids: Sequence[str]) -> dict[str, PassageRecord]:
         """The stored passages among ``ids``, by id."""
         col = self._passage_collection()
@@ -462,6 +607,7 @@ class ChunkStore:
                 out[pid] = _record(doc, meta)
         return out
 
+    @_chroma_call
     def iter_passages(self, batch_size: int = 256) -> Iterator[list[PassageRecord]]:
         """All stored passages, a page at a time (for re-encoding chunk vectors)."""
         col = self._passage_collection()
@@ -475,6 +621,7 @@ class ChunkStore:
             yield [_record(doc, meta) for doc, meta in zip(got["documents"], got["metadatas"])]
             offset += len(got["ids"])
 
+    @_chroma_call
     def search(
         self, query: str | np.ndarray | Sequence[float], top_k: int, *, embedder: Embedder | None = None
     ) -> list[SearchHit]:
@@ -510,6 +657,7 @@ class ChunkStore:
 
     # ------------------------------------------------------------------ chunk vectors
 
+    @_chroma_call
     def write_chunk_vectors(self, vectors: Mapping[str, torch.Tensor | np.ndarray]) -> int:
         """Store pre-projection chunk vectors ``{passage_id: (L, d_enc)}`` under this store's
         fingerprint (upsert: idempotent). Returns the number of chunk vectors written."""
@@ -532,6 +680,7 @@ class ChunkStore:
         if not ids:
             return 0
         flat = np.concatenate(rows, 0)  # (sum L, d_enc)
+        self.lock_for_writing()
         col = self._chunk_collection(create=True)
         for start in range(0, len(ids), self._max_batch):
             end = start + self._max_batch
@@ -541,20 +690,37 @@ class ChunkStore:
     def _write_back(self, vectors: Mapping[str, torch.Tensor]) -> None:
         """Engine sink: store query-time encodings; a failing write never fails the request."""
         try:
+            self.lock_for_writing(timeout=0)  # never make a request wait for another process's indexing
             self.write_chunk_vectors(vectors)
         except Exception as err:  # the answer does not depend on the write-back
             logger.warning("Could not write chunk vectors back to %s: %s", self.location, err)
 
     def _fetch_rows(self, col: Any, ids: Sequence[str], include: list[str]) -> dict[str, Any]:
-        merged: dict[str, list] = {"ids": [], "metadatas": [], "embeddings": []}
-        for part in self._batches(list(ids)):
-            got = col.get(where={"passage_id": {"$in": list(part)}}, include=include)
+        """Chunk rows of the passages ``ids``; ``merged["unreadable"]``: passages whose rows are
+        listed but whose vectors Chroma cannot read (its vector index lost them)."""
+        from chromadb.errors import InternalError
+
+        merged: dict[str, Any] = {"ids": [], "metadatas": [], "embeddings": [], "unreadable": set()}
+        parts = [list(part) for part in self._batches(list(ids))]
+        while parts:
+            part = parts.pop()
+            try:
+                got = col.get(where={"passage_id": {"$in": part}}, include=include)
+            except InternalError as err:  # "Error finding id": look for the passages it is about, one by one
+                if _is_corrupt(err):
+                    raise
+                if len(part) == 1:
+                    merged["unreadable"].add(part[0])
+                else:
+                    parts.extend([p] for p in part)
+                continue
             merged["ids"].extend(got["ids"])
             merged["metadatas"].extend(got["metadatas"] or [])
             if "embeddings" in include and got["embeddings"] is not None:
                 merged["embeddings"].extend(list(got["embeddings"]))
         return merged
 
+    @_chroma_call
     def fetch_chunk_vectors(self, ids: Sequence[str]) -> dict[str, torch.Tensor]:
         """Precomputed chunk vectors for many passages in one round trip: ``{passage_id:
         Tensor(L, d_enc)}`` for the passages whose vectors are stored, complete, under this store's
@@ -589,11 +755,51 @@ class ChunkStore:
                     continue  # an interrupted write: treat as missing, it will be encoded again
                 # float32 round trip is exact: Chroma returns the stored float32 values as float64.
                 found[pid] = torch.from_numpy(np.stack([rows[i] for i in range(n)]).astype(np.float32))
+            if got["unreadable"]:
+                logger.warning(
+                    "%d passage(s) have chunk vectors that cannot be read in %s; encoding them at query time. "
+                    "Repair the index with `refrag index --verify --index %s`.",
+                    len(got["unreadable"]), self.location, self.location,
+                )
         missing = [pid for pid in ids if pid not in found]
         if missing:
             self._report_mismatch(missing)
         return found
 
+    @_chroma_call
+    def unreadable_chunk_vectors(self, ids: Sequence[str]) -> set[str]:
+        """The subset of ``ids`` whose chunk vectors are listed under this fingerprint but cannot
+        be read back (e.g. after two processes wrote an embedded index at once): to be encoded and
+        written again. One round trip when all are readable."""
+        col = self._chunk_collection()
+        if col is None or not ids:
+            return set()
+        return self._fetch_rows(col, list(dict.fromkeys(ids)), ["embeddings"])["unreadable"]
+
+    @_chroma_call
+    def unreadable_passages(self, ids: Sequence[str]) -> set[str]:
+        """The subset of ``ids`` that are stored passages whose retrieval vector cannot be read back."""
+        from chromadb.errors import InternalError
+
+        col = self._passage_collection()
+        if col is None or not ids:
+            return set()
+        bad: set[str] = set()
+        parts = [list(part) for part in self._batches(list(dict.fromkeys(ids)))]
+        while parts:
+            part = parts.pop()
+            try:
+                col.get(ids=part, include=["embeddings"])
+            except InternalError as err:
+                if _is_corrupt(err):
+                    raise
+                if len(part) == 1:
+                    bad.add(part[0])
+                else:
+                    parts.extend([p] for p in part)
+        return bad
+
+    @_chroma_call
     def complete_chunk_vectors(self, ids: Sequence[str]) -> set[str]:
         """The subset of ``ids`` whose chunk vectors are stored completely under this fingerprint
         (one metadata-only round trip)."""
@@ -608,6 +814,7 @@ class ChunkStore:
             sizes[meta["passage_id"]] = int(meta["n_chunks"])
         return {pid for pid, idx in seen.items() if idx == set(range(sizes[pid]))}
 
+    @_chroma_call
     def fingerprints(self) -> dict[str, dict[str, Any]]:
         """Every chunk-vector fingerprint in this store: ``{fp: {"vectors": count, ...info}}``."""
         out: dict[str, dict[str, Any]] = {}
@@ -656,6 +863,7 @@ class ChunkStore:
             logger.warning("%s Encoding them at query time.", msg)
             self._mismatch_warned = True
 
+    @_chroma_call
     def check_fingerprint(self) -> None:
         """Report a store whose chunk vectors were all made for another fingerprint.
 
@@ -675,17 +883,34 @@ class ChunkStore:
             raise FingerprintMismatchError(msg)
         logger.warning("%s Encoding at query time.", msg)
 
+    @_chroma_call
     def drop_chunk_vectors(self, fingerprint: str) -> None:
         """Delete every chunk vector of ``fingerprint`` (e.g. an encoder no longer used)."""
+        self.lock_for_writing()
         with self._lock:
             if self._get(self._chunks_prefix() + fingerprint) is not None:
                 self._client.delete_collection(self._chunks_prefix() + fingerprint)
             if fingerprint == self.fingerprint:
                 self._chunks = None
 
+    @_chroma_call
     def summary(self) -> dict[str, Any]:
         """Counts: passages, and chunk vectors per fingerprint."""
         return {"location": self.location, "passages": self.count_passages(), "fingerprints": self.fingerprints()}
+
+
+def _set_http_timeout(client: Any, seconds: float) -> None:
+    """Give a chromadb HttpClient's HTTP session a timeout. chromadb (1.x) creates it with
+    ``timeout=None`` and offers no setting for it, so a frozen server would block every call forever."""
+    import httpx
+
+    session = getattr(getattr(client, "_server", None), "_session", None)
+    if not isinstance(session, httpx.Client):
+        raise RuntimeError(
+            "This chromadb version's HttpClient has no HTTP session where refrag-integrations sets its timeout; "
+            "install the chromadb version pinned by refrag-integrations."
+        )
+    session.timeout = httpx.Timeout(seconds)
 
 
 def _record(doc: str, meta: Mapping[str, Any] | None) -> PassageRecord:

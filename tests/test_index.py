@@ -284,6 +284,35 @@ def test_refresh_adds_vectors_for_a_new_fingerprint(tmp_path, docs, engine, embe
     assert set(store.fingerprints()) == {engine.chunk_vector_fingerprint(), k8.chunk_vector_fingerprint()}
 
 
+# --------------------------------------------------------------------------- CLI argument checks
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--max-words", "0"], "--max-words"),
+    (["--min-words", "300", "--max-words", "200"], "--min-words (300) must not exceed --max-words (200)"),
+    (["--embedder", "bogus-embedder"], "'bogus-embedder' is not a local directory"),
+    (["--embedder", "not/a/valid/hub/id"], "neither a local directory nor a valid hub id"),
+    (["--server-timeout", "0"], "--server-timeout"),
+    (["--lock-timeout", "-1"], "--lock-timeout"),
+])
+def test_cli_index_refuses_bad_values_before_loading_anything(tmp_path, docs, monkeypatch, args, says):
+    from refrag_integrations import embedder as embedder_module
+    from refrag_integrations.cli import app
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(RefragEngine, "from_pretrained", no_loading)
+    monkeypatch.setattr(embedder_module, "SentenceEmbedder", no_loading)
+    res = CliRunner().invoke(app, ["index", str(docs), "--index", str(tmp_path / "idx"), *args])
+    text = " ".join(res.output.replace("│", " ").split())
+    assert res.exit_code == 2 and says in text, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)  # no traceback
+    assert not (tmp_path / "idx").exists()  # nothing was created either
+
+
 # --------------------------------------------------------------------------- CLI (real default models)
 
 
@@ -303,7 +332,9 @@ def test_cli_index_then_ask_from_the_index(tmp_path, docs):
     assert rep["files"] == 4 and rep["added"] == rep["passages"] > 0 and rep["chunks"] > 0
     assert [p["where"] for p in rep["problems"]] == [str(tmp_path / "missing.txt")]
     again = _last_json(runner.invoke(app, ["index", str(docs), "--index", str(idx), "--json", "--quiet"]).stdout)
-    assert again["added"] == 0 and again["chunks"] == 0
+    assert again["added"] == 0 and again["chunks"] == 0 and again["repaired"] == 0
+    verified = _last_json(runner.invoke(app, ["index", "--verify", "--index", str(idx), "--json", "--quiet"]).stdout)
+    assert verified["verify"]["passages"] == rep["passages"] and verified["verify"]["repaired"] == 0
     res = runner.invoke(app, ["ask", "Who is the Eiffel Tower named after?", "--index", str(idx), "--top-k", "2",
                               "--json", "--max-new-tokens", "8"])
     assert res.exit_code == 0, res.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import torch
 from refrag_integrations import RefragEngine, passage_id
 from refrag_integrations.encoder import ChunkEncoder
 from refrag_integrations.store import (
+    ChromaTimeoutError,
     ChunkStore,
     EmbedderMismatchError,
     FingerprintMismatchError,
@@ -112,8 +114,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def chroma_server(tmp_path):
-    """A real Chroma server on a free loopback port, started with the `chroma` CLI of this env."""
+def chroma_server(chroma_server_process):
+    """The port of a real Chroma server (see chroma_server_process)."""
+    return chroma_server_process[0]
+
+
+@pytest.fixture()
+def chroma_server_process(tmp_path):
+    """(port, process) of a real Chroma server on a free loopback port, started with the `chroma`
+    CLI of this env."""
     exe = Path(sys.executable).with_name("chroma")
     if not exe.exists():
         found = shutil.which("chroma")
@@ -141,8 +150,9 @@ def chroma_server(tmp_path):
                 if time.monotonic() > deadline:
                     pytest.skip("`chroma run` did not answer on loopback within 60 s")
                 time.sleep(0.3)
-        yield port
+        yield port, proc
     finally:
+        proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
         proc.terminate()
         try:
             proc.wait(timeout=10)
@@ -155,6 +165,33 @@ def test_server_store_contract(chroma_server, engine):
     store = ChunkStore(host="127.0.0.1", port=chroma_server, collection="srv")
     assert store.location == f"http://127.0.0.1:{chroma_server}"
     exercise_store(lambda e: ChunkStore.for_engine(e, host="127.0.0.1", port=chroma_server), engine)
+
+
+def test_frozen_server_times_out_naming_host_port_and_timeout(chroma_server_process, engine):
+    port, proc = chroma_server_process
+    store = ChunkStore.for_engine(engine, host="127.0.0.1", port=port, timeout=2)
+    emb = FakeEmbedder()
+    store.add_passages([PassageRecord(p) for p in PASSAGES], emb.embed(PASSAGES), emb)
+    calls = {
+        "search": lambda: store.search("tower", top_k=2, embedder=emb),
+        "fetch_chunk_vectors": lambda: store.fetch_chunk_vectors([passage_id(PASSAGES[0])]),
+        "add_passages": lambda: store.add_passages([PassageRecord("new one")], emb.embed(["new one"]), emb),
+        "open": lambda: ChunkStore(host="127.0.0.1", port=port, timeout=2),
+    }
+    proc.send_signal(signal.SIGSTOP)  # the server is frozen: it accepts connections and never answers
+    try:
+        for name, call in calls.items():
+            t0 = time.monotonic()
+            with pytest.raises(ChromaTimeoutError) as err:
+                call()
+            took = time.monotonic() - t0
+            assert took < 2 + 3, f"{name} took {took:.1f} s with a 2 s timeout"
+            assert f"127.0.0.1:{port}" in str(err.value) and "2 s timeout" in str(err.value), name
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert store.search("tower", top_k=1, embedder=emb)[0].text  # answers again once resumed
+    with pytest.raises(ValueError, match="timeout"):
+        ChunkStore(host="127.0.0.1", port=port, timeout=0)
 
 
 def test_unreachable_server_is_a_clear_error():
@@ -303,3 +340,41 @@ def test_bad_arguments(tmp_path, engine):
     store.add_passages([PassageRecord("a b c")], emb.embed(["a b c"]), emb)
     with pytest.raises(ValueError, match="top_k"):
         store.search("q", top_k=0, embedder=emb)
+
+
+def _damage(db: Path, start: int, length: int | None = None) -> None:
+    """Write random bytes over part of a file (to the end when length is None)."""
+    size = db.stat().st_size
+    rng = np.random.default_rng(0)
+    with open(db, "r+b") as f:
+        f.seek(start)
+        f.write(rng.integers(0, 256, size=(length or size - start), dtype=np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("where", ["header", "pages"])
+def test_a_damaged_database_names_the_index_and_says_rebuild(tmp_path, engine, where):
+    from typer.testing import CliRunner
+
+    from refrag_integrations.cli import app
+    from refrag_integrations.store import CorruptIndexError
+
+    store = ChunkStore.for_engine(engine, tmp_path / "idx")
+    emb = FakeEmbedder()
+    store.add_passages([PassageRecord(p) for p in PASSAGES], emb.embed(PASSAGES), emb)
+    store.write_chunk_vectors({passage_id(p): encoded(engine, p) for p in PASSAGES})
+    copies = []
+    for name in ("lib", "cli"):  # chromadb keeps a failed open per directory and process: one copy each
+        copy = tmp_path / name
+        shutil.copytree(tmp_path / "idx", copy)
+        db = copy / "chroma.sqlite3"
+        _damage(db, 0, 4096) if where == "header" else _damage(db, 4096)
+        copies.append(copy)
+    with pytest.raises(CorruptIndexError) as err:
+        damaged = ChunkStore.for_engine(engine, copies[0])
+        damaged.count_passages()
+        damaged.fetch_chunk_vectors([passage_id(PASSAGES[0])])
+    assert str(copies[0]) in str(err.value) and "chroma.sqlite3" in str(err.value) and "Rebuild" in str(err.value)
+    # the CLI says the same in one line, before loading any model, and exits 1
+    res = CliRunner().invoke(app, ["index", "--no-chunk-vectors", "--verify", "--index", str(copies[1])])
+    assert res.exit_code == 1 and "is damaged" in res.output and "Traceback" not in res.output, res.output
+    assert store.count_passages() == len(PASSAGES)  # the original is untouched

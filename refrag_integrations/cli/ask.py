@@ -69,7 +69,7 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """Answer QUESTION from passages retrieved from an index (or given with --passages)."""
-    from .common import read_passages, stats_line
+    from .common import read_passage_texts, stats_line
 
     if mode not in ("refrag", "rag"):
         raise typer.BadParameter(f"--mode must be 'refrag' or 'rag', got {mode!r}.")
@@ -80,7 +80,7 @@ def ask(
     from ..engine import RefragEngine
     from ..store import EmbedderMismatchError, FingerprintMismatchError
 
-    texts = read_passages(passages) if passages is not None else None
+    texts = read_passage_texts(passages) if passages is not None else None
     engine = RefragEngine.from_pretrained(checkpoint, autocast_dtype=torch.bfloat16 if bf16 else None,
                                           decoder_dtype=decoder_dtype)
     retrieve_s = 0.0

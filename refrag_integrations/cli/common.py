@@ -23,7 +23,7 @@ def check_decoder_dtype(value: str) -> str:
     return value
 
 
-def read_passages(path: Path) -> list[str]:
+def read_passage_texts(path: Path) -> list[str]:
     """Read passages from a file: ``.jsonl`` (one object per line with ``text`` and optional
     ``title``) or plain text (passages separated by blank lines)."""
     if not path.is_file():
