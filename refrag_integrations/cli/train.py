@@ -29,7 +29,9 @@ def train(
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    data_dir: Optional[str] = typer.Option(None, help="Shared data directory (default ../shared/data)."),
+    data_dir: Optional[str] = typer.Option(
+        None, help="Training data directory (default ../shared/data, relative to the working directory)."
+    ),
     set_: List[str] = typer.Option([], "--set", help="Any other TrainConfig field, KEY=VALUE (repeatable)."),
     resume: bool = typer.Option(True, help="Continue from output_dir's saved state if present."),
 ) -> None:
@@ -50,6 +52,14 @@ def train(
         cfg = TrainConfig.from_yaml(config, **overrides) if config else TrainConfig.from_dict(overrides)
     except (TypeError, ValueError) as err:
         raise typer.BadParameter(str(err)) from err
+    if not Path(cfg.data_dir).is_dir():
+        # Checked before any model loads: the default is relative to the working directory.
+        typer.echo(
+            f"Error: --data-dir {cfg.data_dir} is not a directory ({Path(cfg.data_dir).resolve()}); "
+            "pass --data-dir DIR, the folder with the training data files.",
+            err=True,
+        )
+        raise typer.Exit(2)
     if stage == "sft":
         from ..training.sft import SFTTrainer as runner_cls
     elif stage == "distill":
