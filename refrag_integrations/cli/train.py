@@ -52,13 +52,11 @@ def train(
         cfg = TrainConfig.from_yaml(config, **overrides) if config else TrainConfig.from_dict(overrides)
     except (TypeError, ValueError) as err:
         raise typer.BadParameter(str(err)) from err
-    if not Path(cfg.data_dir).is_dir():
-        # Checked before any model loads: the default is relative to the working directory.
-        typer.echo(
-            f"Error: --data-dir {cfg.data_dir} is not a directory ({Path(cfg.data_dir).resolve()}); "
-            "pass --data-dir DIR, the folder with the training data files.",
-            err=True,
-        )
+    from ..training.data import missing_input
+
+    problem = missing_input(cfg)  # before any model loads: the default data_dir is relative to the working directory
+    if problem:
+        typer.echo(f"Error: {problem}", err=True)
         raise typer.Exit(2)
     if stage == "sft":
         from ..training.sft import SFTTrainer as runner_cls

@@ -11,6 +11,8 @@ STAGES = ("reconstruct", "cpt", "mixed", "sft", "distill", "policy")
 #: expand_fraction when a config gives none: mixed uses the paper's p = 0.1; sft trains and the
 #: policy chooses at the p = 0.25 the evaluations and the default checkpoint use.
 STAGE_EXPAND_FRACTION = {"reconstruct": 0.0, "cpt": 0.0, "mixed": 0.1, "sft": 0.25, "distill": 0.0, "policy": 0.25}
+#: Share of a user's corpus (qa) file held out for evaluation when no heldout (qa_eval) file is given.
+HELDOUT_FRACTION = 0.1
 
 
 @dataclass
@@ -51,7 +53,35 @@ class TrainConfig:
                   "KL on the answer); the rest are Wikipedia next-paragraph continuations (KL on o tokens after "
                   "max_chunks compressed chunks)."},
     )
-    data_dir: str = field(default="../shared/data", metadata={"help": "Directory with the shared data files."})
+    data_dir: str = field(
+        default="../shared/data",
+        metadata={"help": "Directory with the shared data files, read for every input that corpus, heldout, qa and "
+                  "qa_eval leave unset."},
+    )
+    corpus: str | None = field(
+        default=None,
+        metadata={"help": "Text corpus for reconstruct, cpt, mixed and distill's text examples: .jsonl(.gz) with a "
+                  "'text' field per line, or .txt(.gz) (one document). Default: data_dir's Wikipedia + WikiText-2 "
+                  "valid + NQ train passages (distill: enwiki-2015-articles.jsonl.gz)."},
+    )
+    heldout: str | None = field(
+        default=None,
+        metadata={"help": "Held-out text for the evaluations of reconstruct, cpt and mixed (same formats as corpus). "
+                  f"Default: the last {HELDOUT_FRACTION:.0%} of corpus (never trained on) when corpus is given, "
+                  "else data_dir's wikitext2-test.txt."},
+    )
+    qa: str | None = field(
+        default=None,
+        metadata={"help": "QA examples for sft, distill and policy: .jsonl(.gz), one {'question', 'answers', "
+                  "'ctxs': [{'title', 'text'}, ...]} per line, ctxs[0] the gold passage (the NQ-open shape). "
+                  "Default: data_dir's NQ-open lines 1-2000."},
+    )
+    qa_eval: str | None = field(
+        default=None,
+        metadata={"help": "QA examples for the evaluations of sft, distill and policy (same format as qa). Default: "
+                  f"the last {HELDOUT_FRACTION:.0%} of qa (never trained on) when qa is given, else data_dir's "
+                  "NQ-open lines 2001-2655."},
+    )
     max_chunks: int = field(default=16, metadata={"help": "L_max: most chunks per example (curriculum top)."})
     num_passages: int = field(default=5, metadata={"help": "sft, policy: passages per question (gold + distractors)."})
     group_size: int = field(default=8, metadata={"help": "policy: G action sequences sampled per question (GRPO group)."})

@@ -98,7 +98,7 @@ class DistillTrainer(SFTTrainer):
         if self._text is None:
             from .data import TokenCorpus, distillation_documents
 
-            self._text = TokenCorpus(distillation_documents(self.cfg.data_dir), self.engine.tokenizer)
+            self._text = TokenCorpus(distillation_documents(self.cfg), self.engine.tokenizer)
         return self._text
 
     def teacher(self) -> contextlib.ExitStack:
@@ -177,12 +177,12 @@ class DistillTrainer(SFTTrainer):
         from tqdm.auto import tqdm
 
         from ..evaluation.metrics import match as match_score
-        from .data import load_nq, rag_passages
+        from .data import qa_examples, rag_passages
 
         cfg, eng = self.cfg, self.engine
         was = eng.chunk_encoder.training
         eng.chunk_encoder.eval()
-        pool = load_nq(cfg.data_dir, "eval")
+        pool = qa_examples(cfg, "eval")
         nll: dict[str, list[float]] = {m: [] for m in ("closed_book", "full", "compressed_p0")}
         kls, hits = [], []
         for i, ex in enumerate(tqdm(pool[: cfg.eval_examples], desc="distill eval", leave=False)):

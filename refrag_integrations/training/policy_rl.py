@@ -787,16 +787,16 @@ class PolicyTrainer(Trainer):
 
     def data(self):
         if self._data is None:
-            from .data import load_nq
+            from .data import qa_examples
 
-            self._data = load_nq(self.cfg.data_dir, "train")
+            self._data = qa_examples(self.cfg, "train")
         return self._data
 
     def eval_data(self):
         if self._eval_data is None:
-            from .data import load_nq
+            from .data import qa_examples
 
-            self._eval_data = load_nq(self.cfg.data_dir, "eval")
+            self._eval_data = qa_examples(self.cfg, "eval")
         return self._eval_data
 
     def answer_ids(self, answer: str) -> list[int]:

@@ -21,9 +21,9 @@ class SFTTrainer(Trainer):
 
     def data(self):
         if self._data is None:
-            from .data import load_nq
+            from .data import qa_examples
 
-            self._data = load_nq(self.cfg.data_dir, "train")
+            self._data = qa_examples(self.cfg, "train")
         return self._data
 
     def answer_ids(self, answer: str) -> list[int]:
@@ -72,13 +72,13 @@ class SFTTrainer(Trainer):
         """Match on the first ``eval_examples`` NQ eval questions with ``num_passages`` passages:
         closed-book, full context, and compressed (p = 0 and p = expand_fraction, relevance)."""
         from ..evaluation.metrics import match as match_score
-        from .data import load_nq, rag_passages
+        from .data import qa_examples, rag_passages
 
         cfg = self.cfg
         was = self.engine.chunk_encoder.training
         self.engine.chunk_encoder.eval()
-        eval_set = load_nq(cfg.data_dir, "eval")[: cfg.eval_examples]
-        pool = load_nq(cfg.data_dir, "eval")
+        pool = qa_examples(cfg, "eval")
+        eval_set = pool[: cfg.eval_examples]
         settings = {"closed_book": ("all", 0.0, 0), "full": ("all", 0.0, cfg.num_passages),
                     "compressed_p0": ("none", 0.0, cfg.num_passages),
                     f"relevance_p{cfg.expand_fraction}": ("relevance", cfg.expand_fraction, cfg.num_passages)}

@@ -436,7 +436,7 @@ class Trainer:
             from .data import TokenCorpus, pretraining_documents
 
             t0 = time.perf_counter()
-            self._data = TokenCorpus(pretraining_documents(self.cfg.data_dir), self.engine.tokenizer)
+            self._data = TokenCorpus(pretraining_documents(self.cfg), self.engine.tokenizer)
             logger.info("tokenized %d training tokens in %.1fs", self._data.tokens, time.perf_counter() - t0)
         return self._data
 
@@ -444,7 +444,7 @@ class Trainer:
         if self._heldout is None:
             from .data import TokenCorpus, heldout_documents
 
-            self._heldout = TokenCorpus(heldout_documents(self.cfg.data_dir), self.engine.tokenizer)
+            self._heldout = TokenCorpus(heldout_documents(self.cfg), self.engine.tokenizer)
         return self._heldout
 
     def micro_rng(self, step: int, micro: int) -> random.Random:
