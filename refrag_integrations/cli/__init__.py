@@ -20,7 +20,7 @@ app = typer.Typer(
 app.command("ask")(ask.ask)
 app.command("index")(index_cmd.index)
 app.command("demo")(demo_cmd.demo)
-app.command("train")(train.train)
+app.add_typer(train.app, name="train")
 app.command("bench")(bench_cmd.bench)
 app.add_typer(eval_cmd.app, name="eval")
 app.command("download-defaults")(download_defaults_cmd.download_defaults)

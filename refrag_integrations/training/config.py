@@ -13,6 +13,19 @@ STAGES = ("reconstruct", "cpt", "mixed", "sft", "distill", "policy")
 STAGE_EXPAND_FRACTION = {"reconstruct": 0.0, "cpt": 0.0, "mixed": 0.1, "sft": 0.25, "distill": 0.0, "policy": 0.25}
 #: Share of a user's corpus (qa) file held out for evaluation when no heldout (qa_eval) file is given.
 HELDOUT_FRACTION = 0.1
+#: The stages `refrag train recipe` runs when none are chosen, in order (mixed and distill are opt-in).
+RECIPE_STAGES = ("reconstruct", "cpt", "sft", "policy")
+#: Per-stage settings of `refrag train recipe` (any recipe setting overrides them): those of the runs
+#: behind the full lineage in docs/training.md (runs 1, 11, 12, 13, 14); distill has no measured run yet.
+RECIPE_STAGE_SETTINGS: dict[str, dict[str, Any]] = {
+    "reconstruct": {"max_steps": 1000, "batch_size": 8, "lr": 3e-4, "max_chunks": 8},
+    "cpt": {"max_steps": 1500, "batch_size": 8, "lr": 3e-4, "max_chunks": 32, "curriculum_start": 9},
+    "mixed": {"max_steps": 300, "batch_size": 8, "lr": 2e-4, "max_chunks": 32, "curriculum_start": 9},
+    "sft": {"max_steps": 150, "batch_size": 4, "lr": 2e-4, "lora_rank": 8, "num_passages": 10,
+            "compressed_share": 0.25},
+    "distill": {"max_steps": 300, "batch_size": 4, "lr": 2e-4, "num_passages": 10},
+    "policy": {"max_steps": 120, "batch_size": 4, "lr": 3e-4, "num_passages": 10, "kl_coef": 0.1},
+}
 
 
 @dataclass

@@ -7,6 +7,7 @@ vector), k token embeddings per expanded chunk, original order, contiguous posit
 
 from __future__ import annotations
 
+import math
 import random
 from typing import TYPE_CHECKING, Sequence
 
@@ -134,11 +135,17 @@ def continuation_nll(
 
 @torch.no_grad()
 def reconstruction_eval(
-    engine: "RefragEngine", corpus, num_chunks: Sequence[int], examples: int, seed: int = 1234, batch: int = 8
+    engine: "RefragEngine", corpus, num_chunks: Sequence[int], examples: int, seed: int = 1234, batch: int = 8,
+    progress: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """Held-out reconstruction: token accuracy and log-PPL for each chunk count."""
+    """Held-out reconstruction: token accuracy and log-PPL for each chunk count (a progress bar
+    over the batches unless ``progress`` is False)."""
+    from tqdm.auto import tqdm
+
     k = engine.config.chunk_size
     out = {}
+    bar = tqdm(total=len(num_chunks) * math.ceil(examples / batch), desc="eval reconstruction", leave=False,
+               dynamic_ncols=True, disable=not progress)
     for L in num_chunks:
         rng = random.Random(seed + L)
         wins = corpus.windows(rng, L * k, examples)
@@ -149,20 +156,27 @@ def reconstruction_eval(
                 nll, correct = _lm_loss(engine, context_blocks(engine, w), w)
             nlls.append(nll.mean(1).float().cpu())
             accs.append(correct.float().mean(1).cpu())
+            bar.update(1)
         out[str(L)] = {"log_ppl": float(torch.cat(nlls).mean()), "token_acc": float(torch.cat(accs).mean())}
+    bar.close()
     return out
 
 
 @torch.no_grad()
 def next_paragraph_eval(
-    engine: "RefragEngine", corpus, num_chunks: int, cont_tokens: int, examples: int, seed: int = 4321, batch: int = 8
+    engine: "RefragEngine", corpus, num_chunks: int, cont_tokens: int, examples: int, seed: int = 4321, batch: int = 8,
+    progress: bool = True,
 ) -> dict[str, float]:
-    """Held-out next-paragraph log-PPL with no context, full context and compressed context."""
+    """Held-out next-paragraph log-PPL with no context, full context and compressed context (a
+    progress bar over the batches unless ``progress`` is False)."""
+    from tqdm.auto import tqdm
+
     k = engine.config.chunk_size
     rng = random.Random(seed)
     wins = corpus.windows(rng, num_chunks * k + cont_tokens, examples)
     res: dict[str, list[torch.Tensor]] = {"none": [], "full": [], "compressed": []}
-    for i in range(0, len(wins), batch):
+    for i in tqdm(range(0, len(wins), batch), desc="eval next paragraph", leave=False, dynamic_ncols=True,
+                  disable=not progress):
         w = torch.tensor(wins[i : i + batch], device=engine.device)
         ctx, cont = w[:, : num_chunks * k], w[:, num_chunks * k :]
         with engine._autocast():

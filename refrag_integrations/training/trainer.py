@@ -775,10 +775,13 @@ class Trainer:
         self.engine.chunk_encoder.eval()
         held = self.heldout()
         sizes = [n for n in (1, 2, 4, 8) if n <= max(8, cfg.max_chunks)]
-        out: dict[str, Any] = {"reconstruction": reconstruction_eval(self.engine, held, sizes, cfg.eval_examples)}
+        bar = self.dist.is_main  # progress bars on rank 0 only (every rank evaluates with fsdp)
+        out: dict[str, Any] = {
+            "reconstruction": reconstruction_eval(self.engine, held, sizes, cfg.eval_examples, progress=bar)
+        }
         if cfg.stage != "reconstruct":
             out["next_paragraph"] = next_paragraph_eval(
-                self.engine, held, min(cfg.max_chunks, 8), cfg.continuation_tokens, cfg.eval_examples
+                self.engine, held, min(cfg.max_chunks, 8), cfg.continuation_tokens, cfg.eval_examples, progress=bar
             )
         self.engine.chunk_encoder.train(was)
         return out
