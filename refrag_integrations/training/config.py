@@ -15,12 +15,13 @@ STAGE_EXPAND_FRACTION = {"reconstruct": 0.0, "cpt": 0.0, "mixed": 0.1, "sft": 0.
 HELDOUT_FRACTION = 0.1
 #: The stages `refrag train recipe` runs when none are chosen, in order (mixed and distill are opt-in).
 RECIPE_STAGES = ("reconstruct", "cpt", "sft", "policy")
-#: Per-stage settings of `refrag train recipe` (any recipe setting overrides them): those of the runs
-#: behind the full lineage in docs/training.md (runs 1, 11, 12, 13, 14); distill has no measured run yet.
+#: Per-stage settings of `refrag train recipe` (any recipe setting overrides them): the steps, batch
+#: sizes, learning rates and chunk counts of the runs behind the full lineage in docs/training.md (runs
+#: 1, 11, 12, 13, 14); distill has no measured run yet.
 RECIPE_STAGE_SETTINGS: dict[str, dict[str, Any]] = {
     "reconstruct": {"max_steps": 1000, "batch_size": 8, "lr": 3e-4, "max_chunks": 8},
-    "cpt": {"max_steps": 1500, "batch_size": 8, "lr": 3e-4, "max_chunks": 32, "curriculum_start": 9},
-    "mixed": {"max_steps": 300, "batch_size": 8, "lr": 2e-4, "max_chunks": 32, "curriculum_start": 9},
+    "cpt": {"max_steps": 1500, "batch_size": 8, "lr": 3e-4, "max_chunks": 32},
+    "mixed": {"max_steps": 300, "batch_size": 8, "lr": 2e-4, "max_chunks": 32},
     "sft": {"max_steps": 150, "batch_size": 4, "lr": 2e-4, "lora_rank": 8, "num_passages": 10,
             "compressed_share": 0.25},
     "distill": {"max_steps": 300, "batch_size": 4, "lr": 2e-4, "num_passages": 10},
