@@ -29,7 +29,7 @@ from .config import (
     RAG_SYSTEM_PROMPT,
     RefragConfig,
 )
-from .encoder import ChunkEncoder
+from .encoder import ChunkEncoder, compute_chunk_vector_fingerprint
 from .policy import ExpandAll, ExpansionBudget, ExpansionPolicy, ExpandNone, as_budget, make_policy
 
 logger = logging.getLogger(__name__)
@@ -371,8 +371,6 @@ class RefragEngine:
             '3f2a9c0d1e7b4a65'
         """
         if self._chunk_vector_fingerprint is None or refresh:
-            from .store import compute_chunk_vector_fingerprint
-
             self._chunk_vector_fingerprint = compute_chunk_vector_fingerprint(
                 self.chunk_encoder, self.tokenizer, self.k
             )

@@ -17,13 +17,12 @@ import pytest
 import torch
 
 from refrag_integrations import RefragEngine, passage_id
-from refrag_integrations.encoder import ChunkEncoder
+from refrag_integrations.encoder import ChunkEncoder, compute_chunk_vector_fingerprint
 from refrag_integrations.store import (
     ChunkStore,
     EmbedderMismatchError,
     FingerprintMismatchError,
     PassageRecord,
-    compute_chunk_vector_fingerprint,
 )
 
 PASSAGES = [
