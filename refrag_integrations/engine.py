@@ -18,23 +18,42 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
-from .chunking import Chunk, chunk_passage, passage_id, tokenize_text
+from .chunking import Chunk, chunk_passage, passage_id, special_prefix_ids
+from .checkpoint import Checkpoint, CheckpointMismatchError, apply_delta, default_checkpoint, load_checkpoint
 from .config import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_DECODER,
+    DEFAULT_ENCODER,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PASSAGE_CACHE_SIZE,
     RAG_SYSTEM_PROMPT,
+    SCORE_BATCH_ROWS,
+    SCORE_PAD_TOLERANCE,
     RefragConfig,
 )
 from .encoder import ChunkEncoder, compute_chunk_vector_fingerprint
-from .policy import ExpandAll, ExpansionBudget, ExpansionPolicy, ExpandNone, as_budget, make_policy
+from .lora import merge_lora
+from .policy import (
+    ExpandAll,
+    ExpansionBudget,
+    ExpansionPolicy,
+    ExpandNone,
+    as_budget,
+    load_policy,
+    resolve_policy,
+)
 
 logger = logging.getLogger(__name__)
 
-Expand = "str | ExpansionPolicy | Sequence[Sequence[bool]] | None"
+# What decides which chunks stay tokens: a policy (object or name), explicit per-passage
+# decisions (one bool per chunk, True = expand), or None (registered decisions, else the default).
+Expand = Union[str, ExpansionPolicy, Sequence[Sequence[bool]], None]
+# How many chunks a policy may expand: fraction p (float), max count (int), or both.
+Budget = Union[ExpansionBudget, float, int, None]
 
 
 def _locked(method: Callable) -> Callable:
@@ -128,12 +147,117 @@ class PreparedInput:
 
 
 @dataclass
-class _PassageEntry:
+class CachedPassage:
+    """A passage in the engine's process-local cache (see :meth:`RefragEngine.lookup_passage`);
+    read it, never change it (use the engine's methods).
+
+    Attributes:
+        text: the passage text.
+        chunks: its chunks.
+        vectors: pre-projection chunk vectors ``(L, d_enc)``, once known.
+        expand: the decision a retriever adapter registered, if any.
+        registered: put there by :meth:`RefragEngine.register_passage` (compressed in prompts).
+    """
+
     text: str
     chunks: list[Chunk]
     vectors: torch.Tensor | None = None  # (L, d_enc) pre-projection, float32, cpu
     expand: list[bool] | None = None  # a decision registered by a retriever adapter
     registered: bool = False  # put here by register_passage: found and compressed in prompts
+
+
+@dataclass
+class ChunkVectors:
+    """Pre-projection chunk vectors of some passages (:meth:`RefragEngine.chunk_vectors`).
+
+    Attributes:
+        vectors: per passage, ``(L_j, d_enc)`` float32 on CPU.
+        cached_chunks: chunks whose vectors were precomputed (cache or store), not encoded now.
+        encode_s: seconds spent encoding the others.
+    """
+
+    vectors: list[torch.Tensor]
+    cached_chunks: int
+    encode_s: float
+
+
+@dataclass
+class RagPrompt:
+    """The RAG prompt of :meth:`RefragEngine.build_prompt`.
+
+    Attributes:
+        text: the prompt (chat template applied when the decoder has one).
+        spans: the character span of each passage inside it.
+        add_special_tokens: whether the tokenizer's special tokens (BOS) must still be added.
+    """
+
+    text: str
+    spans: list[tuple[int, int]]
+    add_special_tokens: bool
+
+
+@dataclass
+class RegisteredPassage:
+    """A retrieved passage registered by :meth:`RefragEngine.register_retrieved`.
+
+    Attributes:
+        passage_id: its id (content hash) in the engine's cache.
+        text: the passage text.
+        expand: one decision per chunk (True = kept as tokens).
+        tokens: its decoder tokens.
+        positions: decoder positions it takes under ``expand``.
+    """
+
+    passage_id: str
+    text: str
+    expand: list[bool]
+    tokens: int
+    positions: int
+
+    @property
+    def expanded(self) -> list[int]:
+        """Indices of the chunks kept as tokens."""
+        return [i for i, keep in enumerate(self.expand) if keep]
+
+    @property
+    def compression_rate(self) -> float:
+        """Passage tokens per decoder position (1.0 = nothing compressed)."""
+        return self.tokens / max(self.positions, 1)
+
+
+def left_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack sequences of embeddings ``(T_i, d)`` into one left-padded batch.
+
+    Returns:
+        ``(x, mask, positions)``: embeddings ``(B, T, d)`` (zeros as padding), the attention mask
+        ``(B, T)`` and position ids ``(B, T)`` that are contiguous from 0 in every row.
+
+    Example:
+        >>> x, mask, pos = left_pad([torch.ones(2, 4), torch.ones(3, 4)])
+        >>> mask.tolist(), pos.tolist()
+        ([[0, 1, 1], [1, 1, 1]], [[0, 0, 1], [0, 1, 2]])
+    """
+    lengths = [r.shape[0] for r in rows]
+    T, B, d = max(lengths), len(rows), rows[0].shape[1]
+    x = rows[0].new_zeros(B, T, d)  # (B, T, d)
+    mask = torch.zeros(B, T, dtype=torch.long, device=x.device)  # (B, T)
+    for b, r in enumerate(rows):
+        x[b, T - lengths[b] :] = r
+        mask[b, T - lengths[b] :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    return x, mask, pos
+
+
+def length_batches(lengths: Sequence[int], max_rows: int, tolerance: float) -> list[list[int]]:
+    """Split positions of ascending ``lengths`` into batches of at most ``max_rows`` rows whose
+    longest row is at most ``tolerance`` times the first (little padding)."""
+    batches: list[list[int]] = []
+    for j, n in enumerate(lengths):
+        if batches and len(batches[-1]) < max_rows and n <= lengths[batches[-1][0]] * tolerance:
+            batches[-1].append(j)
+        else:
+            batches.append([j])
+    return batches
 
 
 class TokenStream:
@@ -192,7 +316,7 @@ class RefragEngine:
         self.trained = trained
         self.autocast_dtype = autocast_dtype
         self.cache_size = int(cache_size)
-        self._cache: OrderedDict[str, _PassageEntry] = OrderedDict()
+        self._cache: OrderedDict[str, CachedPassage] = OrderedDict()
         self._lock = threading.RLock()  # the cache and the model are shared across threads
         # Optional source of precomputed chunk vectors (e.g. the Chroma ChunkStore):
         # called with a list of passage ids, returns {passage_id: Tensor(L, d_enc)} for the hits.
@@ -226,6 +350,10 @@ class RefragEngine:
     ) -> "RefragEngine":
         """Build an engine from a trained checkpoint directory, or from base models.
 
+        With ``checkpoint=None`` the packaged default checkpoint is used when it exists and fits
+        the requested base models and k; otherwise the projector is freshly initialised and the
+        engine reports ``trained=False``.
+
         Args:
             checkpoint: a checkpoint directory (see :mod:`refrag_integrations.checkpoint`);
                 ``None`` loads the packaged default checkpoint when it fits the named base models
@@ -243,19 +371,89 @@ class RefragEngine:
                 decoder: 14 GB instead of 28 GB); the chunk encoder and projector stay float32.
                 The checkpoint's LoRA and deltas are merged into the half-precision weights.
         """
-        from .checkpoint import build_engine
+        from .models import load_decoder, load_encoder, model_fingerprint, resolve_dtype
 
-        return build_engine(
-            checkpoint,
-            decoder=decoder,
-            encoder=encoder,
-            chunk_size=chunk_size,
-            pooling=pooling,
-            policy=policy,
-            budget=budget,
-            autocast_dtype=autocast_dtype,
-            device=device,
-            decoder_dtype=decoder_dtype,
+        decoder_dtype = resolve_dtype(decoder_dtype)  # fail before loading anything
+        ckpt: Checkpoint | None = None
+        if checkpoint is None:
+            default = default_checkpoint()
+            if default is not None:
+                cand = load_checkpoint(default)
+                if (decoder in (None, cand.config.decoder) and encoder in (None, cand.config.encoder)
+                        and chunk_size in (None, cand.config.chunk_size) and pooling in (None, cand.config.pooling)):
+                    ckpt = cand
+        elif str(checkpoint) == "none":
+            pass  # the base models with a fresh, untrained projector (e.g. to evaluate the base decoder)
+        elif str(checkpoint) == "default":
+            if default_checkpoint() is None:
+                raise ValueError("This build of refrag-integrations ships no trained default checkpoint.")
+            ckpt = load_checkpoint(default_checkpoint())
+        else:
+            ckpt = load_checkpoint(checkpoint)
+
+        if ckpt is not None:
+            cfg = ckpt.config
+            if chunk_size is not None and chunk_size != cfg.chunk_size:
+                raise CheckpointMismatchError(f"The checkpoint was trained with k={cfg.chunk_size}, not k={chunk_size}.")
+        else:
+            cfg = RefragConfig(
+                decoder=decoder or DEFAULT_DECODER,
+                encoder=encoder or DEFAULT_ENCODER,
+                chunk_size=chunk_size if chunk_size is not None else DEFAULT_CHUNK_SIZE,
+                pooling=pooling or "mean",
+            )
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+        dec_model, dec_tok = load_decoder(decoder or cfg.decoder, dtype=decoder_dtype)
+        enc_model, enc_tok = load_encoder(encoder or cfg.encoder)
+        dec_fp, enc_fp = model_fingerprint(dec_model), model_fingerprint(enc_model)
+        if ckpt is not None:
+            for what, want, got, name in (
+                ("decoder", cfg.decoder_fingerprint, dec_fp, decoder or cfg.decoder),
+                ("encoder", cfg.encoder_fingerprint, enc_fp, encoder or cfg.encoder),
+            ):
+                if want and want != got:
+                    raise CheckpointMismatchError(
+                        f"This checkpoint was trained for {what} {getattr(cfg, what)!r} (weights fingerprint {want}), "
+                        f"but {name!r} has fingerprint {got}. Load it with the {what} it was trained on."
+                    )
+        cfg.decoder_fingerprint, cfg.encoder_fingerprint = dec_fp, enc_fp
+        cfg.encoder_dim = int(enc_model.config.hidden_size)
+        cfg.decoder_dim = int(dec_model.config.hidden_size)
+
+        target_norm = None
+        if ckpt is None:
+            target_norm = float(dec_model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
+        chunk_encoder = ChunkEncoder(
+            enc_model, enc_tok, decoder_dim=cfg.decoder_dim, pooling=cfg.pooling,
+            projector_hidden=cfg.projector_hidden, target_norm=target_norm,
+        )
+        trained = False
+        learned_policy = None
+        if ckpt is not None:
+            chunk_encoder.projector.load_state_dict(ckpt.projector)
+            apply_delta(enc_model, ckpt.encoder_delta, "encoder")
+            apply_delta(dec_model, ckpt.decoder_delta, "decoder")
+            for adapter in ckpt.decoder_lora:
+                merge_lora(dec_model, adapter)
+            trained = bool(ckpt.trained_stages)
+            if ckpt.policy is not None:
+                learned_policy = load_policy(ckpt.policy, ckpt.policy_config or {})
+        else:
+            logger.warning(
+                "No trained REFRAG checkpoint for these base models: the projector is untrained, so "
+                "compressed chunks carry no usable information until you train one (`refrag train`)."
+            )
+        dec_model.to(dev)
+        chunk_encoder.to(dev)
+        chunk_encoder.eval()
+        if learned_policy is not None and hasattr(learned_policy, "attach_encoder"):
+            learned_policy.attach_encoder(chunk_encoder)  # a query-conditioned policy embeds the query with it
+        if isinstance(policy, str):
+            policy = resolve_policy(policy, encoder=chunk_encoder)
+        return cls(
+            dec_model, dec_tok, chunk_encoder, cfg, policy=policy or learned_policy,
+            budget=budget, trained=trained, autocast_dtype=autocast_dtype,
         )
 
     @property
@@ -268,12 +466,12 @@ class RefragEngine:
 
     # ------------------------------------------------------------------ passage cache
 
-    def _entry(self, text: str) -> _PassageEntry:
+    def _entry(self, text: str) -> CachedPassage:
         pid = passage_id(text)
         with self._lock:
             entry = self._cache.get(pid)
             if entry is None:
-                entry = _PassageEntry(text=text, chunks=chunk_passage(text, self.tokenizer, self.k))
+                entry = CachedPassage(text=text, chunks=chunk_passage(text, self.tokenizer, self.k))
                 self._cache[pid] = entry
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
@@ -316,9 +514,74 @@ class RefragEngine:
             entry.expand = [bool(x) for x in expand]
         return passage_id(text)
 
-    def lookup_passage(self, pid: str) -> _PassageEntry | None:
+    def lookup_passage(self, pid: str) -> CachedPassage | None:
+        """The cached passage with id ``pid`` (see :func:`~refrag_integrations.chunking.passage_id`), if any."""
         with self._lock:
             return self._cache.get(pid)
+
+    def forget_vectors(self, texts: Sequence[str]) -> None:
+        """Drop the chunk vectors (not the chunking) of ``texts`` from the passage cache, so the
+        next request encodes them at query time (how benchmarks measure the "not cached" cost)."""
+        with self._lock:
+            for t in texts:
+                entry = self._cache.get(passage_id(t))
+                if entry is not None:
+                    entry.vectors = None
+
+    @_locked
+    def register_retrieved(
+        self, query: str, texts: Sequence[str], expand: Expand = None, budget: Budget = None
+    ) -> list[RegisteredPassage]:
+        """Decide, fetch chunk vectors for, and register retrieved passages: what a retriever
+        adapter does before the LLM side sees the prompt. One joint policy call over all chunks;
+        a text given twice is decided and registered once.
+
+        Args:
+            query: the question (query-aware policies read it).
+            texts: the passage texts exactly as they will appear in prompts.
+            expand: the expansion policy (object or name) or explicit decisions; None = the
+                engine's default policy.
+            budget: the expansion budget; None = the engine's default.
+
+        Returns:
+            One :class:`RegisteredPassage` per unique text, in first-seen order.
+
+        Example:
+            >>> [p.expand for p in engine.register_retrieved("Who wrote Hamlet?", ["Hamlet is ..."], "none")]  # doctest: +SKIP
+            [[False, False]]
+        """
+        unique = list(dict.fromkeys(texts))
+        if not unique:
+            return []
+        decisions = self.decide(query, unique, expand, budget)
+        vectors: list[torch.Tensor | None] = [None] * len(unique)
+        if any(not all(d) for d in decisions):
+            # Fetched (or encoded) now, at retrieval time, so the LLM side's prefill needs none.
+            vectors = list(self.chunk_vectors(unique).vectors)
+        out = []
+        for text, decision, vecs in zip(unique, decisions, vectors):
+            pid = self.register_passage(text, vecs, decision)
+            chunks = self.chunk(text)
+            out.append(RegisteredPassage(
+                passage_id=pid, text=text, expand=list(decision),
+                tokens=sum(len(c.token_ids) for c in chunks),
+                positions=sum(len(c.token_ids) if keep else 1 for c, keep in zip(chunks, decision)),
+            ))
+        return out
+
+    @_locked
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Decoder token ids of ``text``, under the engine's lock (fast tokenizers carry mutable
+        state shared with chunking, so adapters count tokens through here)."""
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    @_locked
+    def copy_tokenizer(self) -> Any:
+        """A private deep copy of the decoder's tokenizer, taken while no engine thread uses it
+        (for callers that tokenise on another thread without waiting for the engine)."""
+        import copy
+
+        return copy.deepcopy(self.tokenizer)
 
     def registered_passages(self) -> list[str]:
         """Texts of the registered passages still in the cache, most recently used last."""
@@ -326,12 +589,13 @@ class RefragEngine:
             return [e.text for e in self._cache.values() if e.registered]
 
     @_locked
-    def chunk_vectors(self, texts: Sequence[str]) -> tuple[list[torch.Tensor], int, float]:
+    def chunk_vectors(self, texts: Sequence[str]) -> ChunkVectors:
         """Pre-projection chunk vectors for each passage, from the cache, the vector source, or
         the encoder (all missing passages in one batch).
 
         Returns:
-            (vectors per passage, number of chunks that were precomputed, seconds spent encoding).
+            The vectors per passage, the number of chunks that were precomputed and the seconds
+            spent encoding (a :class:`ChunkVectors`).
         """
         entries = [self._entry(t) for t in texts]
         missing = [e for e in entries if e.vectors is None]
@@ -357,7 +621,7 @@ class RefragEngine:
             encode_s = time.perf_counter() - t0
             if self.vector_sink is not None:
                 self.vector_sink({passage_id(e.text): e.vectors for e in missing})
-        return [e.vectors for e in entries], cached, encode_s
+        return ChunkVectors([e.vectors for e in entries], cached, encode_s)
 
     def chunk_vector_fingerprint(self, refresh: bool = False) -> str:
         """Fingerprint of everything the pre-projection chunk vectors depend on: the encoder's
@@ -380,11 +644,12 @@ class RefragEngine:
 
     def build_prompt(
         self, question: str, passages: Sequence[str], system_prompt: str | None = None
-    ) -> tuple[str, list[tuple[int, int]], bool]:
+    ) -> RagPrompt:
         """Render the RAG prompt: instruction, numbered passages, question.
 
         Uses the decoder's chat template when it has one. Returns the prompt, the character span
-        of each passage inside it, and whether special tokens (BOS) must still be added.
+        of each passage inside it, and whether special tokens (BOS) must still be added (a
+        :class:`RagPrompt`).
         """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string.")
@@ -398,7 +663,7 @@ class RefragEngine:
         else:
             prompt = f"{system}\n\n{user}\nAnswer:"
             add_special = True
-        return prompt, self.locate_passages(prompt, passages), add_special
+        return RagPrompt(prompt, self.locate_passages(prompt, passages), add_special)
 
     @staticmethod
     def locate_passages(prompt: str, passages: Sequence[str]) -> list[tuple[int, int]]:
@@ -485,12 +750,10 @@ class RefragEngine:
         """
         return self._resolve_decisions(query, texts, self.policy if expand is None else expand, budget)[0]
 
-    def _special_prefix(self) -> list[int]:
-        """Tokens the tokenizer adds in front of plain text (e.g. BOS), if any."""
-        with_special = self.tokenizer("a")["input_ids"]
-        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        n = len(with_special) - len(plain)
-        return list(with_special[:n]) if n > 0 and with_special[n:] == plain else []
+    @_locked
+    def special_prefix(self) -> list[int]:
+        """Tokens the decoder's tokenizer adds in front of plain text (e.g. BOS), if any."""
+        return special_prefix_ids(self.tokenizer)
 
     # ------------------------------------------------------------------ assembly
 
@@ -509,7 +772,8 @@ class RefragEngine:
         def need_vectors() -> None:
             nonlocal vectors, cached, encode_s
             if vectors is None:
-                vectors, cached, encode_s = self.chunk_vectors(texts)
+                found = self.chunk_vectors(texts)
+                vectors, cached, encode_s = found.vectors, found.cached_chunks, found.encode_s
 
         if expand is None:
             if all(e.expand is not None for e in entries) and entries:
@@ -517,7 +781,7 @@ class RefragEngine:
             else:
                 expand = self.policy
         if isinstance(expand, str):
-            expand = make_policy(expand, encoder=self.chunk_encoder)
+            expand = resolve_policy(expand, encoder=self.chunk_encoder, engine=self)
         if isinstance(expand, ExpansionPolicy):
             if not isinstance(expand, ExpandAll):
                 need_vectors()
@@ -583,7 +847,7 @@ class RefragEngine:
         embed = self.decoder.get_input_embeddings()
         dev, dtype = embed.weight.device, embed.weight.dtype
         pieces: list[torch.Tensor] = []
-        all_ids: list[int] = self._special_prefix() if add_special_tokens else []
+        all_ids: list[int] = self.special_prefix() if add_special_tokens else []
         pending: list[int] = list(all_ids)  # token ids not yet embedded
 
         def flush() -> None:
@@ -643,14 +907,17 @@ class RefragEngine:
         for i, p in enumerate(passages):
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"passage {i} is empty or not a string; give non-empty passage texts.")
-        prompt, spans, add_special = self.build_prompt(question, passages, system_prompt)
+        rag = self.build_prompt(question, passages, system_prompt)
         return self.prepare(
-            prompt, spans, expand, query=question, budget=budget, add_special_tokens=add_special, vectors=vectors
+            rag.text, rag.spans, expand, query=question, budget=budget, add_special_tokens=rag.add_special_tokens,
+            vectors=vectors,
         )
 
     # ------------------------------------------------------------------ decoding
 
-    def _autocast(self):
+    def autocast(self) -> torch.autocast:
+        """The context the decoder runs under: autocast to ``autocast_dtype`` when set, else a
+        no-op. Every decoder forward (generation, scoring, training objectives) uses it."""
         return torch.autocast(
             device_type=self.device.type,
             dtype=self.autocast_dtype or torch.float32,
@@ -676,7 +943,7 @@ class RefragEngine:
         """Logits at every position of a prepared input, ``(T, vocab)`` (for tests and eval)."""
         emb = prepared.embeds.unsqueeze(0)  # (1, T, d)
         pos = torch.arange(emb.shape[1], device=emb.device).unsqueeze(0)
-        with self._autocast():
+        with self.autocast():
             out = self.decoder(inputs_embeds=emb, position_ids=pos, use_cache=False)
         return out.logits[0].float()
 
@@ -693,40 +960,48 @@ class RefragEngine:
             probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
         return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
-    def _decode_steps(
+    def decoder_forward(self, cache: Any = None, **inputs: Any) -> Any:
+        """One forward of the decoder under :meth:`autocast`; with a transformers ``Cache`` in
+        ``cache`` it reads and extends that KV cache (the keyword differs between transformers
+        versions; this hides it). ``inputs`` go to the decoder (``inputs_embeds``, ``input_ids``,
+        ``attention_mask``, ``position_ids``, ``logits_to_keep``, ...)."""
+        extra = {} if cache is None else {self._cache_kw: cache, "use_cache": True}
+        with self.autocast():
+            return self.decoder(**inputs, **extra)
+
+    def decode_steps(
         self,
         prepared: Sequence[PreparedInput],
         max_new_tokens: int,
-        do_sample: bool,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-        t_start: float,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        t_start: float | None = None,
     ) -> Iterator[tuple[torch.Tensor, float | None]]:
-        """Left-pad, prefill, then decode with the KV cache. Yields ``(next_tokens (B,), ttft)``
-        per step; ttft is set on the first step only."""
+        """Left-pad, prefill, then decode with the KV cache for exactly ``max_new_tokens`` steps
+        (EOS does not stop it: the fixed-length decode benchmarks time; :meth:`generate` stops).
+        Yields ``(next_tokens (B,), ttft)`` per step; ttft (seconds since ``t_start``) is set on
+        the first step only. Call it under ``torch.no_grad()``.
+
+        Example:
+            >>> with torch.no_grad():                                                  # doctest: +SKIP
+            ...     steps = [t for t, _ in engine.decode_steps([engine.prepare_rag(q, passages)], 8)]
+        """
         from transformers import DynamicCache
 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-        lengths = [p.embeds.shape[0] for p in prepared]
-        T, B, d = max(lengths), len(prepared), prepared[0].embeds.shape[1]
-        emb = prepared[0].embeds.new_zeros(B, T, d)  # (B, T, d) left-padded
-        mask = torch.zeros(B, T, dtype=torch.long, device=emb.device)  # (B, T)
-        for b, p in enumerate(prepared):
-            emb[b, T - lengths[b] :] = p.embeds
-            mask[b, T - lengths[b] :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) contiguous positions per request
+        t_start = time.perf_counter() if t_start is None else t_start
+        B = len(prepared)
+        emb, mask, pos = left_pad([p.embeds for p in prepared])  # (B, T, d), (B, T), (B, T)
         gen = None
         if do_sample:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(0 if seed is None else seed)
         cache = DynamicCache()
-        with self._autocast():
-            out = self.decoder(
-                inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
-            )
+        out = self.decoder_forward(cache, inputs_embeds=emb, attention_mask=mask, position_ids=pos, logits_to_keep=1)
         nxt = self._pick(out.logits[:, -1].cpu(), do_sample, temperature, top_p, gen).to(emb.device)  # (B,)
         self._sync()
         yield nxt, time.perf_counter() - t_start
@@ -734,13 +1009,60 @@ class RefragEngine:
         for _ in range(max_new_tokens - 1):
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
             last = last + 1
-            with self._autocast():
-                out = self.decoder(
-                    input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=last.unsqueeze(1),
-                    use_cache=True, **{self._cache_kw: cache},
-                )
+            out = self.decoder_forward(
+                cache, input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=last.unsqueeze(1)
+            )
             nxt = self._pick(out.logits[:, -1].cpu(), do_sample, temperature, top_p, gen).to(emb.device)
             yield nxt, None
+
+    @torch.no_grad()
+    def score(
+        self,
+        prefixes: Sequence[torch.Tensor],
+        target: Sequence[int],
+        *,
+        max_rows: int = SCORE_BATCH_ROWS,
+        pad_tolerance: float = SCORE_PAD_TOLERANCE,
+    ) -> torch.Tensor:
+        """Mean per-token NLL of ``target`` token ids after each prefix, teacher-forced.
+
+        Prefixes of similar length run as one left-padded batch (attention mask, contiguous
+        positions per row), under :meth:`autocast`.
+
+        Args:
+            prefixes: mixed inputs ``(P_i, d)`` (e.g. ``PreparedInput.embeds``).
+            target: the token ids to score (e.g. an answer's ids + EOS).
+            max_rows: at most this many prefixes in one forward.
+            pad_tolerance: a batch's longest prefix is at most this times its shortest.
+
+        Returns:
+            ``(len(prefixes),)`` float32 on CPU.
+
+        Example:
+            >>> p = engine.prepare_rag("Who wrote Hamlet?", passages, "none")          # doctest: +SKIP
+            >>> engine.score([p.embeds], engine.tokenize(" Shakespeare"))            # doctest: +SKIP
+            tensor([2.3125])
+        """
+        if len(target) == 0:
+            raise ValueError("target is empty: score at least one token.")
+        embed = self.decoder.get_input_embeddings()
+        tgt = torch.tensor(list(target), device=self.device)  # (T,)
+        T = tgt.shape[0]
+        tgt_emb = embed(tgt[:-1])  # (T-1, d)
+        order = sorted(range(len(prefixes)), key=lambda i: prefixes[i].shape[0])
+        out = torch.empty(len(prefixes))
+        for batch in length_batches([prefixes[i].shape[0] for i in order], max_rows, pad_tolerance):
+            rows = [order[j] for j in batch]
+            x, mask, pos = left_pad(
+                [torch.cat([prefixes[r].to(tgt_emb.device, tgt_emb.dtype), tgt_emb], 0) for r in rows]
+            )  # (B, S, d), (B, S), (B, S)
+            B = x.shape[0]
+            logits = self.decoder_forward(
+                inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=T
+            ).logits.float()  # (B, T, V)
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt.expand(B, T), reduction="none")  # (B, T)
+            out[rows] = nll.mean(1).cpu()
+        return out
 
     @staticmethod
     def _hold_back(text: str, stop: Sequence[str]) -> int:
@@ -779,7 +1101,10 @@ class RefragEngine:
         ttft = 0.0
         with self._lock, torch.no_grad():
             for step, (nxt, t) in enumerate(
-                self._decode_steps(prepared, max_new_tokens, do_sample, temperature, top_p, seed, t_start)
+                self.decode_steps(
+                    prepared, max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                    seed=seed, t_start=t_start,
+                )
             ):
                 if t is not None:
                     ttft = t
@@ -912,8 +1237,6 @@ class RefragEngine:
             except BaseException as err:  # handed to the consumer, never lost
                 q.put(("error", err))
 
-        stream = TokenStream(iter(()))
-
         def pieces() -> Iterator[str]:
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
@@ -927,5 +1250,5 @@ class RefragEngine:
                 else:
                     raise value
 
-        stream._pieces = pieces()
+        stream = TokenStream(pieces())  # pieces() runs only when iterated, after this line
         return stream

@@ -25,8 +25,6 @@ and on a Chroma server (``ChunkStore(host=..., port=...)``, ``HttpClient``), e.g
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import threading
@@ -41,7 +39,6 @@ from .chunking import passage_id
 from .config import CHUNK_COLLECTION_HNSW, DEFAULT_COLLECTION, PASSAGE_COLLECTION_HNSW, default_index_dir
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .encoder import ChunkEncoder
     from .engine import RefragEngine
 
 logger = logging.getLogger(__name__)

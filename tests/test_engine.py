@@ -18,8 +18,8 @@ QUESTION = "Who is the Eiffel Tower named after?"
 def test_expand_all_matches_plain_decoder(engine_name, request):
     engine: RefragEngine = request.getfixturevalue(engine_name)
     prepared = engine.prepare_rag(QUESTION, PASSAGES, "all")
-    prompt, _, add_special = engine.build_prompt(QUESTION, PASSAGES)
-    plain_ids = engine.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+    rag = engine.build_prompt(QUESTION, PASSAGES)
+    plain_ids = engine.tokenizer(rag.text, add_special_tokens=rag.add_special_tokens)["input_ids"]
     assert prepared.token_ids == plain_ids  # segment-wise tokenization == whole-text tokenization
     ours = engine.forward_logits(prepared)
     with torch.no_grad():
@@ -49,7 +49,7 @@ def test_compressed_rows_are_projected_chunk_vectors_in_order(tiny_engine):
     decisions = [[False] * len(tiny_engine.chunk(p)) for p in PASSAGES]
     decisions[0][1] = True
     prepared = tiny_engine.prepare_rag(QUESTION, PASSAGES, decisions)
-    vectors, _, _ = tiny_engine.chunk_vectors(PASSAGES)
+    vectors = tiny_engine.chunk_vectors(PASSAGES).vectors
     proj0 = tiny_engine.chunk_encoder.project(vectors[0]).detach()
     emb = prepared.embeds.detach()
     # locate passage 0: its first compressed chunk vector appears once, followed by k token rows
@@ -101,7 +101,7 @@ def test_batched_prefill_logits_match_single(tiny_engine):
     a = tiny_engine.prepare_rag(QUESTION, PASSAGES, "none")
     b = tiny_engine.prepare_rag("Who?", PASSAGES[:1], "all")
     logits = {}
-    steps = tiny_engine._decode_steps([a, b], 1, False, 1.0, 1.0, None, 0.0)
+    steps = tiny_engine.decode_steps([a, b], 1, t_start=0.0)
     nxt, _ = next(steps)
     for i, p in enumerate([a, b]):
         single = tiny_engine.forward_logits(p)[-1].argmax()
@@ -144,9 +144,9 @@ def test_registered_vectors_are_used_and_cached(tiny_engine):
     n = len(tiny_engine.chunk(text))
     vecs = torch.randn(n, tiny_engine.chunk_encoder.encoder_dim)
     tiny_engine.register_passage(text, vectors=vecs)
-    got, cached, encode_s = tiny_engine.chunk_vectors([text])
-    torch.testing.assert_close(got[0], vecs)
-    assert cached == n and encode_s == 0.0
+    found = tiny_engine.chunk_vectors([text])
+    torch.testing.assert_close(found.vectors[0], vecs)
+    assert found.cached_chunks == n and found.encode_s == 0.0
     with pytest.raises(ValueError, match="shape"):
         tiny_engine.register_passage(text, vectors=torch.randn(n + 1, 3))
 
@@ -164,7 +164,8 @@ def test_vector_source_hook(tiny_dirs):
         return {passage_id(text): stored}
 
     engine.vector_source = source
-    got, cached, _ = engine.chunk_vectors([text])
+    found = engine.chunk_vectors([text])
+    got, cached = found.vectors, found.cached_chunks
     assert asked == [[passage_id(text)]]
     torch.testing.assert_close(got[0], stored)
     assert cached == n

@@ -309,7 +309,7 @@ def test_qa_settings_validate_policies():
 
 def test_qa_evaluates_another_checkpoints_learned_policy(tiny_engine, tmp_path):
     from refrag_integrations.checkpoint import save_checkpoint
-    from refrag_integrations.training.policy_rl import LearnedPolicy
+    from refrag_integrations.policy import LearnedPolicy
 
     enc = tiny_engine.chunk_encoder
     policy = LearnedPolicy(enc.encoder_dim, query_conditioned=False, expand_fraction=0.5)

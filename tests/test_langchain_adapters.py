@@ -29,6 +29,7 @@ from langchain_core.retrievers import BaseRetriever  # noqa: E402
 from langchain_core.runnables import RunnablePassthrough  # noqa: E402
 
 import refrag_integrations.langchain as rl  # noqa: E402
+import refrag_integrations.shared as shared  # noqa: E402
 from refrag_integrations import RefragEngine, passage_id  # noqa: E402
 from refrag_integrations.langchain import ChatRefrag, RefragCompressor, RefragLLM, RefragRetriever  # noqa: E402
 
@@ -352,7 +353,7 @@ def test_over_the_project_chunk_store(engine, tmp_path, monkeypatch):
     emb_vecs = emb.embed(PASSAGES)
     store = ChunkStore.for_engine(engine, tmp_path / "index", embedder=emb)
     store.add_passages([PassageRecord(p, source="wikitext") for p in PASSAGES], emb_vecs / np.linalg.norm(emb_vecs, axis=1, keepdims=True))
-    vectors, _, _ = engine.chunk_vectors(PASSAGES)
+    vectors = engine.chunk_vectors(PASSAGES).vectors
     store.write_chunk_vectors({passage_id(p): v for p, v in zip(PASSAGES, vectors)})
     fresh = RefragEngine(engine.decoder, engine.tokenizer, engine.chunk_encoder, engine.config)
     store.attach(fresh)
@@ -378,14 +379,14 @@ def test_over_the_project_chunk_store(engine, tmp_path, monkeypatch):
 
 def test_lazy_shared_engine(tiny_chat_dirs, monkeypatch):
     dec, enc = (str(p) for p in tiny_chat_dirs)
-    monkeypatch.setattr(rl._engine, "_ENGINES", {})
+    monkeypatch.setattr(shared, "_ENGINES", {})
     settings = {"decoder": dec, "encoder": enc, "chunk_size": 4, "device": "cpu"}
     llm = ChatRefrag(**settings)
     retriever = RefragRetriever(base_retriever=ListRetriever(docs=[]), **settings)
-    assert rl._engine._ENGINES == {}  # construction loads nothing
+    assert shared.loaded_shared_engines() == 0  # construction loads nothing
     assert llm.resolved_model_name == dec
     assert llm.get_engine() is retriever.get_engine()
-    assert len(rl._engine._ENGINES) == 1
+    assert shared.loaded_shared_engines() == 1
 
 
 # --------------------------------------------------------------------------- public API

@@ -13,16 +13,13 @@ import torch
 
 from refrag_integrations import RefragEngine
 from refrag_integrations.checkpoint import load_checkpoint, save_checkpoint
-from refrag_integrations.policy import ExpansionBudget
+from refrag_integrations.policy import ExpansionBudget, LearnedPolicy, PerplexityDescPolicy
 from refrag_integrations.training.config import TrainConfig
 from refrag_integrations.training.data import NQExample
 from refrag_integrations.training.objectives import _lm_loss
 from refrag_integrations.training.policy_rl import (
     VARIANTS,
-    LearnedPolicy,
-    PerplexityDescPolicy,
     PolicyTrainer,
-    answer_nll,
     group_advantages,
     ppo_clipped_loss,
     reference_kl,
@@ -88,7 +85,7 @@ def _randomized(policy: LearnedPolicy, seed: int) -> LearnedPolicy:
 
 def _flat(engine, passages):
     chunks = [c for p in passages for c in engine.chunk(p)]
-    return chunks, torch.cat(engine.chunk_vectors(passages)[0], 0)
+    return chunks, torch.cat(engine.chunk_vectors(passages).vectors, 0)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -252,7 +249,7 @@ def test_batched_answer_nll_matches_unbatched_loss(engine):
     prefixes = [engine.prepare_rag("Who?", PASSAGES, d).embeds for d in decisions]
     assert len({p.shape[0] for p in prefixes}) > 1  # rows of different lengths share a padded batch
     target = engine.tokenizer("Simon Stephens", add_special_tokens=False)["input_ids"] + [engine.tokenizer.eos_token_id]
-    got = answer_nll(engine, prefixes, target)
+    got = engine.score(prefixes, target)
     with torch.no_grad():
         want = [float(_lm_loss(engine, p.unsqueeze(0), torch.tensor([target]))[0].mean()) for p in prefixes]
     torch.testing.assert_close(got, torch.tensor(want), atol=1e-4, rtol=1e-4)

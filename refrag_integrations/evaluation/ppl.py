@@ -63,11 +63,11 @@ def ppl_settings(ks: Sequence[int] = PPL_KS, ps: Sequence[float] = PPL_PS) -> li
 def start_ids(tokenizer: Any) -> list[int]:
     """Tokens in front of every scored sequence: the tokenizer's own special prefix (e.g. BOS);
     if it adds none, its BOS token, else its EOS token (a document boundary)."""
-    with_special = tokenizer("a")["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    n = len(with_special) - len(plain)
-    if n > 0 and with_special[n:] == plain:
-        return list(with_special[:n])
+    from ..chunking import special_prefix_ids
+
+    prefix = special_prefix_ids(tokenizer)
+    if prefix:
+        return prefix
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return [int(tid)]
@@ -109,10 +109,8 @@ def continuation_nll(
     emb = torch.cat(parts, 0).unsqueeze(0)  # (1, T, d)
     T, o = emb.shape[1], cont.shape[0]
     pos = torch.arange(T, device=dev).unsqueeze(0)  # (1, T)
-    with torch.no_grad(), torch.autocast(
-        device_type=dev.type, dtype=engine.autocast_dtype or torch.float32, enabled=engine.autocast_dtype is not None
-    ):
-        logits = engine.decoder(inputs_embeds=emb, position_ids=pos, use_cache=False, logits_to_keep=o + 1).logits
+    with torch.no_grad():
+        logits = engine.decoder_forward(inputs_embeds=emb, position_ids=pos, use_cache=False, logits_to_keep=o + 1).logits
     pred = logits[0, :o].float()  # (o, V): positions T-o-1 .. T-2 predict the o continuation tokens
     nll = torch.nn.functional.cross_entropy(pred, cont)
     return float(nll), int(T)
@@ -150,7 +148,7 @@ def run_ppl(
     """
     from tqdm.auto import tqdm
 
-    from ..policy import RandomPolicy
+    from ..policy import resolve_policy
     from .bench import engine_for_k, weights_signature
 
     settings = ppl_settings(ks, ps)
@@ -180,7 +178,7 @@ def run_ppl(
         elif not p:
             nll, positions = continuation_nll(eng, context, cont, "none")
         else:
-            policy = RandomPolicy(seed=zlib.crc32(f"{seed}:{i}:{k}".encode()))
+            policy = resolve_policy("random", seed=zlib.crc32(f"{seed}:{i}:{k}".encode()))
             nll, positions = continuation_nll(eng, context, cont, policy, budget=p)
         if not math.isfinite(nll):
             raise RuntimeError(f"non-finite NLL in setting {name}, window {i}: check the dtype (never fp16).")

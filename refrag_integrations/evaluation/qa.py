@@ -96,26 +96,24 @@ def record_key(setting: str, n: int, line: int) -> str:
 def _policy_for(
     engine: "RefragEngine", setting: QASetting, seed: int, line: int, n: int, reuse: dict[str, Any] | None = None
 ) -> Any:
-    from ..policy import RandomPolicy, make_policy
+    from ..policy import resolve_policy
 
     reuse = {} if reuse is None else reuse
     if setting.expand in ("all", "none"):
         return setting.expand
     if setting.expand == "perplexity-desc":
         if "perplexity-desc" not in reuse:  # one instance per run: it caches per-passage scores
-            from ..training.policy_rl import PerplexityDescPolicy
-
-            reuse["perplexity-desc"] = PerplexityDescPolicy(engine)
+            reuse["perplexity-desc"] = resolve_policy("perplexity-desc", engine=engine)
         return reuse["perplexity-desc"]
     if setting.expand == "random":
         # A fresh generator per request: decisions do not depend on evaluation order, so a
         # resumed run makes the same choices as an uninterrupted one.
-        return RandomPolicy(seed=zlib.crc32(f"{seed}:{line}:{n}".encode()))
+        return resolve_policy("random", seed=zlib.crc32(f"{seed}:{line}:{n}".encode()))
     if setting.expand == "learned":
         return engine.policy
     if setting.expand.startswith(EXTRA_POLICY_PREFIX):  # run_qa checked that it was given
         return reuse["extra_policies"][setting.expand[len(EXTRA_POLICY_PREFIX):]]
-    return make_policy(setting.expand, encoder=engine.chunk_encoder)
+    return resolve_policy(setting.expand, engine=engine)
 
 
 def run_qa(
@@ -271,7 +269,8 @@ def load_extra_policy(engine: "RefragEngine", checkpoint: str | Path) -> Any:
     """
     import torch
 
-    from ..checkpoint import load_checkpoint, load_policy
+    from ..checkpoint import load_checkpoint
+    from ..policy import load_policy
 
     ckpt = load_checkpoint(checkpoint)
     if ckpt.policy is None or ckpt.policy_config is None:

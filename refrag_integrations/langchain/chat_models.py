@@ -119,12 +119,6 @@ def check_option(name: str, value: Any) -> Any:
     return value
 
 
-def _count_tokens(engine: RefragEngine, text: str, add_special_tokens: bool) -> list[int]:
-    # The engine's lock: fast tokenizers carry mutable state shared with chunking.
-    with engine._lock:
-        return list(engine.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-
 # --------------------------------------------------------------------------- shared base
 
 
@@ -345,7 +339,7 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
         """Token ids of ``text`` under the decoder's own (local) tokenizer."""
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
-        return _count_tokens(self.get_engine(), text, add_special_tokens=False)
+        return self.get_engine().tokenize(text, add_special_tokens=False)
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         """Tokens of the rendered prompt, uncompressed (what an ordinary chat model would read)."""
@@ -353,7 +347,7 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
             raise ValueError("ChatRefrag does not support tools, so it cannot count their tokens.")
         engine = self.get_engine()
         prompt, add_special = render_messages(engine, messages)
-        return len(_count_tokens(engine, prompt, add_special_tokens=add_special))
+        return len(engine.tokenize(prompt, add_special_tokens=add_special))
 
     # ------------------------------------------------------------------ generation
 
@@ -455,7 +449,7 @@ class RefragLLM(RefragGenerationFields, LLM):
         """Token ids of ``text`` under the decoder's own (local) tokenizer."""
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
-        return _count_tokens(self.get_engine(), text, add_special_tokens=False)
+        return self.get_engine().tokenize(text, add_special_tokens=False)
 
     def _info(self, result: GenerationResult) -> dict[str, Any]:
         usage, meta = self._result_metadata(result)

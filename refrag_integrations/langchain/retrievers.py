@@ -104,26 +104,18 @@ def register_documents(
     if not isinstance(query, str):
         raise TypeError(f"query must be a str, got {type(query).__name__}.")
     texts = [passage_text(d.page_content) for d in docs]
-    unique = list(dict.fromkeys(t for t in texts if t))  # a passage found twice is decided once
-    if not unique:
+    registered = engine.register_retrieved(query, [t for t in texts if t], expand, budget)
+    if not registered:
         return docs
-    decisions = engine.decide(query, unique, expand, budget)
-    vectors: list[Any] = [None] * len(unique)
-    if any(not all(d) for d in decisions):
-        # Fetched (or encoded) here, at retrieval time, so the chat model's prefill needs none.
-        vectors, _, _ = engine.chunk_vectors(unique)
-    info: dict[str, dict[str, Any]] = {}
-    for text, decision, vecs in zip(unique, decisions, vectors):
-        pid = engine.register_passage(text, vecs, decision)
-        chunks = engine.chunk(text)
-        tokens = sum(len(c.token_ids) for c in chunks)
-        positions = sum(len(c.token_ids) if keep else 1 for c, keep in zip(chunks, decision))
-        info[text] = {
-            PASSAGE_ID_KEY: pid,
-            EXPANDED_KEY: [i for i, keep in enumerate(decision) if keep],
-            CHUNKS_KEY: len(chunks),
-            COMPRESSION_RATE_KEY: round(tokens / max(positions, 1), 4),
+    info = {
+        p.text: {
+            PASSAGE_ID_KEY: p.passage_id,
+            EXPANDED_KEY: p.expanded,
+            CHUNKS_KEY: len(p.expand),
+            COMPRESSION_RATE_KEY: round(p.compression_rate, 4),
         }
+        for p in registered
+    }
     out = []
     for doc, text in zip(docs, texts):
         if not text:

@@ -140,7 +140,7 @@ def reconstruction_eval(
         nlls, accs = [], []
         for i in range(0, len(wins), batch):
             w = torch.tensor(wins[i : i + batch], device=engine.device)
-            with engine._autocast():
+            with engine.autocast():
                 nll, correct = _lm_loss(engine, context_blocks(engine, w), w)
             nlls.append(nll.mean(1).float().cpu())
             accs.append(correct.float().mean(1).cpu())
@@ -160,7 +160,7 @@ def next_paragraph_eval(
     for i in range(0, len(wins), batch):
         w = torch.tensor(wins[i : i + batch], device=engine.device)
         ctx, cont = w[:, : num_chunks * k], w[:, num_chunks * k :]
-        with engine._autocast():
+        with engine.autocast():
             for mode in res:
                 res[mode].append(continuation_nll(engine, ctx, cont, mode).float().cpu())
     out = {f"log_ppl_{m}": float(torch.cat(v).mean()) for m, v in res.items()}
