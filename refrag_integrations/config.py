@@ -19,6 +19,7 @@ DEFAULT_ENCODER = "all-minilm-l6-v2"
 DEFAULT_EMBEDDER = DEFAULT_ENCODER  # retrieval embedder (sentence-transformers)
 
 DEFAULT_CHUNK_SIZE = 16  # k, decoder tokens per chunk
+DEFAULT_DATA_DIR = "../shared/data"  # the shared real data (training, evaluation), relative to the project root
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_EXPAND_FRACTION = 0.25  # p used by `refrag ask` with a selective policy
 DEFAULT_PASSAGE_CACHE_SIZE = 4096  # passages kept in the engine's process-local cache

@@ -8,11 +8,11 @@ from typing import Callable, Optional, TypeVar
 
 import typer
 
+from ..config import DEFAULT_DATA_DIR
 from ..evaluation.config import (
     BENCH_CORPORA,
     BENCH_POLICY,
     DEFAULT_BENCH_DIR,
-    DEFAULT_DATA_DIR,
     DEFAULT_DOC,
     DEFAULT_PPL_DIR,
     DEFAULT_QA_DIR,

@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
+from ..config import DEFAULT_DATA_DIR
 from ..evaluation.config import (
     DEFAULT_BENCH_DIR,
-    DEFAULT_DATA_DIR,
     DEFAULT_DOC,
     DEFAULT_PPL_DIR,
     DEFAULT_QA_DIR,

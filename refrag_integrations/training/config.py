@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import DEFAULT_CHUNK_SIZE, DEFAULT_DATA_DIR
+
 STAGES = ("reconstruct", "cpt", "mixed", "sft", "policy")
 #: expand_fraction when a config gives none: mixed uses the paper's p = 0.1; sft trains and the
 #: policy chooses at the p = 0.25 the evaluations and the default checkpoint use.
@@ -30,8 +32,8 @@ class TrainConfig:
     )
     decoder: str | None = field(default=None, metadata={"help": "Decoder (default: RefragConfig's)."})
     encoder: str | None = field(default=None, metadata={"help": "Encoder (default: RefragConfig's)."})
-    chunk_size: int = field(default=16, metadata={"help": "k, decoder tokens per chunk."})
-    data_dir: str = field(default="../shared/data", metadata={"help": "Directory with the shared data files."})
+    chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "k, decoder tokens per chunk."})
+    data_dir: str = field(default=DEFAULT_DATA_DIR, metadata={"help": "Directory with the shared data files."})
     max_chunks: int = field(default=16, metadata={"help": "L_max: most chunks per example (curriculum top)."})
     num_passages: int = field(default=5, metadata={"help": "sft, policy: passages per question (gold + distractors)."})
     group_size: int = field(default=8, metadata={"help": "policy: G action sequences sampled per question (GRPO group)."})
