@@ -472,12 +472,12 @@ def test_cli_commands_run_end_to_end_on_default_models(shared_data, tmp_path):
 
     runner = CliRunner()
     common = ["--data-dir", str(shared_data), "--no-progress"]
-    res = runner.invoke(app, ["bench", "--lengths", "128", "--k", "16", "--p", "0", "--repeats", "1",
+    res = runner.invoke(app, ["bench", "--lengths", "128", "--k", "16", "--expand-fraction", "0", "--repeats", "1",
                               "--output-tokens", "2", "--out", str(tmp_path / "b"), *common])
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert doc["complete"] and {r["mode"] for r in doc["results"]} == {"rag", "cached", "not_cached"}
-    res = runner.invoke(app, ["eval", "qa", "--limit", "1", "--n", "2", "--p", "0", "--policies", "",
+    res = runner.invoke(app, ["eval", "qa", "--limit", "1", "--n", "2", "--expand-fraction", "0", "--policies", "",
                               "--max-new-tokens", "4", "--out", str(tmp_path / "q"), *common])
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "q" / "summary.json").read_text())

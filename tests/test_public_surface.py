@@ -161,3 +161,16 @@ def test_no_import_loop_among_top_level_modules():
     # Inference modules never import training, evaluation, the CLI or a framework adapter.
     for m, p in modules.items():
         assert not _imports(p) & {"training", "evaluation", "cli", "langchain", "llama_index"}, m
+
+
+def test_deprecated_cli_option_names_warn_and_still_work():
+    import typer
+
+    from refrag_integrations.cli.common import renamed_option
+
+    assert renamed_option("0.1", None, "--expand-fraction", "--p", "0") == "0.1"
+    assert renamed_option(None, None, "--expand-fraction", "--p", "0") == "0"
+    with pytest.warns(DeprecationWarning, match="--p is deprecated; use --expand-fraction"):
+        assert renamed_option(None, "0,0.25", "--expand-fraction", "--p", "0") == "0,0.25"
+    with pytest.raises(typer.BadParameter, match="deprecated name"):
+        renamed_option("0.1", "0.2", "--expand-fraction", "--p", "0")

@@ -86,7 +86,7 @@ def demo(
     from ..evaluation.metrics import match
     from ..index import SentenceEmbedder, index_paths
     from ..store import ChunkStore
-    from .ask import policy_name, resolve_policy, source_label
+    from .ask import choose_policy, policy_name, source_label
 
     qs = load_demo_questions()
     if not 1 <= questions <= len(qs):
@@ -125,7 +125,7 @@ def demo(
          f"indexed, {report.chunks} chunk vectors written, {report.seconds:.1f} s)")
     store.attach(engine)
 
-    chosen = resolve_policy(engine, policy)
+    chosen = choose_policy(engine, policy)
     gold = gold_passage_ids()
     echo(f"REFRAG setting: policy {policy_name(chosen)}, p = {expand_fraction} of chunks kept as tokens; "
          f"top-{top_k} passages; chunk vectors read from the index (precomputed)\n")
