@@ -15,6 +15,7 @@ import inspect
 import logging
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,6 +261,44 @@ def length_batches(lengths: Sequence[int], max_rows: int, tolerance: float) -> l
     return batches
 
 
+def expansion_settings(
+    policy: Expand = None,
+    expand_fraction: float | None = None,
+    max_expanded: int | None = None,
+    *,
+    expand: Expand = None,
+    budget: Budget = None,
+) -> tuple[Expand, ExpansionBudget | None]:
+    """The expansion policy and budget from the public arguments, where ``expand`` and ``budget``
+    are the deprecated names of ``policy`` and ``expand_fraction`` / ``max_expanded`` (they warn).
+
+    Returns:
+        ``(policy, budget)``; ``None`` for either means the engine's default.
+
+    Example:
+        >>> expansion_settings("relevance", 0.25)
+        ('relevance', ExpansionBudget(fraction=0.25, max_count=None))
+    """
+    if expand is not None:
+        warnings.warn("expand= is deprecated; pass the expansion policy as policy=.", DeprecationWarning, stacklevel=3)
+        if policy is not None:
+            raise ValueError("Give policy= only; expand= is its deprecated name.")
+        policy = expand
+    if budget is not None:
+        warnings.warn(
+            "budget= is deprecated; use expand_fraction= (p) and/or max_expanded=.", DeprecationWarning, stacklevel=3
+        )
+        if expand_fraction is not None or max_expanded is not None:
+            raise ValueError("Give expand_fraction= / max_expanded= only; budget= is their deprecated name.")
+        return policy, as_budget(budget)
+    if expand_fraction is None and max_expanded is None:
+        return policy, None
+    if isinstance(expand_fraction, bool) or not isinstance(expand_fraction, (int, float, type(None))):
+        raise TypeError(f"expand_fraction must be a number in [0, 1] or None, got {type(expand_fraction).__name__}.")
+    fraction = None if expand_fraction is None else float(expand_fraction)
+    return policy, ExpansionBudget(fraction=fraction, max_count=max_expanded)
+
+
 class TokenStream:
     """Iterator over generated text pieces; ``result`` holds the full result once exhausted."""
 
@@ -283,15 +322,17 @@ class RefragEngine:
         chunk_encoder: the :class:`ChunkEncoder` (encoder + projector).
         config: the :class:`RefragConfig` (k, pooling, model names).
         policy: the default expansion policy (default: compress everything, p = 0).
-        budget: the default expansion budget (fraction p or max count).
+        budget: deprecated: use ``expand_fraction`` / ``max_expanded``.
         trained: whether the projector was trained; reported in every result's stats.
         autocast_dtype: e.g. ``torch.bfloat16`` to run the decoder under autocast.
         cache_size: passages kept in the process-local chunk-vector cache.
+        expand_fraction: the default expand fraction p for a selective policy.
+        max_expanded: the default cap on expanded chunks per request.
 
     Example:
         >>> engine = RefragEngine.from_pretrained()                     # doctest: +SKIP
         >>> out = engine.generate("Who wrote Hamlet?", ["Hamlet is a tragedy by William Shakespeare."],
-        ...                       expand="none")                         # doctest: +SKIP
+        ...                       policy="none")                         # doctest: +SKIP
         >>> out.text, out.stats.positions                              # doctest: +SKIP
     """
 
@@ -302,17 +343,21 @@ class RefragEngine:
         chunk_encoder: ChunkEncoder,
         config: RefragConfig,
         policy: ExpansionPolicy | None = None,
-        budget: ExpansionBudget | float | int | None = None,
+        budget: Budget = None,
         trained: bool = False,
         autocast_dtype: torch.dtype | None = None,
         cache_size: int = DEFAULT_PASSAGE_CACHE_SIZE,
+        *,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
     ) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.chunk_encoder = chunk_encoder
         self.config = config
         self.policy = policy or ExpandNone()
-        self.budget = as_budget(budget)
+        _, default_budget = expansion_settings(None, expand_fraction, max_expanded, budget=budget)
+        self.budget = default_budget or ExpansionBudget()  # the default budget; ExpansionBudget() = none
         self.trained = trained
         self.autocast_dtype = autocast_dtype
         self.cache_size = int(cache_size)
@@ -343,10 +388,12 @@ class RefragEngine:
         chunk_size: int | None = None,
         pooling: str | None = None,
         policy: ExpansionPolicy | str | None = None,
-        budget: ExpansionBudget | float | int | None = None,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
         autocast_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         decoder_dtype: torch.dtype | str | None = None,
+        budget: Budget = None,
     ) -> "RefragEngine":
         """Build an engine from a trained checkpoint directory, or from base models.
 
@@ -362,15 +409,20 @@ class RefragEngine:
             decoder, encoder, chunk_size, pooling: base models and settings when ``checkpoint``
                 is None (defaults from :class:`RefragConfig`). With a checkpoint, ``decoder``
                 may name a local copy of the same decoder; a different decoder is refused.
-            policy: default expansion policy (an object or a name: all, none, random, relevance).
-            budget: default expansion budget (fraction p, max count, or ExpansionBudget).
+            policy: default expansion policy (an object or a name, see
+                :data:`~refrag_integrations.policy.POLICY_NAMES`; default: the checkpoint's
+                learned policy, else compress everything).
+            expand_fraction: default expand fraction p for a selective policy.
+            max_expanded: default cap on expanded chunks per request.
             autocast_dtype: run the decoder under autocast in this dtype (e.g. torch.bfloat16).
             device: where to put the models (default: cuda if available, else cpu).
             decoder_dtype: the decoder's parameter dtype: float32 (default), bfloat16 or float16
                 (or ``"bf16"`` / ``"fp16"``). Half precision halves the decoder's memory (a 7B
                 decoder: 14 GB instead of 28 GB); the chunk encoder and projector stay float32.
                 The checkpoint's LoRA and deltas are merged into the half-precision weights.
+            budget: deprecated: use ``expand_fraction`` / ``max_expanded``.
         """
+        _, default_budget = expansion_settings(None, expand_fraction, max_expanded, budget=budget)
         from .models import load_decoder, load_encoder, model_fingerprint, resolve_dtype
 
         decoder_dtype = resolve_dtype(decoder_dtype)  # fail before loading anything
@@ -451,10 +503,13 @@ class RefragEngine:
             learned_policy.attach_encoder(chunk_encoder)  # a query-conditioned policy embeds the query with it
         if isinstance(policy, str):
             policy = resolve_policy(policy, encoder=chunk_encoder)
-        return cls(
+        engine = cls(
             dec_model, dec_tok, chunk_encoder, cfg, policy=policy or learned_policy,
-            budget=budget, trained=trained, autocast_dtype=autocast_dtype,
+            trained=trained, autocast_dtype=autocast_dtype,
         )
+        if default_budget is not None:
+            engine.budget = default_budget
+        return engine
 
     @property
     def device(self) -> torch.device:
@@ -530,7 +585,13 @@ class RefragEngine:
 
     @_locked
     def register_retrieved(
-        self, query: str, texts: Sequence[str], expand: Expand = None, budget: Budget = None
+        self,
+        query: str,
+        texts: Sequence[str],
+        policy: Expand = None,
+        *,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
     ) -> list[RegisteredPassage]:
         """Decide, fetch chunk vectors for, and register retrieved passages: what a retriever
         adapter does before the LLM side sees the prompt. One joint policy call over all chunks;
@@ -539,9 +600,9 @@ class RefragEngine:
         Args:
             query: the question (query-aware policies read it).
             texts: the passage texts exactly as they will appear in prompts.
-            expand: the expansion policy (object or name) or explicit decisions; None = the
+            policy: the expansion policy (object or name) or explicit decisions; None = the
                 engine's default policy.
-            budget: the expansion budget; None = the engine's default.
+            expand_fraction, max_expanded: the expansion budget; None = the engine's default.
 
         Returns:
             One :class:`RegisteredPassage` per unique text, in first-seen order.
@@ -553,7 +614,7 @@ class RefragEngine:
         unique = list(dict.fromkeys(texts))
         if not unique:
             return []
-        decisions = self.decide(query, unique, expand, budget)
+        decisions = self.decide(query, unique, policy, expand_fraction=expand_fraction, max_expanded=max_expanded)
         vectors: list[torch.Tensor | None] = [None] * len(unique)
         if any(not all(d) for d in decisions):
             # Fetched (or encoded) now, at retrieval time, so the LLM side's prefill needs none.
@@ -707,14 +768,19 @@ class RefragEngine:
         prompt: str,
         *,
         query: str = "",
-        expand: Any = None,
-        budget: ExpansionBudget | float | int | None = None,
+        policy: Expand = None,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
         add_special_tokens: bool = False,
+        expand: Expand = None,
+        budget: Budget = None,
     ) -> PreparedInput:
         """Mixed input for an arbitrary prompt: every registered passage found inside it is
-        compressed (per its registered decision, else per ``expand`` / the default policy);
+        compressed (per its registered decision, else per ``policy`` / the default policy);
         every other character stays ordinary tokens. A prompt without registered passages is
-        ordinary generation. Used by the LangChain and LlamaIndex adapters."""
+        ordinary generation. Used by the LangChain and LlamaIndex adapters. ``expand`` and
+        ``budget`` are deprecated names of ``policy`` and ``expand_fraction`` / ``max_expanded``."""
+        expand, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
         spans = self.locate_registered(prompt)
         if expand is None and spans:
             entries = [self._entry(prompt[a:b]) for a, b in spans]
@@ -723,15 +789,19 @@ class RefragEngine:
                 texts = [e.text for e in entries]
                 by_policy = self._resolve_decisions(query, texts, self.policy, budget)[0]
                 expand = [e.expand if e.expand is not None else d for e, d in zip(entries, by_policy)]
-        return self.prepare(prompt, spans, expand, query=query, budget=budget, add_special_tokens=add_special_tokens)
+        return self._prepare(prompt, spans, expand, query=query, budget=budget, add_special_tokens=add_special_tokens)
 
     @_locked
     def decide(
         self,
         query: str,
         texts: Sequence[str],
-        expand: Any = None,
-        budget: ExpansionBudget | float | int | None = None,
+        policy: Expand = None,
+        *,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
+        expand: Expand = None,
+        budget: Budget = None,
     ) -> list[list[bool]]:
         """Per-chunk expansion decisions for passages: one joint call of the policy over all
         their chunks, exactly as :meth:`prepare` would make them (used by retriever adapters,
@@ -740,15 +810,17 @@ class RefragEngine:
         Args:
             query: the question (used by query-aware policies).
             texts: passage texts.
-            expand: a policy (object or name) or explicit decisions; None = the engine's
+            policy: a policy (object or name) or explicit decisions; None = the engine's
                 default policy (decisions registered earlier are ignored here).
-            budget: overrides the engine's default budget for a policy.
+            expand_fraction, max_expanded: override the engine's default budget for a policy.
+            expand, budget: deprecated names of ``policy`` and ``expand_fraction`` / ``max_expanded``.
 
         Example:
             >>> engine.decide("Who wrote Hamlet?", ["Hamlet is a tragedy by Shakespeare."], "none")  # doctest: +SKIP
             [[False, False]]
         """
-        return self._resolve_decisions(query, texts, self.policy if expand is None else expand, budget)[0]
+        policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
+        return self._resolve_decisions(query, texts, self.policy if policy is None else policy, budget)[0]
 
     @_locked
     def special_prefix(self) -> list[int]:
@@ -814,26 +886,47 @@ class RefragEngine:
         self,
         prompt: str,
         spans: Sequence[tuple[int, int]],
-        expand: Any = None,
+        policy: Expand = None,
         *,
         query: str = "",
-        budget: ExpansionBudget | float | int | None = None,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
         add_special_tokens: bool = False,
         vectors: Sequence[torch.Tensor] | None = None,
+        expand: Expand = None,
+        budget: Budget = None,
     ) -> PreparedInput:
         """Build the mixed input for a prompt whose passages sit at ``spans``.
 
         Args:
             prompt: the full prompt text (chat template already applied, if any).
             spans: character spans of the passages to compress, in order, non-overlapping.
-            expand: per-passage chunk decisions (list of lists of bool), a policy or its name,
+            policy: per-passage chunk decisions (list of lists of bool), a policy or its name,
                 or None (registered decisions, else the engine's default policy).
             query: the question (used by query-aware policies).
-            budget: overrides the engine's default budget for a policy.
+            expand_fraction, max_expanded: override the engine's default budget for a policy.
             add_special_tokens: prepend the tokenizer's BOS (for prompts without a chat template).
             vectors: per-passage pre-projection chunk vectors to use instead of the cache (e.g.
                 computed with gradients during training); not stored.
+            expand, budget: deprecated names of ``policy`` and ``expand_fraction`` / ``max_expanded``.
         """
+        policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
+        return self._prepare(
+            prompt, spans, policy, query=query, budget=budget, add_special_tokens=add_special_tokens, vectors=vectors
+        )
+
+    @_locked
+    def _prepare(
+        self,
+        prompt: str,
+        spans: Sequence[tuple[int, int]],
+        expand: Expand,
+        *,
+        query: str,
+        budget: ExpansionBudget | None,
+        add_special_tokens: bool,
+        vectors: Sequence[torch.Tensor] | None = None,
+    ) -> PreparedInput:
         texts = [prompt[a:b] for a, b in spans]
         for i, t in enumerate(texts):
             if not t.strip():
@@ -895,21 +988,38 @@ class RefragEngine:
         self,
         question: str,
         passages: Sequence[str],
-        expand: Any = None,
+        policy: Expand = None,
         *,
-        budget: ExpansionBudget | float | int | None = None,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
+        system_prompt: str | None = None,
+        vectors: Sequence[torch.Tensor] | None = None,
+        expand: Expand = None,
+        budget: Budget = None,
+    ) -> PreparedInput:
+        """Build the mixed input for a question over passages (see :meth:`build_prompt` and
+        :meth:`prepare` for the arguments)."""
+        policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
+        return self._prepare_rag(question, passages, policy, budget, system_prompt=system_prompt, vectors=vectors)
+
+    def _prepare_rag(
+        self,
+        question: str,
+        passages: Sequence[str],
+        policy: Expand,
+        budget: ExpansionBudget | None,
+        *,
         system_prompt: str | None = None,
         vectors: Sequence[torch.Tensor] | None = None,
     ) -> PreparedInput:
-        """Build the mixed input for a question over passages (see :meth:`build_prompt`)."""
         if isinstance(passages, str):
             raise TypeError("passages must be a list of strings, not a single str.")
         for i, p in enumerate(passages):
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"passage {i} is empty or not a string; give non-empty passage texts.")
         rag = self.build_prompt(question, passages, system_prompt)
-        return self.prepare(
-            rag.text, rag.spans, expand, query=question, budget=budget, add_special_tokens=rag.add_special_tokens,
+        return self._prepare(
+            rag.text, rag.spans, policy, query=question, budget=budget, add_special_tokens=rag.add_special_tokens,
             vectors=vectors,
         )
 
@@ -1141,8 +1251,9 @@ class RefragEngine:
         question: str,
         passages: Sequence[str] = (),
         *,
-        expand: Any = None,
-        budget: ExpansionBudget | float | int | None = None,
+        policy: Expand = None,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -1150,24 +1261,29 @@ class RefragEngine:
         stop: Sequence[str] | None = None,
         seed: int | None = None,
         system_prompt: str | None = None,
+        expand: Expand = None,
+        budget: Budget = None,
     ) -> GenerationResult:
         """Answer ``question`` from ``passages`` with REFRAG decoding.
 
         Args:
             question: the user's question (always kept as tokens).
             passages: retrieved passage texts, in the order they appear in the prompt.
-            expand: which chunks stay tokens: a policy (object or name: ``"all"`` = ordinary RAG,
-                ``"none"``, ``"random"``, ``"relevance"``), explicit per-passage lists of bools,
-                or None (decisions registered by an adapter, else the engine's default policy).
-            budget: expansion budget for a policy: fraction p (float), max count (int), or
-                :class:`ExpansionBudget`; default: the engine's.
+            policy: the expansion policy, which decides the chunks that stay tokens: an
+                :class:`ExpansionPolicy` or its name (``"all"`` = ordinary RAG, ``"none"``,
+                ``"random"``, ``"relevance"``, ``"perplexity-desc"``), explicit per-passage lists
+                of bools, or None (decisions registered by an adapter, else the engine's default).
+            expand_fraction: the expand fraction p of a selective policy; default: the engine's.
+            max_expanded: at most this many chunks expanded; default: the engine's.
             max_new_tokens: generation limit.
             do_sample, temperature, top_p, seed: sampling (greedy by default).
             stop: strings that end generation (not included in the output).
             system_prompt: replaces the default RAG instruction.
+            expand, budget: deprecated names of ``policy`` and ``expand_fraction`` / ``max_expanded``.
         """
         t0 = time.perf_counter()
-        prepared = self.prepare_rag(question, passages, expand, budget=budget, system_prompt=system_prompt)
+        policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
+        prepared = self._prepare_rag(question, passages, policy, budget, system_prompt=system_prompt)
         return self._run(
             [prepared], max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_p=top_p, stop=stop, seed=seed, t_start=t0,
@@ -1184,19 +1300,28 @@ class RefragEngine:
 
     def generate_batch(self, requests: Sequence[dict[str, Any]], **gen: Any) -> list[GenerationResult]:
         """Several requests as one left-padded batch. Each request is a dict with ``question``,
-        ``passages`` and optionally ``expand`` / ``budget``; generation settings are shared.
+        ``passages`` and optionally ``policy`` / ``expand_fraction`` / ``max_expanded`` (as in
+        :meth:`generate`; ``expand`` / ``budget`` are their deprecated names); generation settings
+        are shared.
 
         Example:
             >>> engine.generate_batch([{"question": "q1", "passages": ["..."]},
-            ...                        {"question": "q2", "passages": ["..."], "expand": "all"}])  # doctest: +SKIP
+            ...                        {"question": "q2", "passages": ["..."], "policy": "all"}])  # doctest: +SKIP
         """
         if not requests:
             return []
         t0 = time.perf_counter()
-        prepared = [
-            self.prepare_rag(r["question"], r.get("passages", ()), r.get("expand"), budget=r.get("budget"))
-            for r in requests
-        ]
+        keys = ("policy", "expand_fraction", "max_expanded", "expand", "budget")
+        prepared = []
+        for r in requests:
+            unknown = sorted(set(r) - {"question", "passages", *keys})
+            if unknown:
+                raise ValueError(f"Unknown request keys {unknown}; a request has question, passages and {keys}.")
+            policy, budget = expansion_settings(
+                r.get("policy"), r.get("expand_fraction"), r.get("max_expanded"), expand=r.get("expand"),
+                budget=r.get("budget"),
+            )
+            prepared.append(self._prepare_rag(r["question"], r.get("passages", ()), policy, budget))
         return self.generate_prepared(prepared, t_start=t0, **gen)
 
     def stream(
@@ -1204,8 +1329,9 @@ class RefragEngine:
         question: str,
         passages: Sequence[str] = (),
         *,
-        expand: Any = None,
-        budget: ExpansionBudget | float | int | None = None,
+        policy: Expand = None,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -1213,11 +1339,14 @@ class RefragEngine:
         stop: Sequence[str] | None = None,
         seed: int | None = None,
         system_prompt: str | None = None,
+        expand: Expand = None,
+        budget: Budget = None,
     ) -> TokenStream:
         """Like :meth:`generate`, but returns a :class:`TokenStream` that yields text pieces as
         they are decoded; its ``result`` has the stats once the stream is exhausted."""
         t0 = time.perf_counter()
-        prepared = self.prepare_rag(question, passages, expand, budget=budget, system_prompt=system_prompt)
+        policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
+        prepared = self._prepare_rag(question, passages, policy, budget, system_prompt=system_prompt)
         return self.stream_prepared(
             prepared, t_start=t0, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_p=top_p, stop=stop, seed=seed,

@@ -293,7 +293,7 @@ class LearnedPolicy(ExpansionPolicy):
     :meth:`select` is greedy (the T' highest logits; deterministic); training samples with
     :func:`sample_sequences`. Without a budget (``None`` or an unlimited
     :class:`ExpansionBudget`), it expands the fraction p it was trained for; pass
-    ``expand="all"`` to the engine to expand everything.
+    ``policy="all"`` to the engine to expand everything.
 
     Args:
         encoder_dim: width of the chunk vectors c_i (the chunk encoder's hidden size).
@@ -305,7 +305,7 @@ class LearnedPolicy(ExpansionPolicy):
 
     Example:
         >>> policy = LearnedPolicy(384, query_conditioned=True, encoder=engine.chunk_encoder)  # doctest: +SKIP
-        >>> engine.generate(question, passages, expand=policy, budget=0.25)                    # doctest: +SKIP
+        >>> engine.generate(question, passages, policy=policy, expand_fraction=0.25)           # doctest: +SKIP
         >>> save_checkpoint(path, ..., policy=policy.state_dict(), policy_config=policy.policy_config())  # doctest: +SKIP
     """
 
@@ -474,7 +474,7 @@ class PerplexityDescPolicy(ExpansionPolicy):
         cache_size: passages whose scores are kept.
 
     Example:
-        >>> engine.generate(question, passages, expand=PerplexityDescPolicy(engine), budget=0.25)  # doctest: +SKIP
+        >>> engine.generate(question, passages, policy=PerplexityDescPolicy(engine), expand_fraction=0.25)  # doctest: +SKIP
     """
 
     name = "perplexity-desc"

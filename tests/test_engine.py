@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refrag_integrations import ExpansionBudget, RefragEngine, passage_id
+from refrag_integrations import RefragEngine, passage_id
 
 PASSAGES = [
     "Robert Boulter is an English film, television and theatre actor. He had a guest starring role on the television series The Bill in 2000.",
@@ -90,7 +90,7 @@ def test_batch_equals_singles(tiny_engine):
     ]
     batch = tiny_engine.generate_batch(reqs, max_new_tokens=6)
     singles = [
-        tiny_engine.generate(r["question"], r["passages"], expand=r["expand"], max_new_tokens=6) for r in reqs
+        tiny_engine.generate(r["question"], r["passages"], policy=r["expand"], max_new_tokens=6) for r in reqs
     ]
     assert [b.token_ids for b in batch] == [s.token_ids for s in singles]
     assert [b.stats.positions for b in batch] == [s.stats.positions for s in singles]
@@ -110,27 +110,27 @@ def test_batched_prefill_logits_match_single(tiny_engine):
 
 
 def test_stream_equals_generate(tiny_engine):
-    full = tiny_engine.generate(QUESTION, PASSAGES, expand="none", max_new_tokens=10)
-    stream = tiny_engine.stream(QUESTION, PASSAGES, expand="none", max_new_tokens=10)
+    full = tiny_engine.generate(QUESTION, PASSAGES, policy="none", max_new_tokens=10)
+    stream = tiny_engine.stream(QUESTION, PASSAGES, policy="none", max_new_tokens=10)
     pieces = list(stream)
     assert "".join(pieces) == full.text
     assert stream.result is not None and stream.result.token_ids == full.token_ids
 
 
 def test_stop_sequence_truncates(tiny_engine):
-    full = tiny_engine.generate(QUESTION, PASSAGES, expand="all", max_new_tokens=12)
+    full = tiny_engine.generate(QUESTION, PASSAGES, policy="all", max_new_tokens=12)
     if len(full.text) < 4:
         pytest.skip("tiny model produced too little text to cut")
     stop = full.text[2:4]
-    cut = tiny_engine.generate(QUESTION, PASSAGES, expand="all", max_new_tokens=12, stop=[stop])
+    cut = tiny_engine.generate(QUESTION, PASSAGES, policy="all", max_new_tokens=12, stop=[stop])
     assert cut.text == full.text[: full.text.find(stop)]
     assert cut.finish_reason == "stop"
-    streamed = "".join(tiny_engine.stream(QUESTION, PASSAGES, expand="all", max_new_tokens=12, stop=[stop]))
+    streamed = "".join(tiny_engine.stream(QUESTION, PASSAGES, policy="all", max_new_tokens=12, stop=[stop]))
     assert streamed == cut.text
 
 
 def test_stats_and_ttft(tiny_engine):
-    res = tiny_engine.generate(QUESTION, PASSAGES, expand="none", max_new_tokens=4)
+    res = tiny_engine.generate(QUESTION, PASSAGES, policy="none", max_new_tokens=4)
     s = res.stats
     assert 0 < s.ttft_s <= s.total_s
     assert s.positions < s.prompt_tokens
@@ -196,9 +196,9 @@ def test_prepare_prompt_compresses_only_registered(tiny_chat_engine):
 
 
 def test_budget_applies_to_policies(tiny_engine):
-    res = tiny_engine.prepare_rag(QUESTION, PASSAGES, "random", budget=ExpansionBudget(fraction=0.5))
+    res = tiny_engine.prepare_rag(QUESTION, PASSAGES, "random", expand_fraction=0.5)
     assert res.stats.chunks_expanded == int(0.5 * res.stats.chunks)
-    res = tiny_engine.prepare_rag(QUESTION, PASSAGES, "random", budget=2)
+    res = tiny_engine.prepare_rag(QUESTION, PASSAGES, "random", max_expanded=2)
     assert res.stats.chunks_expanded == 2
 
 

@@ -322,7 +322,8 @@ def test_qa_evaluates_another_checkpoints_learned_policy(tiny_engine, tmp_path):
                            policy=policy.state_dict(), policy_config=policy.policy_config())
     loaded = Q.load_extra_policy(tiny_engine, ckpt)
     passages = SENTENCES[:3]
-    assert tiny_engine.decide(QUESTION, passages, loaded, 0.5) == tiny_engine.decide(QUESTION, passages, policy, 0.5)
+    assert tiny_engine.decide(QUESTION, passages, loaded, expand_fraction=0.5) == tiny_engine.decide(
+        QUESTION, passages, policy, expand_fraction=0.5)
 
     settings = Q.qa_settings(["learned-chunks"], [0.5])
     assert settings[-1].name == "refrag_learned-chunks_p0.5"
@@ -370,7 +371,7 @@ def test_equal_latency_pairs_more_refrag_passages_with_fewer_rag_passages():
 
 
 def test_full_context_nll_equals_the_plain_decoder(tiny_engine):
-    """expand="all" through the engine must score exactly like the plain decoder on the tokens."""
+    """policy="all" through the engine must score exactly like the plain decoder on the tokens."""
     tok = tiny_engine.tokenizer
     context, cont = heldout_windows(CORPUS, tok, 30, 6, limit=1)[0]
     nll, positions = P.continuation_nll(tiny_engine, context, cont, "all")

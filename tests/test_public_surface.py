@@ -174,3 +174,20 @@ def test_deprecated_cli_option_names_warn_and_still_work():
         assert renamed_option(None, "0,0.25", "--expand-fraction", "--p", "0") == "0,0.25"
     with pytest.raises(typer.BadParameter, match="deprecated name"):
         renamed_option("0.1", "0.2", "--expand-fraction", "--p", "0")
+
+
+def test_one_vocabulary_with_deprecated_aliases(tiny_engine):
+    """policy / expand_fraction / max_expanded everywhere; expand / budget still work, with a warning."""
+    new = tiny_engine.prepare_rag("Who?", ["Herons was written by Simon Stephens."], "random", expand_fraction=0.5)
+    with pytest.warns(DeprecationWarning, match="budget= is deprecated"):
+        old = tiny_engine.prepare_rag("Who?", ["Herons was written by Simon Stephens."], expand="random", budget=0.5)
+    assert new.stats.expanded == old.stats.expanded and new.stats.chunks_expanded == int(0.5 * new.stats.chunks)
+    with pytest.raises(ValueError, match="deprecated name"):
+        tiny_engine.decide("Who?", ["Herons."], policy="all", expand="none")
+    capped = tiny_engine.decide("Who?", ["Herons was written by Simon Stephens in 2001."], "random", max_expanded=1)
+    assert sum(map(sum, capped)) == 1
+    from refrag_integrations.langchain import RefragCompressor
+
+    with pytest.warns(DeprecationWarning, match="expand= is deprecated"):
+        old_style = RefragCompressor(engine=tiny_engine, expand="relevance", budget=3)
+    assert (old_style.policy, old_style.expand_fraction, old_style.max_expanded) == ("relevance", None, 3)

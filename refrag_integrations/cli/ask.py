@@ -108,7 +108,8 @@ def ask(
                     "text": h.text} for i, h in enumerate(hits)]
     expand = "all" if mode == "rag" else choose_policy(engine, policy)
     try:
-        result = engine.generate(question, texts, expand=expand, budget=expand_fraction, max_new_tokens=max_new_tokens)
+        result = engine.generate(question, texts, policy=expand, expand_fraction=expand_fraction,
+                                 max_new_tokens=max_new_tokens)
     except FingerprintMismatchError as err:
         raise typer.BadParameter(str(err)) from err
     stats = result.stats.to_dict()

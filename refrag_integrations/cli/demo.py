@@ -132,16 +132,17 @@ def demo(
 
     # One untimed request per path first: the first forward pass pays one-off allocation costs.
     warm = [h.text for h in store.search(qs[0]["question"], top_k, embedder=embedder)]
-    engine.generate(qs[0]["question"], warm, expand="all", max_new_tokens=1)
-    engine.generate(qs[0]["question"], warm, expand=chosen, budget=expand_fraction, max_new_tokens=1)
+    engine.generate(qs[0]["question"], warm, policy="all", max_new_tokens=1)
+    engine.generate(qs[0]["question"], warm, policy=chosen, expand_fraction=expand_fraction, max_new_tokens=1)
 
     results = []
     for n, q in enumerate(qs[:questions], 1):
         hits = store.search(q["question"], top_k, embedder=embedder)
         texts = [h.text for h in hits]
         rank = next((i + 1 for i, h in enumerate(hits) if h.id == gold.get(int(q["nq_line"]))), None)
-        rag = engine.generate(q["question"], texts, expand="all", max_new_tokens=max_new_tokens)
-        ref = engine.generate(q["question"], texts, expand=chosen, budget=expand_fraction, max_new_tokens=max_new_tokens)
+        rag = engine.generate(q["question"], texts, policy="all", max_new_tokens=max_new_tokens)
+        ref = engine.generate(q["question"], texts, policy=chosen, expand_fraction=expand_fraction,
+                              max_new_tokens=max_new_tokens)
         rs, fs = rag.stats, ref.stats
         with_answer = [answer_chunks(engine.chunk(t), t, q["answers"]) for t in texts]
         n_answer = sum(len(s) for s in with_answer)

@@ -275,10 +275,12 @@ def engine_for_k(base: "RefragEngine", k: int) -> "RefragEngine":
 
     if k == base.k:
         return base
-    return RefragEngine(
+    engine = RefragEngine(
         base.decoder, base.tokenizer, base.chunk_encoder, dataclasses.replace(base.config, chunk_size=k),
-        policy=base.policy, budget=base.budget, trained=False, autocast_dtype=base.autocast_dtype,
+        policy=base.policy, trained=False, autocast_dtype=base.autocast_dtype,
     )
+    engine.budget = base.budget
+    return engine
 
 
 def learned_policy(engine: "RefragEngine") -> Any:
@@ -299,7 +301,7 @@ def timed_request(
     import torch
 
     t0 = time.perf_counter()
-    prepared = engine.prepare_rag(question, passages, expand, budget=budget)
+    prepared = engine.prepare_rag(question, passages, expand, expand_fraction=budget)
     stamps: list[float] = []
     ttft = None
     with torch.no_grad():

@@ -75,8 +75,8 @@ def start_ids(tokenizer: Any) -> list[int]:
 
 
 def continuation_nll(
-    engine: "RefragEngine", context: str | None, continuation: Sequence[int], expand: Any = "all",
-    budget: float | None = None,
+    engine: "RefragEngine", context: str | None, continuation: Sequence[int], policy: Any = "all",
+    expand_fraction: float | None = None,
 ) -> tuple[float, int]:
     """Mean NLL (nats) of ``continuation`` token ids after ``context`` assembled by ``engine``.
 
@@ -84,15 +84,15 @@ def continuation_nll(
         engine: the engine (its k decides the chunking of the context).
         context: context text, or None for no context.
         continuation: the token ids to score.
-        expand: how the context's chunks enter: ``"all"`` (tokens), ``"none"`` (all compressed),
-            or a policy with ``budget``.
-        budget: expand fraction p for a policy.
+        policy: how the context's chunks enter: ``"all"`` (tokens), ``"none"`` (all compressed),
+            or an expansion policy with ``expand_fraction``.
+        expand_fraction: expand fraction p for a policy.
 
     Returns:
         (mean NLL over the continuation tokens, decoder positions used in total).
 
     Example:
-        >>> nll, positions = continuation_nll(engine, "Some context ...", [281, 1176], expand="none")  # doctest: +SKIP
+        >>> nll, positions = continuation_nll(engine, "Some context ...", [281, 1176], policy="none")  # doctest: +SKIP
     """
     import torch
 
@@ -102,7 +102,7 @@ def continuation_nll(
     dev = embed.weight.device
     parts = [embed(torch.tensor(start_ids(engine.tokenizer), device=dev))]  # (1.., d)
     if context is not None:
-        prepared = engine.prepare(context, [(0, len(context))], expand, budget=budget)
+        prepared = engine.prepare(context, [(0, len(context))], policy, expand_fraction=expand_fraction)
         parts.append(prepared.embeds.to(embed.weight.dtype))  # (T_ctx, d)
     cont = torch.tensor(list(continuation), device=dev)  # (o,)
     parts.append(embed(cont))  # (o, d)
@@ -179,7 +179,7 @@ def run_ppl(
             nll, positions = continuation_nll(eng, context, cont, "none")
         else:
             policy = resolve_policy("random", seed=zlib.crc32(f"{seed}:{i}:{k}".encode()))
-            nll, positions = continuation_nll(eng, context, cont, policy, budget=p)
+            nll, positions = continuation_nll(eng, context, cont, policy, expand_fraction=p)
         if not math.isfinite(nll):
             raise RuntimeError(f"non-finite NLL in setting {name}, window {i}: check the dtype (never fp16).")
         log.append({"key": f"{name}|w={i}", "setting": name, "k": k, "p": p, "window": i, "nll": nll,

@@ -228,7 +228,7 @@ def run_qa(
         if s.is_refrag:
             engine.chunk_vectors(use)
         expand = _policy_for(engine, s, seed, ex.line, n, reuse)
-        res = engine.generate(ex.question, use, expand=expand, budget=s.p if s.p else None,
+        res = engine.generate(ex.question, use, policy=expand, expand_fraction=s.p if s.p else None,
                               max_new_tokens=max_new_tokens)
         st = res.stats
         log.append({

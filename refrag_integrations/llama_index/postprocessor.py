@@ -19,7 +19,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
 from ..chunking import passage_id
 from ..engine import RefragEngine
-from ..policy import POLICY_NAMES, ExpansionBudget, ExpansionPolicy, resolve_policy
+from ..policy import POLICY_NAMES, ExpansionPolicy, resolve_policy
 from ..shared import shared_engine
 from ._request import set_decisions
 
@@ -127,11 +127,6 @@ class RefragNodePostprocessor(BaseNodePostprocessor):
             self._policy = resolve_policy(self.policy, engine=self.engine)
         return self._policy  # None = the engine's default
 
-    def _budget(self) -> ExpansionBudget | None:
-        if self.expand_fraction is None and self.max_expanded is None:
-            return None  # the engine's default
-        return ExpansionBudget(fraction=self.expand_fraction, max_count=self.max_expanded)
-
     # ------------------------------------------------------------------ work
 
     def _plan(self, nodes: List[NodeWithScore], query: str) -> list[tuple[NodeWithScore, Any, str | None, Any]]:
@@ -154,7 +149,8 @@ class RefragNodePostprocessor(BaseNodePostprocessor):
         registered = {}
         if any(t for _, _, t in copies):
             found = self.engine.register_retrieved(
-                query, [t for _, _, t in copies if t], self._resolved_policy(), self._budget()
+                query, [t for _, _, t in copies if t], self._resolved_policy(),
+                expand_fraction=self.expand_fraction, max_expanded=self.max_expanded,
             )
             registered = {p.text: p for p in found}
         return [(nws, copy, text, registered.get(text)) for nws, copy, text in copies]

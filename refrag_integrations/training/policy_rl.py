@@ -46,9 +46,9 @@ does not apply (only the small policy trains).
 Example:
     >>> from refrag_integrations import RefragEngine                          # doctest: +SKIP
     >>> engine = RefragEngine.from_pretrained("runs/policy/checkpoint")        # doctest: +SKIP
-    >>> engine.generate("Who wrote Hamlet?", passages, budget=0.25).text       # doctest: +SKIP
+    >>> engine.generate("Who wrote Hamlet?", passages, expand_fraction=0.25).text  # doctest: +SKIP
 
-    The checkpoint's learned policy is the engine's default policy; ``budget`` may be left out,
+    The checkpoint's learned policy is the engine's default policy; ``expand_fraction`` may be left out,
     the policy then expands the fraction p it was trained for.
 """
 
@@ -639,7 +639,8 @@ class PolicyTrainer(Trainer):
         for i, ex in enumerate(tqdm(eval_set, desc="policy eval", dynamic_ncols=True)):
             passages = rag_passages(random.Random(POLICY_EVAL_SEED + i), pool, i, cfg.num_passages)[0]
             vectors = self.passage_vectors(passages)
-            prefixes = [eng.prepare_rag(ex.question, passages, make(i), budget=self.budget, vectors=vectors).embeds
+            prefixes = [eng.prepare_rag(ex.question, passages, make(i), expand_fraction=self.budget.fraction,
+                                        vectors=vectors).embeds
                         for make in settings.values()]
             for name, value in zip(settings, eng.score(prefixes, self.answer_ids(ex.answers[0])).tolist()):
                 nll[name].append(value)
