@@ -1,4 +1,4 @@
-"""Save and load REFRAG checkpoint directories; build engines from them.
+"""Save and load REFRAG checkpoint directories (RefragEngine.from_pretrained builds engines from them).
 
 A checkpoint holds only what training changed, and references the base models:
 
