@@ -9,43 +9,69 @@ from .checkpoint import load_checkpoint, save_checkpoint, save_engine
 from .chunking import Chunk, chunk_passage, passage_id
 from .config import RefragConfig
 from .encoder import ChunkEncoder, Projector
-from .engine import GenerationResult, GenerationStats, PreparedInput, RefragEngine, TokenStream
+from .engine import (
+    Budget,
+    ChunkVectors,
+    Expand,
+    GenerationResult,
+    GenerationStats,
+    PreparedInput,
+    RagPrompt,
+    RefragEngine,
+    RegisteredPassage,
+    TokenStream,
+)
 from .models import ModelNotFoundError, load_decoder, load_encoder
 from .policy import (
     ExpandAll,
     ExpandNone,
     ExpansionBudget,
     ExpansionPolicy,
+    LearnedPolicy,
+    PerplexityDescPolicy,
     QueryRelevancePolicy,
     RandomPolicy,
+    load_policy,
     make_policy,
+    resolve_policy,
 )
+from .store import ChunkStore
 
 __version__ = "0.1.0"  # the one version source: pyproject.toml reads it ([tool.setuptools.dynamic])
 
 __all__ = [
+    "Budget",
     "Chunk",
     "ChunkEncoder",
+    "ChunkStore",
+    "ChunkVectors",
+    "Expand",
     "ExpandAll",
     "ExpandNone",
     "ExpansionBudget",
     "ExpansionPolicy",
     "GenerationResult",
     "GenerationStats",
+    "LearnedPolicy",
     "ModelNotFoundError",
+    "PerplexityDescPolicy",
     "PreparedInput",
     "Projector",
     "QueryRelevancePolicy",
+    "RagPrompt",
     "RandomPolicy",
     "RefragConfig",
     "RefragEngine",
+    "RegisteredPassage",
     "TokenStream",
     "chunk_passage",
     "load_checkpoint",
     "load_decoder",
     "load_encoder",
+    "load_policy",
     "make_policy",
     "passage_id",
+    "resolve_policy",
     "save_checkpoint",
     "save_engine",
 ]

@@ -1,4 +1,4 @@
-"""Save and load REFRAG checkpoint directories; build engines from them.
+"""Save and load REFRAG checkpoint directories (RefragEngine.from_pretrained builds engines from them).
 
 A checkpoint holds only what training changed, and references the base models:
 
@@ -19,7 +19,6 @@ A checkpoint built for one decoder refuses another (weights fingerprint mismatch
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -31,11 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import DEFAULT_CHUNK_SIZE, DEFAULT_DECODER, DEFAULT_ENCODER, RefragConfig
+from .config import RefragConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import RefragEngine
-    from .policy import ExpansionBudget, ExpansionPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +97,9 @@ def save_checkpoint(
         projector: the projector's state dict.
         encoder_delta / decoder_delta: parameters that training changed (name -> tensor).
         decoder_lora: LoRA adapters (one dict per stage that trained one), applied in order.
-        policy, policy_config: a learned expansion policy's weights and
-            ``{"class": "module:Class", ...}`` (the class must offer ``from_state(config, state)``).
+        policy, policy_config: a learned expansion policy's weights and its config
+            (``LearnedPolicy.policy_config()``: ``{"policy": "learned", ...}``, a name in
+            :data:`refrag_integrations.policy.POLICIES`).
         trained_stages: e.g. ``["reconstruct", "cpt"]``; empty means untrained.
         metrics: evaluation numbers to keep with the weights.
     """
@@ -225,7 +224,13 @@ def default_checkpoint() -> Path | None:
     return PACKAGED_DEFAULT if (PACKAGED_DEFAULT / CONFIG_FILE).is_file() else None
 
 
-def _apply_delta(module: torch.nn.Module, delta: dict[str, torch.Tensor], what: str) -> None:
+def apply_delta(module: torch.nn.Module, delta: dict[str, torch.Tensor], what: str) -> None:
+    """Load a checkpoint's ``delta`` (parameters training changed) into ``module`` (the ``what``
+    named in errors: "encoder" or "decoder").
+
+    Raises:
+        CheckpointMismatchError: a delta names a parameter the module lacks, or its shape differs.
+    """
     if not delta:
         return
     missing, unexpected = [], []
@@ -241,134 +246,6 @@ def _apply_delta(module: torch.nn.Module, delta: dict[str, torch.Tensor], what: 
             f"unknown parameters {unexpected[:5]}, shape mismatches {missing[:5]}."
         )
     module.load_state_dict(delta, strict=False)
-
-
-def load_policy(state: dict[str, torch.Tensor], policy_config: dict[str, Any]) -> "ExpansionPolicy":
-    """Rebuild a learned policy saved with ``policy_config = {"class": "module:Class", ...}``."""
-    target = policy_config.get("class", "")
-    module_name, _, cls_name = target.partition(":")
-    if not module_name or not cls_name:
-        raise ValueError(f"policy_config.json must name its class as 'module:Class', got {target!r}.")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls.from_state(policy_config, state)
-
-
-def build_engine(
-    checkpoint: str | Path | None = None,
-    *,
-    decoder: str | None = None,
-    encoder: str | None = None,
-    chunk_size: int | None = None,
-    pooling: str | None = None,
-    chunk_context: str | None = None,
-    policy: "ExpansionPolicy | str | None" = None,
-    budget: "ExpansionBudget | float | int | None" = None,
-    autocast_dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    decoder_dtype: torch.dtype | str | None = None,
-) -> "RefragEngine":
-    """Load base models (+ a checkpoint) into a :class:`RefragEngine`; see
-    :meth:`RefragEngine.from_pretrained`. With ``checkpoint=None`` the packaged default
-    checkpoint is used when it exists and fits the requested base models and k; otherwise the
-    projector is freshly initialised and the engine reports ``trained=False``."""
-    from .encoder import ChunkEncoder
-    from .engine import RefragEngine
-    from .models import decoder_encoder_layers, load_decoder, load_encoder, model_fingerprint, resolve_dtype
-    from .policy import make_policy
-
-    decoder_dtype = resolve_dtype(decoder_dtype)  # fail before loading anything
-    ckpt: Checkpoint | None = None
-    if checkpoint is None:
-        default = default_checkpoint()
-        if default is not None:
-            cand = load_checkpoint(default)
-            if (decoder in (None, cand.config.decoder) and encoder in (None, cand.config.encoder)
-                    and chunk_size in (None, cand.config.chunk_size) and pooling in (None, cand.config.pooling)
-                    and chunk_context in (None, cand.config.chunk_context)):
-                ckpt = cand
-    elif str(checkpoint) == "none":
-        pass  # the base models with a fresh, untrained projector (e.g. to evaluate the base decoder)
-    elif str(checkpoint) == "default":
-        if default_checkpoint() is None:
-            raise ValueError("This build of refrag-integrations ships no trained default checkpoint.")
-        ckpt = load_checkpoint(default_checkpoint())
-    else:
-        ckpt = load_checkpoint(checkpoint)
-
-    if ckpt is not None:
-        cfg = ckpt.config
-        if chunk_size is not None and chunk_size != cfg.chunk_size:
-            raise CheckpointMismatchError(f"The checkpoint was trained with k={cfg.chunk_size}, not k={chunk_size}.")
-        if chunk_context is not None and chunk_context != cfg.chunk_context:
-            raise CheckpointMismatchError(
-                f"The checkpoint was trained with chunk_context={cfg.chunk_context!r}, not {chunk_context!r}."
-            )
-    else:
-        cfg = RefragConfig(
-            decoder=decoder or DEFAULT_DECODER,
-            encoder=encoder or DEFAULT_ENCODER,
-            chunk_size=chunk_size if chunk_size is not None else DEFAULT_CHUNK_SIZE,
-            pooling=pooling or "mean",
-            chunk_context=chunk_context or "chunk",
-        )
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    dec_model, dec_tok = load_decoder(decoder or cfg.decoder, dtype=decoder_dtype)
-    enc_name = encoder or cfg.encoder
-    enc_model, enc_tok = load_encoder(enc_name, decoder=dec_model, decoder_tokenizer=dec_tok)
-    dec_fp, enc_fp = model_fingerprint(dec_model), model_fingerprint(enc_model)
-    if ckpt is not None:
-        for what, want, got, name in (
-            ("decoder", cfg.decoder_fingerprint, dec_fp, decoder or cfg.decoder),
-            ("encoder", cfg.encoder_fingerprint, enc_fp, encoder or cfg.encoder),
-        ):
-            if want and want != got:
-                raise CheckpointMismatchError(
-                    f"This checkpoint was trained for {what} {getattr(cfg, what)!r} (weights fingerprint {want}), "
-                    f"but {name!r} has fingerprint {got}. Load it with the {what} it was trained on."
-                )
-    cfg.decoder_fingerprint, cfg.encoder_fingerprint = dec_fp, enc_fp
-    cfg.encoder_dim = int(enc_model.config.hidden_size)
-    cfg.decoder_dim = int(dec_model.config.hidden_size)
-
-    target_norm = None
-    if ckpt is None:
-        target_norm = float(dec_model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
-    chunk_encoder = ChunkEncoder(
-        enc_model, enc_tok, decoder_dim=cfg.decoder_dim, pooling=cfg.pooling,
-        projector_hidden=cfg.projector_hidden, target_norm=target_norm, chunk_context=cfg.chunk_context,
-        reads_decoder_tokens=decoder_encoder_layers(enc_name) is not None,
-    )
-    trained = False
-    learned_policy = None
-    if ckpt is not None:
-        chunk_encoder.projector.load_state_dict(ckpt.projector)
-        _apply_delta(enc_model, ckpt.encoder_delta, "encoder")
-        _apply_delta(dec_model, ckpt.decoder_delta, "decoder")
-        if ckpt.decoder_lora:
-            from .training.lora import merge_lora
-
-            for adapter in ckpt.decoder_lora:
-                merge_lora(dec_model, adapter)
-        trained = bool(ckpt.trained_stages)
-        if ckpt.policy is not None:
-            learned_policy = load_policy(ckpt.policy, ckpt.policy_config or {})
-    else:
-        logger.warning(
-            "No trained REFRAG checkpoint for these base models: the projector is untrained, so "
-            "compressed chunks carry no usable information until you train one (`refrag train`)."
-        )
-    dec_model.to(dev)
-    chunk_encoder.to(dev)
-    chunk_encoder.eval()
-    if learned_policy is not None and hasattr(learned_policy, "attach_encoder"):
-        learned_policy.attach_encoder(chunk_encoder)  # a query-conditioned policy embeds the query with it
-    if isinstance(policy, str):
-        policy = make_policy(policy, encoder=chunk_encoder)
-    return RefragEngine(
-        dec_model, dec_tok, chunk_encoder, cfg, policy=policy or learned_policy,
-        budget=budget, trained=trained, autocast_dtype=autocast_dtype,
-    )
 
 
 def save_engine(engine: "RefragEngine", path: str | Path, *, trained_stages: list[str] | None = None,

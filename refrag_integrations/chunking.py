@@ -52,6 +52,14 @@ def tokenize_text(text: str, tokenizer: Any) -> tuple[list[int], list[tuple[int,
     return list(enc["input_ids"]), None
 
 
+def special_prefix_ids(tokenizer: Any) -> list[int]:
+    """Tokens ``tokenizer`` adds in front of plain text (e.g. BOS), if any."""
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(plain)
+    return list(with_special[:n]) if n > 0 and with_special[n:] == plain else []
+
+
 def chunk_token_ids(token_ids: Sequence[int], k: int) -> list[list[int]]:
     """Split a token sequence into consecutive pieces of exactly ``k`` (the last may be shorter).
 

@@ -19,6 +19,7 @@ DEFAULT_ENCODER = "all-minilm-l6-v2"
 DEFAULT_EMBEDDER = DEFAULT_ENCODER  # retrieval embedder (sentence-transformers)
 
 DEFAULT_CHUNK_SIZE = 16  # k, decoder tokens per chunk
+DEFAULT_DATA_DIR = "../shared/data"  # the shared real data (training, evaluation), relative to the project root
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_EXPAND_FRACTION = 0.25  # p used by `refrag ask` with a selective policy
 DEFAULT_PASSAGE_CACHE_SIZE = 4096  # passages kept in the engine's process-local cache
@@ -65,8 +66,8 @@ POLICY_HEADS = 4  # attention heads (must divide POLICY_WIDTH)
 POLICY_LAYERS = 2  # the paper's 2 layers
 POLICY_MAX_CHUNK_INDEX = 64  # learned embeddings of a chunk's index inside its passage; later chunks share the last
 POLICY_SIM_SCALE = 10.0  # query variant: initial weight of cos(c_i, query) in the logits (starts near "relevance")
-POLICY_REWARD_BATCH = 16  # decoder rows per batched answer-NLL forward (rewards, evaluation)
-POLICY_PAD_TOLERANCE = 1.25  # a row joins a batch only if it is at most this much longer than the batch's first
+SCORE_BATCH_ROWS = 16  # decoder rows per batched teacher-forced NLL forward (RefragEngine.score: rewards, evaluation)
+SCORE_PAD_TOLERANCE = 1.25  # a row joins a batch only if it is at most this much longer than the batch's first
 GRPO_STD_EPS = 1e-6  # advantage = (r - mean) / (std + eps) within a group
 POLICY_EVAL_SEED = 10_000  # eval question i draws its distractors with seed + i (as the sft evaluation does)
 

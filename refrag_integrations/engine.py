@@ -15,26 +15,46 @@ import inspect
 import logging
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
-from .chunking import Chunk, chunk_passage, passage_id, tokenize_text
+from .chunking import Chunk, chunk_passage, passage_id, special_prefix_ids
+from .checkpoint import Checkpoint, CheckpointMismatchError, apply_delta, default_checkpoint, load_checkpoint
 from .config import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_DECODER,
+    DEFAULT_ENCODER,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PASSAGE_CACHE_SIZE,
     RAG_SYSTEM_PROMPT,
+    SCORE_BATCH_ROWS,
+    SCORE_PAD_TOLERANCE,
     RefragConfig,
 )
-from .encoder import ChunkEncoder
-from .policy import ExpandAll, ExpansionBudget, ExpansionPolicy, ExpandNone, as_budget, make_policy
+from .encoder import ChunkEncoder, compute_chunk_vector_fingerprint
+from .lora import merge_lora
+from .policy import (
+    ExpandAll,
+    ExpansionBudget,
+    ExpansionPolicy,
+    ExpandNone,
+    as_budget,
+    load_policy,
+    resolve_policy,
+)
 
 logger = logging.getLogger(__name__)
 
-Expand = "str | ExpansionPolicy | Sequence[Sequence[bool]] | None"
+# What decides which chunks stay tokens: a policy (object or name), explicit per-passage
+# decisions (one bool per chunk, True = expand), or None (registered decisions, else the default).
+Expand = Union[str, ExpansionPolicy, Sequence[Sequence[bool]], None]
+# How many chunks a policy may expand: fraction p (float), max count (int), or both.
+Budget = Union[ExpansionBudget, float, int, None]
 
 
 def _locked(method: Callable) -> Callable:
@@ -128,12 +148,155 @@ class PreparedInput:
 
 
 @dataclass
-class _PassageEntry:
+class CachedPassage:
+    """A passage in the engine's process-local cache (see :meth:`RefragEngine.lookup_passage`);
+    read it, never change it (use the engine's methods).
+
+    Attributes:
+        text: the passage text.
+        chunks: its chunks.
+        vectors: pre-projection chunk vectors ``(L, d_enc)``, once known.
+        expand: the decision a retriever adapter registered, if any.
+        registered: put there by :meth:`RefragEngine.register_passage` (compressed in prompts).
+    """
+
     text: str
     chunks: list[Chunk]
     vectors: torch.Tensor | None = None  # (L, d_enc) pre-projection, float32, cpu
     expand: list[bool] | None = None  # a decision registered by a retriever adapter
     registered: bool = False  # put here by register_passage: found and compressed in prompts
+
+
+@dataclass
+class ChunkVectors:
+    """Pre-projection chunk vectors of some passages (:meth:`RefragEngine.chunk_vectors`).
+
+    Attributes:
+        vectors: per passage, ``(L_j, d_enc)`` float32 on CPU.
+        cached_chunks: chunks whose vectors were precomputed (cache or store), not encoded now.
+        encode_s: seconds spent encoding the others.
+    """
+
+    vectors: list[torch.Tensor]
+    cached_chunks: int
+    encode_s: float
+
+
+@dataclass
+class RagPrompt:
+    """The RAG prompt of :meth:`RefragEngine.build_prompt`.
+
+    Attributes:
+        text: the prompt (chat template applied when the decoder has one).
+        spans: the character span of each passage inside it.
+        add_special_tokens: whether the tokenizer's special tokens (BOS) must still be added.
+    """
+
+    text: str
+    spans: list[tuple[int, int]]
+    add_special_tokens: bool
+
+
+@dataclass
+class RegisteredPassage:
+    """A retrieved passage registered by :meth:`RefragEngine.register_retrieved`.
+
+    Attributes:
+        passage_id: its id (content hash) in the engine's cache.
+        text: the passage text.
+        expand: one decision per chunk (True = kept as tokens).
+        tokens: its decoder tokens.
+        positions: decoder positions it takes under ``expand``.
+    """
+
+    passage_id: str
+    text: str
+    expand: list[bool]
+    tokens: int
+    positions: int
+
+    @property
+    def expanded(self) -> list[int]:
+        """Indices of the chunks kept as tokens."""
+        return [i for i, keep in enumerate(self.expand) if keep]
+
+    @property
+    def compression_rate(self) -> float:
+        """Passage tokens per decoder position (1.0 = nothing compressed)."""
+        return self.tokens / max(self.positions, 1)
+
+
+def left_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack sequences of embeddings ``(T_i, d)`` into one left-padded batch.
+
+    Returns:
+        ``(x, mask, positions)``: embeddings ``(B, T, d)`` (zeros as padding), the attention mask
+        ``(B, T)`` and position ids ``(B, T)`` that are contiguous from 0 in every row.
+
+    Example:
+        >>> x, mask, pos = left_pad([torch.ones(2, 4), torch.ones(3, 4)])
+        >>> mask.tolist(), pos.tolist()
+        ([[0, 1, 1], [1, 1, 1]], [[0, 0, 1], [0, 1, 2]])
+    """
+    lengths = [r.shape[0] for r in rows]
+    T, B, d = max(lengths), len(rows), rows[0].shape[1]
+    x = rows[0].new_zeros(B, T, d)  # (B, T, d)
+    mask = torch.zeros(B, T, dtype=torch.long, device=x.device)  # (B, T)
+    for b, r in enumerate(rows):
+        x[b, T - lengths[b] :] = r
+        mask[b, T - lengths[b] :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    return x, mask, pos
+
+
+def length_batches(lengths: Sequence[int], max_rows: int, tolerance: float) -> list[list[int]]:
+    """Split positions of ascending ``lengths`` into batches of at most ``max_rows`` rows whose
+    longest row is at most ``tolerance`` times the first (little padding)."""
+    batches: list[list[int]] = []
+    for j, n in enumerate(lengths):
+        if batches and len(batches[-1]) < max_rows and n <= lengths[batches[-1][0]] * tolerance:
+            batches[-1].append(j)
+        else:
+            batches.append([j])
+    return batches
+
+
+def expansion_settings(
+    policy: Expand = None,
+    expand_fraction: float | None = None,
+    max_expanded: int | None = None,
+    *,
+    expand: Expand = None,
+    budget: Budget = None,
+) -> tuple[Expand, ExpansionBudget | None]:
+    """The expansion policy and budget from the public arguments, where ``expand`` and ``budget``
+    are the deprecated names of ``policy`` and ``expand_fraction`` / ``max_expanded`` (they warn).
+
+    Returns:
+        ``(policy, budget)``; ``None`` for either means the engine's default.
+
+    Example:
+        >>> expansion_settings("relevance", 0.25)
+        ('relevance', ExpansionBudget(fraction=0.25, max_count=None))
+    """
+    if expand is not None:
+        warnings.warn("expand= is deprecated; pass the expansion policy as policy=.", DeprecationWarning, stacklevel=3)
+        if policy is not None:
+            raise ValueError("Give policy= only; expand= is its deprecated name.")
+        policy = expand
+    if budget is not None:
+        warnings.warn(
+            "budget= is deprecated; use expand_fraction= (p) and/or max_expanded=.", DeprecationWarning, stacklevel=3
+        )
+        if expand_fraction is not None or max_expanded is not None:
+            raise ValueError("Give expand_fraction= / max_expanded= only; budget= is their deprecated name.")
+        return policy, as_budget(budget)
+    if expand_fraction is None and max_expanded is None:
+        return policy, None
+    if isinstance(expand_fraction, bool) or not isinstance(expand_fraction, (int, float, type(None))):
+        raise TypeError(f"expand_fraction must be a number in [0, 1] or None, got {type(expand_fraction).__name__}.")
+    fraction = None if expand_fraction is None else float(expand_fraction)
+    return policy, ExpansionBudget(fraction=fraction, max_count=max_expanded)
 
 
 class TokenStream:
@@ -159,15 +322,17 @@ class RefragEngine:
         chunk_encoder: the :class:`ChunkEncoder` (encoder + projector).
         config: the :class:`RefragConfig` (k, pooling, model names).
         policy: the default expansion policy (default: compress everything, p = 0).
-        budget: the default expansion budget (fraction p or max count).
+        budget: deprecated: use ``expand_fraction`` / ``max_expanded``.
         trained: whether the projector was trained; reported in every result's stats.
         autocast_dtype: e.g. ``torch.bfloat16`` to run the decoder under autocast.
         cache_size: passages kept in the process-local chunk-vector cache.
+        expand_fraction: the default expand fraction p for a selective policy.
+        max_expanded: the default cap on expanded chunks per request.
 
     Example:
         >>> engine = RefragEngine.from_pretrained()                     # doctest: +SKIP
         >>> out = engine.generate("Who wrote Hamlet?", ["Hamlet is a tragedy by William Shakespeare."],
-        ...                       expand="none")                         # doctest: +SKIP
+        ...                       policy="none")                         # doctest: +SKIP
         >>> out.text, out.stats.positions                              # doctest: +SKIP
     """
 
@@ -178,21 +343,25 @@ class RefragEngine:
         chunk_encoder: ChunkEncoder,
         config: RefragConfig,
         policy: ExpansionPolicy | None = None,
-        budget: ExpansionBudget | float | int | None = None,
+        budget: Budget = None,
         trained: bool = False,
         autocast_dtype: torch.dtype | None = None,
         cache_size: int = DEFAULT_PASSAGE_CACHE_SIZE,
+        *,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
     ) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.chunk_encoder = chunk_encoder
         self.config = config
         self.policy = policy or ExpandNone()
-        self.budget = as_budget(budget)
+        _, default_budget = expansion_settings(None, expand_fraction, max_expanded, budget=budget)
+        self.budget = default_budget or ExpansionBudget()  # the default budget; ExpansionBudget() = none
         self.trained = trained
         self.autocast_dtype = autocast_dtype
         self.cache_size = int(cache_size)
-        self._cache: OrderedDict[str, _PassageEntry] = OrderedDict()
+        self._cache: OrderedDict[str, CachedPassage] = OrderedDict()
         self._lock = threading.RLock()  # the cache and the model are shared across threads
         # Optional source of precomputed chunk vectors (e.g. the Chroma ChunkStore):
         # called with a list of passage ids, returns {passage_id: Tensor(L, d_enc)} for the hits.
@@ -220,12 +389,18 @@ class RefragEngine:
         pooling: str | None = None,
         chunk_context: str | None = None,
         policy: ExpansionPolicy | str | None = None,
-        budget: ExpansionBudget | float | int | None = None,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
         autocast_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         decoder_dtype: torch.dtype | str | None = None,
+        budget: Budget = None,
     ) -> "RefragEngine":
         """Build an engine from a trained checkpoint directory, or from base models.
+
+        With ``checkpoint=None`` the packaged default checkpoint is used when it exists and fits
+        the requested base models and k; otherwise the projector is freshly initialised and the
+        engine reports ``trained=False``.
 
         Args:
             checkpoint: a checkpoint directory (see :mod:`refrag_integrations.checkpoint`);
@@ -236,30 +411,115 @@ class RefragEngine:
                 ``checkpoint`` is None (defaults from :class:`RefragConfig`; ``encoder="decoder:N"``
                 uses the decoder's own first N layers). With a checkpoint, ``decoder``
                 may name a local copy of the same decoder; a different decoder is refused.
-            policy: default expansion policy (an object or a name: all, none, random, relevance).
-            budget: default expansion budget (fraction p, max count, or ExpansionBudget).
+            policy: default expansion policy (an object or a name, see
+                :data:`~refrag_integrations.policy.POLICY_NAMES`; default: the checkpoint's
+                learned policy, else compress everything).
+            expand_fraction: default expand fraction p for a selective policy.
+            max_expanded: default cap on expanded chunks per request.
             autocast_dtype: run the decoder under autocast in this dtype (e.g. torch.bfloat16).
             device: where to put the models (default: cuda if available, else cpu).
             decoder_dtype: the decoder's parameter dtype: float32 (default), bfloat16 or float16
                 (or ``"bf16"`` / ``"fp16"``). Half precision halves the decoder's memory (a 7B
                 decoder: 14 GB instead of 28 GB); the chunk encoder and projector stay float32.
                 The checkpoint's LoRA and deltas are merged into the half-precision weights.
+            budget: deprecated: use ``expand_fraction`` / ``max_expanded``.
         """
-        from .checkpoint import build_engine
+        _, default_budget = expansion_settings(None, expand_fraction, max_expanded, budget=budget)
+        from .models import decoder_encoder_layers, load_decoder, load_encoder, model_fingerprint, resolve_dtype
 
-        return build_engine(
-            checkpoint,
-            decoder=decoder,
-            encoder=encoder,
-            chunk_size=chunk_size,
-            pooling=pooling,
-            chunk_context=chunk_context,
-            policy=policy,
-            budget=budget,
-            autocast_dtype=autocast_dtype,
-            device=device,
-            decoder_dtype=decoder_dtype,
+        decoder_dtype = resolve_dtype(decoder_dtype)  # fail before loading anything
+        ckpt: Checkpoint | None = None
+        if checkpoint is None:
+            default = default_checkpoint()
+            if default is not None:
+                cand = load_checkpoint(default)
+                if (decoder in (None, cand.config.decoder) and encoder in (None, cand.config.encoder)
+                        and chunk_size in (None, cand.config.chunk_size) and pooling in (None, cand.config.pooling)
+                        and chunk_context in (None, cand.config.chunk_context)):
+                    ckpt = cand
+        elif str(checkpoint) == "none":
+            pass  # the base models with a fresh, untrained projector (e.g. to evaluate the base decoder)
+        elif str(checkpoint) == "default":
+            if default_checkpoint() is None:
+                raise ValueError("This build of refrag-integrations ships no trained default checkpoint.")
+            ckpt = load_checkpoint(default_checkpoint())
+        else:
+            ckpt = load_checkpoint(checkpoint)
+
+        if ckpt is not None:
+            cfg = ckpt.config
+            if chunk_size is not None and chunk_size != cfg.chunk_size:
+                raise CheckpointMismatchError(f"The checkpoint was trained with k={cfg.chunk_size}, not k={chunk_size}.")
+            if chunk_context is not None and chunk_context != cfg.chunk_context:
+                raise CheckpointMismatchError(
+                    f"The checkpoint was trained with chunk_context={cfg.chunk_context!r}, not {chunk_context!r}."
+                )
+        else:
+            cfg = RefragConfig(
+                decoder=decoder or DEFAULT_DECODER,
+                encoder=encoder or DEFAULT_ENCODER,
+                chunk_size=chunk_size if chunk_size is not None else DEFAULT_CHUNK_SIZE,
+                pooling=pooling or "mean",
+                chunk_context=chunk_context or "chunk",
+            )
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+        dec_model, dec_tok = load_decoder(decoder or cfg.decoder, dtype=decoder_dtype)
+        enc_name = encoder or cfg.encoder
+        enc_model, enc_tok = load_encoder(enc_name, decoder=dec_model, decoder_tokenizer=dec_tok)
+        dec_fp, enc_fp = model_fingerprint(dec_model), model_fingerprint(enc_model)
+        if ckpt is not None:
+            for what, want, got, name in (
+                ("decoder", cfg.decoder_fingerprint, dec_fp, decoder or cfg.decoder),
+                ("encoder", cfg.encoder_fingerprint, enc_fp, encoder or cfg.encoder),
+            ):
+                if want and want != got:
+                    raise CheckpointMismatchError(
+                        f"This checkpoint was trained for {what} {getattr(cfg, what)!r} (weights fingerprint {want}), "
+                        f"but {name!r} has fingerprint {got}. Load it with the {what} it was trained on."
+                    )
+        cfg.decoder_fingerprint, cfg.encoder_fingerprint = dec_fp, enc_fp
+        cfg.encoder_dim = int(enc_model.config.hidden_size)
+        cfg.decoder_dim = int(dec_model.config.hidden_size)
+
+        target_norm = None
+        if ckpt is None:
+            target_norm = float(dec_model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
+        chunk_encoder = ChunkEncoder(
+            enc_model, enc_tok, decoder_dim=cfg.decoder_dim, pooling=cfg.pooling,
+            projector_hidden=cfg.projector_hidden, target_norm=target_norm, chunk_context=cfg.chunk_context,
+            reads_decoder_tokens=decoder_encoder_layers(enc_name) is not None,
         )
+        trained = False
+        learned_policy = None
+        if ckpt is not None:
+            chunk_encoder.projector.load_state_dict(ckpt.projector)
+            apply_delta(enc_model, ckpt.encoder_delta, "encoder")
+            apply_delta(dec_model, ckpt.decoder_delta, "decoder")
+            for adapter in ckpt.decoder_lora:
+                merge_lora(dec_model, adapter)
+            trained = bool(ckpt.trained_stages)
+            if ckpt.policy is not None:
+                learned_policy = load_policy(ckpt.policy, ckpt.policy_config or {})
+        else:
+            logger.warning(
+                "No trained REFRAG checkpoint for these base models: the projector is untrained, so "
+                "compressed chunks carry no usable information until you train one (`refrag train`)."
+            )
+        dec_model.to(dev)
+        chunk_encoder.to(dev)
+        chunk_encoder.eval()
+        if learned_policy is not None and hasattr(learned_policy, "attach_encoder"):
+            learned_policy.attach_encoder(chunk_encoder)  # a query-conditioned policy embeds the query with it
+        if isinstance(policy, str):
+            policy = resolve_policy(policy, encoder=chunk_encoder)
+        engine = cls(
+            dec_model, dec_tok, chunk_encoder, cfg, policy=policy or learned_policy,
+            trained=trained, autocast_dtype=autocast_dtype,
+        )
+        if default_budget is not None:
+            engine.budget = default_budget
+        return engine
 
     @property
     def device(self) -> torch.device:
@@ -271,12 +531,12 @@ class RefragEngine:
 
     # ------------------------------------------------------------------ passage cache
 
-    def _entry(self, text: str) -> _PassageEntry:
+    def _entry(self, text: str) -> CachedPassage:
         pid = passage_id(text)
         with self._lock:
             entry = self._cache.get(pid)
             if entry is None:
-                entry = _PassageEntry(text=text, chunks=chunk_passage(text, self.tokenizer, self.k))
+                entry = CachedPassage(text=text, chunks=chunk_passage(text, self.tokenizer, self.k))
                 self._cache[pid] = entry
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
@@ -319,9 +579,80 @@ class RefragEngine:
             entry.expand = [bool(x) for x in expand]
         return passage_id(text)
 
-    def lookup_passage(self, pid: str) -> _PassageEntry | None:
+    def lookup_passage(self, pid: str) -> CachedPassage | None:
+        """The cached passage with id ``pid`` (see :func:`~refrag_integrations.chunking.passage_id`), if any."""
         with self._lock:
             return self._cache.get(pid)
+
+    def forget_vectors(self, texts: Sequence[str]) -> None:
+        """Drop the chunk vectors (not the chunking) of ``texts`` from the passage cache, so the
+        next request encodes them at query time (how benchmarks measure the "not cached" cost)."""
+        with self._lock:
+            for t in texts:
+                entry = self._cache.get(passage_id(t))
+                if entry is not None:
+                    entry.vectors = None
+
+    @_locked
+    def register_retrieved(
+        self,
+        query: str,
+        texts: Sequence[str],
+        policy: Expand = None,
+        *,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
+    ) -> list[RegisteredPassage]:
+        """Decide, fetch chunk vectors for, and register retrieved passages: what a retriever
+        adapter does before the LLM side sees the prompt. One joint policy call over all chunks;
+        a text given twice is decided and registered once.
+
+        Args:
+            query: the question (query-aware policies read it).
+            texts: the passage texts exactly as they will appear in prompts.
+            policy: the expansion policy (object or name) or explicit decisions; None = the
+                engine's default policy.
+            expand_fraction, max_expanded: the expansion budget; None = the engine's default.
+
+        Returns:
+            One :class:`RegisteredPassage` per unique text, in first-seen order.
+
+        Example:
+            >>> [p.expand for p in engine.register_retrieved("Who wrote Hamlet?", ["Hamlet is ..."], "none")]  # doctest: +SKIP
+            [[False, False]]
+        """
+        unique = list(dict.fromkeys(texts))
+        if not unique:
+            return []
+        decisions = self.decide(query, unique, policy, expand_fraction=expand_fraction, max_expanded=max_expanded)
+        vectors: list[torch.Tensor | None] = [None] * len(unique)
+        if any(not all(d) for d in decisions):
+            # Fetched (or encoded) now, at retrieval time, so the LLM side's prefill needs none.
+            vectors = list(self.chunk_vectors(unique).vectors)
+        out = []
+        for text, decision, vecs in zip(unique, decisions, vectors):
+            pid = self.register_passage(text, vecs, decision)
+            chunks = self.chunk(text)
+            out.append(RegisteredPassage(
+                passage_id=pid, text=text, expand=list(decision),
+                tokens=sum(len(c.token_ids) for c in chunks),
+                positions=sum(len(c.token_ids) if keep else 1 for c, keep in zip(chunks, decision)),
+            ))
+        return out
+
+    @_locked
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Decoder token ids of ``text``, under the engine's lock (fast tokenizers carry mutable
+        state shared with chunking, so adapters count tokens through here)."""
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    @_locked
+    def copy_tokenizer(self) -> Any:
+        """A private deep copy of the decoder's tokenizer, taken while no engine thread uses it
+        (for callers that tokenise on another thread without waiting for the engine)."""
+        import copy
+
+        return copy.deepcopy(self.tokenizer)
 
     def registered_passages(self) -> list[str]:
         """Texts of the registered passages still in the cache, most recently used last."""
@@ -329,12 +660,13 @@ class RefragEngine:
             return [e.text for e in self._cache.values() if e.registered]
 
     @_locked
-    def chunk_vectors(self, texts: Sequence[str]) -> tuple[list[torch.Tensor], int, float]:
+    def chunk_vectors(self, texts: Sequence[str]) -> ChunkVectors:
         """Pre-projection chunk vectors for each passage, from the cache, the vector source, or
         the encoder (all missing passages in one batch).
 
         Returns:
-            (vectors per passage, number of chunks that were precomputed, seconds spent encoding).
+            The vectors per passage, the number of chunks that were precomputed and the seconds
+            spent encoding (a :class:`ChunkVectors`).
         """
         entries = [self._entry(t) for t in texts]
         missing = [e for e in entries if e.vectors is None]
@@ -357,7 +689,7 @@ class RefragEngine:
             encode_s = time.perf_counter() - t0
             if self.vector_sink is not None:
                 self.vector_sink({passage_id(e.text): e.vectors for e in missing})
-        return [e.vectors for e in entries], cached, encode_s
+        return ChunkVectors([e.vectors for e in entries], cached, encode_s)
 
     def chunk_vector_fingerprint(self, refresh: bool = False) -> str:
         """Fingerprint of everything the pre-projection chunk vectors depend on: the encoder's
@@ -371,8 +703,6 @@ class RefragEngine:
             '3f2a9c0d1e7b4a65'
         """
         if self._chunk_vector_fingerprint is None or refresh:
-            from .store import compute_chunk_vector_fingerprint
-
             self._chunk_vector_fingerprint = compute_chunk_vector_fingerprint(
                 self.chunk_encoder, self.tokenizer, self.k
             )
@@ -382,11 +712,12 @@ class RefragEngine:
 
     def build_prompt(
         self, question: str, passages: Sequence[str], system_prompt: str | None = None
-    ) -> tuple[str, list[tuple[int, int]], bool]:
+    ) -> RagPrompt:
         """Render the RAG prompt: instruction, numbered passages, question.
 
         Uses the decoder's chat template when it has one. Returns the prompt, the character span
-        of each passage inside it, and whether special tokens (BOS) must still be added.
+        of each passage inside it, and whether special tokens (BOS) must still be added (a
+        :class:`RagPrompt`).
         """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string.")
@@ -403,7 +734,7 @@ class RefragEngine:
             add_special = True
         # Searched with their labels: a short passage (e.g. a few words) may also occur in the instruction.
         spans = [(b - len(p), b) for (_, b), p in zip(self.locate_passages(prompt, labelled), passages)]
-        return prompt, spans, add_special
+        return RagPrompt(prompt, spans, add_special)
 
     @staticmethod
     def locate_passages(prompt: str, passages: Sequence[str]) -> list[tuple[int, int]]:
@@ -447,14 +778,19 @@ class RefragEngine:
         prompt: str,
         *,
         query: str = "",
-        expand: Any = None,
-        budget: ExpansionBudget | float | int | None = None,
+        policy: Expand = None,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
         add_special_tokens: bool = False,
+        expand: Expand = None,
+        budget: Budget = None,
     ) -> PreparedInput:
         """Mixed input for an arbitrary prompt: every registered passage found inside it is
-        compressed (per its registered decision, else per ``expand`` / the default policy);
+        compressed (per its registered decision, else per ``policy`` / the default policy);
         every other character stays ordinary tokens. A prompt without registered passages is
-        ordinary generation. Used by the LangChain and LlamaIndex adapters."""
+        ordinary generation. Used by the LangChain and LlamaIndex adapters. ``expand`` and
+        ``budget`` are deprecated names of ``policy`` and ``expand_fraction`` / ``max_expanded``."""
+        expand, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
         spans = self.locate_registered(prompt)
         if expand is None and spans:
             entries = [self._entry(prompt[a:b]) for a, b in spans]
@@ -463,15 +799,19 @@ class RefragEngine:
                 texts = [e.text for e in entries]
                 by_policy = self._resolve_decisions(query, texts, self.policy, budget)[0]
                 expand = [e.expand if e.expand is not None else d for e, d in zip(entries, by_policy)]
-        return self.prepare(prompt, spans, expand, query=query, budget=budget, add_special_tokens=add_special_tokens)
+        return self._prepare(prompt, spans, expand, query=query, budget=budget, add_special_tokens=add_special_tokens)
 
     @_locked
     def decide(
         self,
         query: str,
         texts: Sequence[str],
-        expand: Any = None,
-        budget: ExpansionBudget | float | int | None = None,
+        policy: Expand = None,
+        *,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
+        expand: Expand = None,
+        budget: Budget = None,
     ) -> list[list[bool]]:
         """Per-chunk expansion decisions for passages: one joint call of the policy over all
         their chunks, exactly as :meth:`prepare` would make them (used by retriever adapters,
@@ -480,22 +820,22 @@ class RefragEngine:
         Args:
             query: the question (used by query-aware policies).
             texts: passage texts.
-            expand: a policy (object or name) or explicit decisions; None = the engine's
+            policy: a policy (object or name) or explicit decisions; None = the engine's
                 default policy (decisions registered earlier are ignored here).
-            budget: overrides the engine's default budget for a policy.
+            expand_fraction, max_expanded: override the engine's default budget for a policy.
+            expand, budget: deprecated names of ``policy`` and ``expand_fraction`` / ``max_expanded``.
 
         Example:
             >>> engine.decide("Who wrote Hamlet?", ["Hamlet is a tragedy by Shakespeare."], "none")  # doctest: +SKIP
             [[False, False]]
         """
-        return self._resolve_decisions(query, texts, self.policy if expand is None else expand, budget)[0]
+        policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
+        return self._resolve_decisions(query, texts, self.policy if policy is None else policy, budget)[0]
 
-    def _special_prefix(self) -> list[int]:
-        """Tokens the tokenizer adds in front of plain text (e.g. BOS), if any."""
-        with_special = self.tokenizer("a")["input_ids"]
-        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        n = len(with_special) - len(plain)
-        return list(with_special[:n]) if n > 0 and with_special[n:] == plain else []
+    @_locked
+    def special_prefix(self) -> list[int]:
+        """Tokens the decoder's tokenizer adds in front of plain text (e.g. BOS), if any."""
+        return special_prefix_ids(self.tokenizer)
 
     # ------------------------------------------------------------------ assembly
 
@@ -514,7 +854,8 @@ class RefragEngine:
         def need_vectors() -> None:
             nonlocal vectors, cached, encode_s
             if vectors is None:
-                vectors, cached, encode_s = self.chunk_vectors(texts)
+                found = self.chunk_vectors(texts)
+                vectors, cached, encode_s = found.vectors, found.cached_chunks, found.encode_s
 
         if expand is None:
             if all(e.expand is not None for e in entries) and entries:
@@ -522,7 +863,7 @@ class RefragEngine:
             else:
                 expand = self.policy
         if isinstance(expand, str):
-            expand = make_policy(expand, encoder=self.chunk_encoder)
+            expand = resolve_policy(expand, encoder=self.chunk_encoder, engine=self)
         if isinstance(expand, ExpansionPolicy):
             if not isinstance(expand, ExpandAll):
                 need_vectors()
@@ -555,26 +896,47 @@ class RefragEngine:
         self,
         prompt: str,
         spans: Sequence[tuple[int, int]],
-        expand: Any = None,
+        policy: Expand = None,
         *,
         query: str = "",
-        budget: ExpansionBudget | float | int | None = None,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
         add_special_tokens: bool = False,
         vectors: Sequence[torch.Tensor] | None = None,
+        expand: Expand = None,
+        budget: Budget = None,
     ) -> PreparedInput:
         """Build the mixed input for a prompt whose passages sit at ``spans``.
 
         Args:
             prompt: the full prompt text (chat template already applied, if any).
             spans: character spans of the passages to compress, in order, non-overlapping.
-            expand: per-passage chunk decisions (list of lists of bool), a policy or its name,
+            policy: per-passage chunk decisions (list of lists of bool), a policy or its name,
                 or None (registered decisions, else the engine's default policy).
             query: the question (used by query-aware policies).
-            budget: overrides the engine's default budget for a policy.
+            expand_fraction, max_expanded: override the engine's default budget for a policy.
             add_special_tokens: prepend the tokenizer's BOS (for prompts without a chat template).
             vectors: per-passage pre-projection chunk vectors to use instead of the cache (e.g.
                 computed with gradients during training); not stored.
+            expand, budget: deprecated names of ``policy`` and ``expand_fraction`` / ``max_expanded``.
         """
+        policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
+        return self._prepare(
+            prompt, spans, policy, query=query, budget=budget, add_special_tokens=add_special_tokens, vectors=vectors
+        )
+
+    @_locked
+    def _prepare(
+        self,
+        prompt: str,
+        spans: Sequence[tuple[int, int]],
+        expand: Expand,
+        *,
+        query: str,
+        budget: ExpansionBudget | None,
+        add_special_tokens: bool,
+        vectors: Sequence[torch.Tensor] | None = None,
+    ) -> PreparedInput:
         texts = [prompt[a:b] for a, b in spans]
         for i, t in enumerate(texts):
             if not t.strip():
@@ -588,7 +950,7 @@ class RefragEngine:
         embed = self.decoder.get_input_embeddings()
         dev, dtype = embed.weight.device, embed.weight.dtype
         pieces: list[torch.Tensor] = []
-        all_ids: list[int] = self._special_prefix() if add_special_tokens else []
+        all_ids: list[int] = self.special_prefix() if add_special_tokens else []
         pending: list[int] = list(all_ids)  # token ids not yet embedded
 
         def flush() -> None:
@@ -636,26 +998,46 @@ class RefragEngine:
         self,
         question: str,
         passages: Sequence[str],
-        expand: Any = None,
+        policy: Expand = None,
         *,
-        budget: ExpansionBudget | float | int | None = None,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
+        system_prompt: str | None = None,
+        vectors: Sequence[torch.Tensor] | None = None,
+        expand: Expand = None,
+        budget: Budget = None,
+    ) -> PreparedInput:
+        """Build the mixed input for a question over passages (see :meth:`build_prompt` and
+        :meth:`prepare` for the arguments)."""
+        policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
+        return self._prepare_rag(question, passages, policy, budget, system_prompt=system_prompt, vectors=vectors)
+
+    def _prepare_rag(
+        self,
+        question: str,
+        passages: Sequence[str],
+        policy: Expand,
+        budget: ExpansionBudget | None,
+        *,
         system_prompt: str | None = None,
         vectors: Sequence[torch.Tensor] | None = None,
     ) -> PreparedInput:
-        """Build the mixed input for a question over passages (see :meth:`build_prompt`)."""
         if isinstance(passages, str):
             raise TypeError("passages must be a list of strings, not a single str.")
         for i, p in enumerate(passages):
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"passage {i} is empty or not a string; give non-empty passage texts.")
-        prompt, spans, add_special = self.build_prompt(question, passages, system_prompt)
-        return self.prepare(
-            prompt, spans, expand, query=question, budget=budget, add_special_tokens=add_special, vectors=vectors
+        rag = self.build_prompt(question, passages, system_prompt)
+        return self._prepare(
+            rag.text, rag.spans, policy, query=question, budget=budget, add_special_tokens=rag.add_special_tokens,
+            vectors=vectors,
         )
 
     # ------------------------------------------------------------------ decoding
 
-    def _autocast(self):
+    def autocast(self) -> torch.autocast:
+        """The context the decoder runs under: autocast to ``autocast_dtype`` when set, else a
+        no-op. Every decoder forward (generation, scoring, training objectives) uses it."""
         return torch.autocast(
             device_type=self.device.type,
             dtype=self.autocast_dtype or torch.float32,
@@ -681,7 +1063,7 @@ class RefragEngine:
         """Logits at every position of a prepared input, ``(T, vocab)`` (for tests and eval)."""
         emb = prepared.embeds.unsqueeze(0)  # (1, T, d)
         pos = torch.arange(emb.shape[1], device=emb.device).unsqueeze(0)
-        with self._autocast():
+        with self.autocast():
             out = self.decoder(inputs_embeds=emb, position_ids=pos, use_cache=False)
         return out.logits[0].float()
 
@@ -698,40 +1080,48 @@ class RefragEngine:
             probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
         return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
-    def _decode_steps(
+    def decoder_forward(self, cache: Any = None, **inputs: Any) -> Any:
+        """One forward of the decoder under :meth:`autocast`; with a transformers ``Cache`` in
+        ``cache`` it reads and extends that KV cache (the keyword differs between transformers
+        versions; this hides it). ``inputs`` go to the decoder (``inputs_embeds``, ``input_ids``,
+        ``attention_mask``, ``position_ids``, ``logits_to_keep``, ...)."""
+        extra = {} if cache is None else {self._cache_kw: cache, "use_cache": True}
+        with self.autocast():
+            return self.decoder(**inputs, **extra)
+
+    def decode_steps(
         self,
         prepared: Sequence[PreparedInput],
         max_new_tokens: int,
-        do_sample: bool,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-        t_start: float,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        t_start: float | None = None,
     ) -> Iterator[tuple[torch.Tensor, float | None]]:
-        """Left-pad, prefill, then decode with the KV cache. Yields ``(next_tokens (B,), ttft)``
-        per step; ttft is set on the first step only."""
+        """Left-pad, prefill, then decode with the KV cache for exactly ``max_new_tokens`` steps
+        (EOS does not stop it: the fixed-length decode benchmarks time; :meth:`generate` stops).
+        Yields ``(next_tokens (B,), ttft)`` per step; ttft (seconds since ``t_start``) is set on
+        the first step only. Call it under ``torch.no_grad()``.
+
+        Example:
+            >>> with torch.no_grad():                                                  # doctest: +SKIP
+            ...     steps = [t for t, _ in engine.decode_steps([engine.prepare_rag(q, passages)], 8)]
+        """
         from transformers import DynamicCache
 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-        lengths = [p.embeds.shape[0] for p in prepared]
-        T, B, d = max(lengths), len(prepared), prepared[0].embeds.shape[1]
-        emb = prepared[0].embeds.new_zeros(B, T, d)  # (B, T, d) left-padded
-        mask = torch.zeros(B, T, dtype=torch.long, device=emb.device)  # (B, T)
-        for b, p in enumerate(prepared):
-            emb[b, T - lengths[b] :] = p.embeds
-            mask[b, T - lengths[b] :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) contiguous positions per request
+        t_start = time.perf_counter() if t_start is None else t_start
+        B = len(prepared)
+        emb, mask, pos = left_pad([p.embeds for p in prepared])  # (B, T, d), (B, T), (B, T)
         gen = None
         if do_sample:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(0 if seed is None else seed)
         cache = DynamicCache()
-        with self._autocast():
-            out = self.decoder(
-                inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
-            )
+        out = self.decoder_forward(cache, inputs_embeds=emb, attention_mask=mask, position_ids=pos, logits_to_keep=1)
         nxt = self._pick(out.logits[:, -1].cpu(), do_sample, temperature, top_p, gen).to(emb.device)  # (B,)
         self._sync()
         yield nxt, time.perf_counter() - t_start
@@ -739,13 +1129,60 @@ class RefragEngine:
         for _ in range(max_new_tokens - 1):
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
             last = last + 1
-            with self._autocast():
-                out = self.decoder(
-                    input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=last.unsqueeze(1),
-                    use_cache=True, **{self._cache_kw: cache},
-                )
+            out = self.decoder_forward(
+                cache, input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=last.unsqueeze(1)
+            )
             nxt = self._pick(out.logits[:, -1].cpu(), do_sample, temperature, top_p, gen).to(emb.device)
             yield nxt, None
+
+    @torch.no_grad()
+    def score(
+        self,
+        prefixes: Sequence[torch.Tensor],
+        target: Sequence[int],
+        *,
+        max_rows: int = SCORE_BATCH_ROWS,
+        pad_tolerance: float = SCORE_PAD_TOLERANCE,
+    ) -> torch.Tensor:
+        """Mean per-token NLL of ``target`` token ids after each prefix, teacher-forced.
+
+        Prefixes of similar length run as one left-padded batch (attention mask, contiguous
+        positions per row), under :meth:`autocast`.
+
+        Args:
+            prefixes: mixed inputs ``(P_i, d)`` (e.g. ``PreparedInput.embeds``).
+            target: the token ids to score (e.g. an answer's ids + EOS).
+            max_rows: at most this many prefixes in one forward.
+            pad_tolerance: a batch's longest prefix is at most this times its shortest.
+
+        Returns:
+            ``(len(prefixes),)`` float32 on CPU.
+
+        Example:
+            >>> p = engine.prepare_rag("Who wrote Hamlet?", passages, "none")          # doctest: +SKIP
+            >>> engine.score([p.embeds], engine.tokenize(" Shakespeare"))            # doctest: +SKIP
+            tensor([2.3125])
+        """
+        if len(target) == 0:
+            raise ValueError("target is empty: score at least one token.")
+        embed = self.decoder.get_input_embeddings()
+        tgt = torch.tensor(list(target), device=self.device)  # (T,)
+        T = tgt.shape[0]
+        tgt_emb = embed(tgt[:-1])  # (T-1, d)
+        order = sorted(range(len(prefixes)), key=lambda i: prefixes[i].shape[0])
+        out = torch.empty(len(prefixes))
+        for batch in length_batches([prefixes[i].shape[0] for i in order], max_rows, pad_tolerance):
+            rows = [order[j] for j in batch]
+            x, mask, pos = left_pad(
+                [torch.cat([prefixes[r].to(tgt_emb.device, tgt_emb.dtype), tgt_emb], 0) for r in rows]
+            )  # (B, S, d), (B, S), (B, S)
+            B = x.shape[0]
+            logits = self.decoder_forward(
+                inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=T
+            ).logits.float()  # (B, T, V)
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt.expand(B, T), reduction="none")  # (B, T)
+            out[rows] = nll.mean(1).cpu()
+        return out
 
     @staticmethod
     def _hold_back(text: str, stop: Sequence[str]) -> int:
@@ -784,7 +1221,10 @@ class RefragEngine:
         ttft = 0.0
         with self._lock, torch.no_grad():
             for step, (nxt, t) in enumerate(
-                self._decode_steps(prepared, max_new_tokens, do_sample, temperature, top_p, seed, t_start)
+                self.decode_steps(
+                    prepared, max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                    seed=seed, t_start=t_start,
+                )
             ):
                 if t is not None:
                     ttft = t
@@ -821,8 +1261,9 @@ class RefragEngine:
         question: str,
         passages: Sequence[str] = (),
         *,
-        expand: Any = None,
-        budget: ExpansionBudget | float | int | None = None,
+        policy: Expand = None,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -830,24 +1271,29 @@ class RefragEngine:
         stop: Sequence[str] | None = None,
         seed: int | None = None,
         system_prompt: str | None = None,
+        expand: Expand = None,
+        budget: Budget = None,
     ) -> GenerationResult:
         """Answer ``question`` from ``passages`` with REFRAG decoding.
 
         Args:
             question: the user's question (always kept as tokens).
             passages: retrieved passage texts, in the order they appear in the prompt.
-            expand: which chunks stay tokens: a policy (object or name: ``"all"`` = ordinary RAG,
-                ``"none"``, ``"random"``, ``"relevance"``), explicit per-passage lists of bools,
-                or None (decisions registered by an adapter, else the engine's default policy).
-            budget: expansion budget for a policy: fraction p (float), max count (int), or
-                :class:`ExpansionBudget`; default: the engine's.
+            policy: the expansion policy, which decides the chunks that stay tokens: an
+                :class:`ExpansionPolicy` or its name (``"all"`` = ordinary RAG, ``"none"``,
+                ``"random"``, ``"relevance"``, ``"perplexity-desc"``), explicit per-passage lists
+                of bools, or None (decisions registered by an adapter, else the engine's default).
+            expand_fraction: the expand fraction p of a selective policy; default: the engine's.
+            max_expanded: at most this many chunks expanded; default: the engine's.
             max_new_tokens: generation limit.
             do_sample, temperature, top_p, seed: sampling (greedy by default).
             stop: strings that end generation (not included in the output).
             system_prompt: replaces the default RAG instruction.
+            expand, budget: deprecated names of ``policy`` and ``expand_fraction`` / ``max_expanded``.
         """
         t0 = time.perf_counter()
-        prepared = self.prepare_rag(question, passages, expand, budget=budget, system_prompt=system_prompt)
+        policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
+        prepared = self._prepare_rag(question, passages, policy, budget, system_prompt=system_prompt)
         return self._run(
             [prepared], max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_p=top_p, stop=stop, seed=seed, t_start=t0,
@@ -864,19 +1310,28 @@ class RefragEngine:
 
     def generate_batch(self, requests: Sequence[dict[str, Any]], **gen: Any) -> list[GenerationResult]:
         """Several requests as one left-padded batch. Each request is a dict with ``question``,
-        ``passages`` and optionally ``expand`` / ``budget``; generation settings are shared.
+        ``passages`` and optionally ``policy`` / ``expand_fraction`` / ``max_expanded`` (as in
+        :meth:`generate`; ``expand`` / ``budget`` are their deprecated names); generation settings
+        are shared.
 
         Example:
             >>> engine.generate_batch([{"question": "q1", "passages": ["..."]},
-            ...                        {"question": "q2", "passages": ["..."], "expand": "all"}])  # doctest: +SKIP
+            ...                        {"question": "q2", "passages": ["..."], "policy": "all"}])  # doctest: +SKIP
         """
         if not requests:
             return []
         t0 = time.perf_counter()
-        prepared = [
-            self.prepare_rag(r["question"], r.get("passages", ()), r.get("expand"), budget=r.get("budget"))
-            for r in requests
-        ]
+        keys = ("policy", "expand_fraction", "max_expanded", "expand", "budget")
+        prepared = []
+        for r in requests:
+            unknown = sorted(set(r) - {"question", "passages", *keys})
+            if unknown:
+                raise ValueError(f"Unknown request keys {unknown}; a request has question, passages and {keys}.")
+            policy, budget = expansion_settings(
+                r.get("policy"), r.get("expand_fraction"), r.get("max_expanded"), expand=r.get("expand"),
+                budget=r.get("budget"),
+            )
+            prepared.append(self._prepare_rag(r["question"], r.get("passages", ()), policy, budget))
         return self.generate_prepared(prepared, t_start=t0, **gen)
 
     def stream(
@@ -884,8 +1339,9 @@ class RefragEngine:
         question: str,
         passages: Sequence[str] = (),
         *,
-        expand: Any = None,
-        budget: ExpansionBudget | float | int | None = None,
+        policy: Expand = None,
+        expand_fraction: float | None = None,
+        max_expanded: int | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -893,11 +1349,14 @@ class RefragEngine:
         stop: Sequence[str] | None = None,
         seed: int | None = None,
         system_prompt: str | None = None,
+        expand: Expand = None,
+        budget: Budget = None,
     ) -> TokenStream:
         """Like :meth:`generate`, but returns a :class:`TokenStream` that yields text pieces as
         they are decoded; its ``result`` has the stats once the stream is exhausted."""
         t0 = time.perf_counter()
-        prepared = self.prepare_rag(question, passages, expand, budget=budget, system_prompt=system_prompt)
+        policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
+        prepared = self._prepare_rag(question, passages, policy, budget, system_prompt=system_prompt)
         return self.stream_prepared(
             prepared, t_start=t0, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_p=top_p, stop=stop, seed=seed,
@@ -917,8 +1376,6 @@ class RefragEngine:
             except BaseException as err:  # handed to the consumer, never lost
                 q.put(("error", err))
 
-        stream = TokenStream(iter(()))
-
         def pieces() -> Iterator[str]:
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
@@ -932,5 +1389,5 @@ class RefragEngine:
                 else:
                     raise value
 
-        stream._pieces = pieces()
+        stream = TokenStream(pieces())  # pieces() runs only when iterated, after this line
         return stream

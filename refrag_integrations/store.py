@@ -12,7 +12,7 @@ reused by every query. The store keeps them next to the passages, in one Chroma 
                               exactly), metadata = passage_id, chunk_index, n_chunks, fingerprint
 ```
 
-``<fp>`` is the chunk-vector fingerprint (:func:`compute_chunk_vector_fingerprint`): it changes
+``<fp>`` is the chunk-vector fingerprint (:func:`~refrag_integrations.encoder.compute_chunk_vector_fingerprint`): it changes
 whenever the vectors would (encoder weights incl. trained deltas, pooling, k, tokenizers). Each
 fingerprint has its own collection (different encoders even have different widths), so vectors of
 another fingerprint can never be read by mistake; a store whose vectors were made for another
@@ -26,9 +26,7 @@ and on a Chroma server (``ChunkStore(host=..., port=...)``, ``HttpClient``), e.g
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
-import json
 import logging
 import re
 import threading
@@ -53,15 +51,11 @@ from .config import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .encoder import ChunkEncoder
     from .engine import RefragEngine
 
 logger = logging.getLogger(__name__)
 
 STORE_FORMAT_VERSION = 1
-# Bump when the meaning of a stored chunk vector changes without any weight or setting changing
-# (e.g. a new chunking rule): every existing fingerprint then stops matching.
-CHUNK_VECTOR_FORMAT = 1
 ON_MISMATCH = ("error", "encode")
 _COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,400}$")
 
@@ -157,58 +151,6 @@ class SearchHit:
 
 
 # --------------------------------------------------------------------------- fingerprint
-
-
-def _tokenizer_digest(tokenizer: Any) -> str:
-    """Hash of what decides how a tokenizer splits text. Per-call truncation / padding settings,
-    which transformers writes into the backend on every call, are left out."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        spec.pop("truncation", None)
-        spec.pop("padding", None)
-        data = json.dumps(spec, sort_keys=True)
-    else:
-        data = json.dumps(sorted(tokenizer.get_vocab().items()))
-    data += type(tokenizer).__name__ + json.dumps(sorted(map(str, tokenizer.all_special_tokens)))
-    return hashlib.sha256(data.encode("utf-8")).hexdigest()
-
-
-def compute_chunk_vector_fingerprint(chunk_encoder: "ChunkEncoder", tokenizer: Any, k: int) -> str:
-    """Fingerprint (16 hex digits) of everything a pre-projection chunk vector depends on.
-
-    Hashes every byte of the encoder's weights (so a trained encoder delta anywhere changes it),
-    the encoder's tokenizer, pooling and length limit, k, and the decoder's tokenizer (chunks are
-    cut on decoder tokens). The projector is left out: stored vectors are taken before it.
-    Usually called through :meth:`RefragEngine.chunk_vector_fingerprint`, which caches it.
-
-    Example:
-        >>> compute_chunk_vector_fingerprint(engine.chunk_encoder, engine.tokenizer, 16)  # doctest: +SKIP
-        'c0ffee0123456789'
-    """
-    h = hashlib.sha256()
-    settings = {
-        "format": CHUNK_VECTOR_FORMAT,
-        "k": int(k),
-        "pooling": chunk_encoder.pooling,
-        "max_length": int(chunk_encoder.max_length),
-        "encoder_class": type(chunk_encoder.encoder).__name__,
-    }
-    # Settings added later enter only when they differ from what earlier vectors used, so indexes
-    # built before them keep their fingerprint.
-    if chunk_encoder.chunk_context != "chunk":
-        settings["chunk_context"] = chunk_encoder.chunk_context
-        settings["passage_max_length"] = int(chunk_encoder.passage_max_length)
-    if chunk_encoder.reads_decoder_tokens:
-        settings["reads_decoder_tokens"] = True
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    for name, tensor in sorted(chunk_encoder.encoder.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        h.update(flat.view(torch.uint8).numpy())
-    h.update(_tokenizer_digest(chunk_encoder.tokenizer).encode())
-    h.update(_tokenizer_digest(tokenizer).encode())
-    return h.hexdigest()[:16]
 
 
 def fingerprint_info(engine: "RefragEngine") -> dict[str, Any]:

@@ -139,12 +139,12 @@ def test_chunk_vector_fingerprint_tracks_the_options(tiny_dirs):
 
 def test_engine_answers_with_every_option_and_expand_all_stays_plain_rag(tiny_dirs):
     plain = engine(tiny_dirs)
-    want = plain.generate("Who is Robert Boulter?", [PASSAGE], expand="all", max_new_tokens=4).text
+    want = plain.generate("Who is Robert Boulter?", [PASSAGE], policy="all", max_new_tokens=4).text
     for enc in (None, "decoder:2"):
         for ctx in ("chunk", "passage"):
             eng = engine(tiny_dirs, encoder=enc, chunk_context=ctx)
-            assert eng.generate("Who is Robert Boulter?", [PASSAGE], expand="all", max_new_tokens=4).text == want
-            out = eng.generate("Who is Robert Boulter?", [PASSAGE], expand="none", max_new_tokens=4)
+            assert eng.generate("Who is Robert Boulter?", [PASSAGE], policy="all", max_new_tokens=4).text == want
+            out = eng.generate("Who is Robert Boulter?", [PASSAGE], policy="none", max_new_tokens=4)
             assert out.stats.chunks_compressed == len(eng.chunk(PASSAGE))
 
 

@@ -81,7 +81,7 @@ def test_packaged_default_checkpoint_is_trained_small_and_optional(default_engin
 
     from refrag_integrations import RefragEngine
     from refrag_integrations.checkpoint import PACKAGED_DEFAULT, default_checkpoint, load_checkpoint
-    from refrag_integrations.training.policy_rl import LearnedPolicy
+    from refrag_integrations.policy import LearnedPolicy
 
     assert default_checkpoint() == PACKAGED_DEFAULT
     size = sum(f.stat().st_size for f in PACKAGED_DEFAULT.iterdir())

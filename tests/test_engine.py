@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refrag_integrations import ExpansionBudget, RefragEngine, passage_id
+from refrag_integrations import RefragEngine, passage_id
 
 PASSAGES = [
     "Robert Boulter is an English film, television and theatre actor. He had a guest starring role on the television series The Bill in 2000.",
@@ -18,8 +18,8 @@ QUESTION = "Who is the Eiffel Tower named after?"
 def test_expand_all_matches_plain_decoder(engine_name, request):
     engine: RefragEngine = request.getfixturevalue(engine_name)
     prepared = engine.prepare_rag(QUESTION, PASSAGES, "all")
-    prompt, _, add_special = engine.build_prompt(QUESTION, PASSAGES)
-    plain_ids = engine.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+    rag = engine.build_prompt(QUESTION, PASSAGES)
+    plain_ids = engine.tokenizer(rag.text, add_special_tokens=rag.add_special_tokens)["input_ids"]
     assert prepared.token_ids == plain_ids  # segment-wise tokenization == whole-text tokenization
     ours = engine.forward_logits(prepared)
     with torch.no_grad():
@@ -32,7 +32,8 @@ def test_expand_all_matches_plain_decoder(engine_name, request):
 def test_a_passage_that_also_occurs_in_the_instruction_is_found_under_its_label(engine_name, request):
     engine: RefragEngine = request.getfixturevalue(engine_name)
     passages = ["the question", PASSAGES[0]]  # "the question" is also part of the RAG instruction
-    prompt, spans, _ = engine.build_prompt(QUESTION, passages)
+    rag = engine.build_prompt(QUESTION, passages)
+    prompt, spans = rag.text, rag.spans
     assert prompt.find("the question") < spans[0][0]
     for i, ((a, b), p) in enumerate(zip(spans, passages)):
         assert prompt[a:b] == p and prompt[:a].endswith(f"Passage {i + 1}:\n")
@@ -61,7 +62,7 @@ def test_compressed_rows_are_projected_chunk_vectors_in_order(tiny_engine):
     decisions = [[False] * len(tiny_engine.chunk(p)) for p in PASSAGES]
     decisions[0][1] = True
     prepared = tiny_engine.prepare_rag(QUESTION, PASSAGES, decisions)
-    vectors, _, _ = tiny_engine.chunk_vectors(PASSAGES)
+    vectors = tiny_engine.chunk_vectors(PASSAGES).vectors
     proj0 = tiny_engine.chunk_encoder.project(vectors[0]).detach()
     emb = prepared.embeds.detach()
     # locate passage 0: its first compressed chunk vector appears once, followed by k token rows
@@ -102,7 +103,7 @@ def test_batch_equals_singles(tiny_engine):
     ]
     batch = tiny_engine.generate_batch(reqs, max_new_tokens=6)
     singles = [
-        tiny_engine.generate(r["question"], r["passages"], expand=r["expand"], max_new_tokens=6) for r in reqs
+        tiny_engine.generate(r["question"], r["passages"], policy=r["expand"], max_new_tokens=6) for r in reqs
     ]
     assert [b.token_ids for b in batch] == [s.token_ids for s in singles]
     assert [b.stats.positions for b in batch] == [s.stats.positions for s in singles]
@@ -113,7 +114,7 @@ def test_batched_prefill_logits_match_single(tiny_engine):
     a = tiny_engine.prepare_rag(QUESTION, PASSAGES, "none")
     b = tiny_engine.prepare_rag("Who?", PASSAGES[:1], "all")
     logits = {}
-    steps = tiny_engine._decode_steps([a, b], 1, False, 1.0, 1.0, None, 0.0)
+    steps = tiny_engine.decode_steps([a, b], 1, t_start=0.0)
     nxt, _ = next(steps)
     for i, p in enumerate([a, b]):
         single = tiny_engine.forward_logits(p)[-1].argmax()
@@ -122,27 +123,27 @@ def test_batched_prefill_logits_match_single(tiny_engine):
 
 
 def test_stream_equals_generate(tiny_engine):
-    full = tiny_engine.generate(QUESTION, PASSAGES, expand="none", max_new_tokens=10)
-    stream = tiny_engine.stream(QUESTION, PASSAGES, expand="none", max_new_tokens=10)
+    full = tiny_engine.generate(QUESTION, PASSAGES, policy="none", max_new_tokens=10)
+    stream = tiny_engine.stream(QUESTION, PASSAGES, policy="none", max_new_tokens=10)
     pieces = list(stream)
     assert "".join(pieces) == full.text
     assert stream.result is not None and stream.result.token_ids == full.token_ids
 
 
 def test_stop_sequence_truncates(tiny_engine):
-    full = tiny_engine.generate(QUESTION, PASSAGES, expand="all", max_new_tokens=12)
+    full = tiny_engine.generate(QUESTION, PASSAGES, policy="all", max_new_tokens=12)
     if len(full.text) < 4:
         pytest.skip("tiny model produced too little text to cut")
     stop = full.text[2:4]
-    cut = tiny_engine.generate(QUESTION, PASSAGES, expand="all", max_new_tokens=12, stop=[stop])
+    cut = tiny_engine.generate(QUESTION, PASSAGES, policy="all", max_new_tokens=12, stop=[stop])
     assert cut.text == full.text[: full.text.find(stop)]
     assert cut.finish_reason == "stop"
-    streamed = "".join(tiny_engine.stream(QUESTION, PASSAGES, expand="all", max_new_tokens=12, stop=[stop]))
+    streamed = "".join(tiny_engine.stream(QUESTION, PASSAGES, policy="all", max_new_tokens=12, stop=[stop]))
     assert streamed == cut.text
 
 
 def test_stats_and_ttft(tiny_engine):
-    res = tiny_engine.generate(QUESTION, PASSAGES, expand="none", max_new_tokens=4)
+    res = tiny_engine.generate(QUESTION, PASSAGES, policy="none", max_new_tokens=4)
     s = res.stats
     assert 0 < s.ttft_s <= s.total_s
     assert s.positions < s.prompt_tokens
@@ -156,9 +157,9 @@ def test_registered_vectors_are_used_and_cached(tiny_engine):
     n = len(tiny_engine.chunk(text))
     vecs = torch.randn(n, tiny_engine.chunk_encoder.encoder_dim)
     tiny_engine.register_passage(text, vectors=vecs)
-    got, cached, encode_s = tiny_engine.chunk_vectors([text])
-    torch.testing.assert_close(got[0], vecs)
-    assert cached == n and encode_s == 0.0
+    found = tiny_engine.chunk_vectors([text])
+    torch.testing.assert_close(found.vectors[0], vecs)
+    assert found.cached_chunks == n and found.encode_s == 0.0
     with pytest.raises(ValueError, match="shape"):
         tiny_engine.register_passage(text, vectors=torch.randn(n + 1, 3))
 
@@ -176,7 +177,8 @@ def test_vector_source_hook(tiny_dirs):
         return {passage_id(text): stored}
 
     engine.vector_source = source
-    got, cached, _ = engine.chunk_vectors([text])
+    found = engine.chunk_vectors([text])
+    got, cached = found.vectors, found.cached_chunks
     assert asked == [[passage_id(text)]]
     torch.testing.assert_close(got[0], stored)
     assert cached == n
@@ -207,9 +209,9 @@ def test_prepare_prompt_compresses_only_registered(tiny_chat_engine):
 
 
 def test_budget_applies_to_policies(tiny_engine):
-    res = tiny_engine.prepare_rag(QUESTION, PASSAGES, "random", budget=ExpansionBudget(fraction=0.5))
+    res = tiny_engine.prepare_rag(QUESTION, PASSAGES, "random", expand_fraction=0.5)
     assert res.stats.chunks_expanded == int(0.5 * res.stats.chunks)
-    res = tiny_engine.prepare_rag(QUESTION, PASSAGES, "random", budget=2)
+    res = tiny_engine.prepare_rag(QUESTION, PASSAGES, "random", max_expanded=2)
     assert res.stats.chunks_expanded == 2
 
 

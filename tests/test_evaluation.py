@@ -309,7 +309,7 @@ def test_qa_settings_validate_policies():
 
 def test_qa_evaluates_another_checkpoints_learned_policy(tiny_engine, tmp_path):
     from refrag_integrations.checkpoint import save_checkpoint
-    from refrag_integrations.training.policy_rl import LearnedPolicy
+    from refrag_integrations.policy import LearnedPolicy
 
     enc = tiny_engine.chunk_encoder
     policy = LearnedPolicy(enc.encoder_dim, query_conditioned=False, expand_fraction=0.5)
@@ -322,7 +322,8 @@ def test_qa_evaluates_another_checkpoints_learned_policy(tiny_engine, tmp_path):
                            policy=policy.state_dict(), policy_config=policy.policy_config())
     loaded = Q.load_extra_policy(tiny_engine, ckpt)
     passages = SENTENCES[:3]
-    assert tiny_engine.decide(QUESTION, passages, loaded, 0.5) == tiny_engine.decide(QUESTION, passages, policy, 0.5)
+    assert tiny_engine.decide(QUESTION, passages, loaded, expand_fraction=0.5) == tiny_engine.decide(
+        QUESTION, passages, policy, expand_fraction=0.5)
 
     settings = Q.qa_settings(["learned-chunks"], [0.5])
     assert settings[-1].name == "refrag_learned-chunks_p0.5"
@@ -370,7 +371,7 @@ def test_equal_latency_pairs_more_refrag_passages_with_fewer_rag_passages():
 
 
 def test_full_context_nll_equals_the_plain_decoder(tiny_engine):
-    """expand="all" through the engine must score exactly like the plain decoder on the tokens."""
+    """policy="all" through the engine must score exactly like the plain decoder on the tokens."""
     tok = tiny_engine.tokenizer
     context, cont = heldout_windows(CORPUS, tok, 30, 6, limit=1)[0]
     nll, positions = P.continuation_nll(tiny_engine, context, cont, "all")
@@ -472,12 +473,12 @@ def test_cli_commands_run_end_to_end_on_default_models(shared_data, tmp_path):
 
     runner = CliRunner()
     common = ["--data-dir", str(shared_data), "--no-progress"]
-    res = runner.invoke(app, ["bench", "--lengths", "128", "--k", "16", "--p", "0", "--repeats", "1",
+    res = runner.invoke(app, ["bench", "--lengths", "128", "--k", "16", "--expand-fraction", "0", "--repeats", "1",
                               "--output-tokens", "2", "--out", str(tmp_path / "b"), *common])
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert doc["complete"] and {r["mode"] for r in doc["results"]} == {"rag", "cached", "not_cached"}
-    res = runner.invoke(app, ["eval", "qa", "--limit", "1", "--n", "2", "--p", "0", "--policies", "",
+    res = runner.invoke(app, ["eval", "qa", "--limit", "1", "--n", "2", "--expand-fraction", "0", "--policies", "",
                               "--max-new-tokens", "4", "--out", str(tmp_path / "q"), *common])
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "q" / "summary.json").read_text())

@@ -174,7 +174,7 @@ def test_index_then_query_round_trip(tmp_path, docs, engine, embedder):
         direct = engine.chunk_encoder.encode([c.text for c in engine.chunk(EIFFEL)])
     torch.testing.assert_close(got[passage_id(EIFFEL)], direct, rtol=1e-4, atol=1e-5)
     store.attach(engine)
-    result = engine.generate("Who designed the Eiffel Tower?", [h.text for h in hits], expand="none", max_new_tokens=2)
+    result = engine.generate("Who designed the Eiffel Tower?", [h.text for h in hits], policy="none", max_new_tokens=2)
     assert result.stats.cached_chunks == result.stats.chunks > 0 and result.stats.encode_s == 0.0
 
 

@@ -155,8 +155,8 @@ def test_checkpoint_round_trip_reproduces_outputs(tiny_dirs, tmp_path):
     a = eng.prepare_rag("Who?", [TEXT], "none")
     b = loaded.prepare_rag("Who?", [TEXT], "none")
     torch.testing.assert_close(a.embeds, b.embeds)
-    ra = eng.generate("Who?", [TEXT], expand="none", max_new_tokens=6)
-    rb = loaded.generate("Who?", [TEXT], expand="none", max_new_tokens=6)
+    ra = eng.generate("Who?", [TEXT], policy="none", max_new_tokens=6)
+    rb = loaded.generate("Who?", [TEXT], policy="none", max_new_tokens=6)
     assert ra.token_ids == rb.token_ids
 
 

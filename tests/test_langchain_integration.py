@@ -73,7 +73,7 @@ def test_standard_chain_on_the_default_models(engine, nq_rows):
     texts = [r["ctxs"][0]["text"] for r in nq_rows]
     store = Chroma.from_texts(texts, LocalEmbeddings(), collection_name=f"nq-{uuid.uuid4().hex}")
     retriever = RefragRetriever(base_retriever=store.as_retriever(search_kwargs={"k": 3}), engine=engine,
-                                expand="relevance", budget=0.25)
+                                policy="relevance", expand_fraction=0.25)
     llm = ChatRefrag(engine=engine, max_tokens=12)
     prompt = ChatPromptTemplate.from_template(
         "Answer the question using the passages.\n\n{context}\n\nQuestion: {question}"
@@ -100,7 +100,7 @@ def test_standard_chain_on_the_default_models(engine, nq_rows):
 
     # The same chain with an ordinary retriever and full-context decoding reads every token.
     baseline = ({"context": store.as_retriever(search_kwargs={"k": 3}) | format_docs,
-                 "question": RunnablePassthrough()} | prompt | ChatRefrag(engine=engine, expand="all", max_tokens=12)
+                 "question": RunnablePassthrough()} | prompt | ChatRefrag(engine=engine, policy="all", max_tokens=12)
                 | StrOutputParser())
     baseline.invoke(question, config={"callbacks": [handler]})
     base = handler.messages[-1].response_metadata["refrag"]

@@ -142,7 +142,7 @@ class TestRefragRetriever(_OnEngine, RetrieversIntegrationTests):
 
     @property
     def retriever_constructor_params(self) -> dict[str, Any]:
-        return {"base_retriever": self._base, "engine": self.engine, "expand": "none"}
+        return {"base_retriever": self._base, "engine": self.engine, "policy": "none"}
 
     @property
     def retriever_query_example(self) -> str:

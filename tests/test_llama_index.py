@@ -43,11 +43,11 @@ from refrag_integrations.llama_index import (  # noqa: E402
     RefragNodePostprocessor,
     RefragQueryEngine,
     SentenceTransformerEmbedding,
-    _request,  # noqa: E402
     collect_generation_stats,
     compressed_context_window,
 )
 from refrag_integrations.llama_index.postprocessor import passage_id_of  # noqa: E402
+import refrag_integrations.shared as shared  # noqa: E402
 
 NUM_DOCS = 8  # NQ train passages in the test index
 WORDS = 30  # words kept per passage: the tiny decoder's byte-level BPE makes ~4 tokens a word
@@ -253,7 +253,8 @@ def test_context_window_reflects_compression(engine):
 
 
 def test_shared_engine_is_used_by_both_sides_when_none_is_given(engine, monkeypatch):
-    monkeypatch.setitem(_request._ENGINES, None, engine)
+    monkeypatch.setattr(shared, "_ENGINES", {})
+    monkeypatch.setitem(shared._ENGINES, (None, None, None, None, None), engine)
     assert RefragLLM().engine is engine
     assert RefragNodePostprocessor().engine is engine
 

@@ -13,16 +13,13 @@ import torch
 
 from refrag_integrations import RefragEngine
 from refrag_integrations.checkpoint import load_checkpoint, save_checkpoint
-from refrag_integrations.policy import ExpansionBudget
+from refrag_integrations.policy import ExpansionBudget, LearnedPolicy, PerplexityDescPolicy
 from refrag_integrations.training.config import TrainConfig
 from refrag_integrations.training.data import NQExample
-from refrag_integrations.training.objectives import _lm_loss
+from refrag_integrations.training.objectives import lm_loss
 from refrag_integrations.training.policy_rl import (
     VARIANTS,
-    LearnedPolicy,
-    PerplexityDescPolicy,
     PolicyTrainer,
-    answer_nll,
     group_advantages,
     ppo_clipped_loss,
     reference_kl,
@@ -88,7 +85,7 @@ def _randomized(policy: LearnedPolicy, seed: int) -> LearnedPolicy:
 
 def _flat(engine, passages):
     chunks = [c for p in passages for c in engine.chunk(p)]
-    return chunks, torch.cat(engine.chunk_vectors(passages)[0], 0)
+    return chunks, torch.cat(engine.chunk_vectors(passages).vectors, 0)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -168,7 +165,7 @@ def test_learned_policy_respects_budget_and_never_repeats(engine, query_conditio
         got = policy.select(q, chunks, vecs, budget)
         assert len(got) == L and sum(got) == want
     # Through the engine: one decision per chunk per passage, budget over all passages jointly.
-    dec = engine.decide(q, PASSAGES, policy, 0.5)
+    dec = engine.decide(q, PASSAGES, policy, expand_fraction=0.5)
     assert [len(d) for d in dec] == [len(engine.chunk(p)) for p in PASSAGES]
     assert sum(map(sum, dec)) == L // 2
 
@@ -223,7 +220,7 @@ def test_perplexity_desc_expands_the_highest_nll_chunks(engine):
             cs = engine.chunk(p)
             ids = torch.tensor([[t for c in cs for t in c.token_ids]])
             start = embed(torch.tensor([[engine.tokenizer.bos_token_id]]))
-            nll = _lm_loss(engine, start, ids)[0][0]
+            nll = lm_loss(engine, start, ids)[0][0]
             i = 0
             for c in cs:
                 want.append(float(nll[i : i + len(c.token_ids)].mean()))
@@ -232,7 +229,7 @@ def test_perplexity_desc_expands_the_highest_nll_chunks(engine):
     got = policy.select("q", chunks, vecs, 3)
     assert {i for i, x in enumerate(got) if x} == set(torch.argsort(scores, descending=True)[:3].tolist())
     assert policy.select("q", chunks, vecs, 0) == [False] * len(chunks)
-    dec = engine.decide("q", PASSAGES, policy, 3)  # usable through the engine
+    dec = engine.decide("q", PASSAGES, policy, max_expanded=3)  # usable through the engine
     assert [x for d in dec for x in d] == got
     with pytest.raises(ValueError, match="whole passages"):
         policy.select("q", chunks[1:], vecs[1:], 2)
@@ -252,9 +249,9 @@ def test_batched_answer_nll_matches_unbatched_loss(engine):
     prefixes = [engine.prepare_rag("Who?", PASSAGES, d).embeds for d in decisions]
     assert len({p.shape[0] for p in prefixes}) > 1  # rows of different lengths share a padded batch
     target = engine.tokenizer("Simon Stephens", add_special_tokens=False)["input_ids"] + [engine.tokenizer.eos_token_id]
-    got = answer_nll(engine, prefixes, target)
+    got = engine.score(prefixes, target)
     with torch.no_grad():
-        want = [float(_lm_loss(engine, p.unsqueeze(0), torch.tensor([target]))[0].mean()) for p in prefixes]
+        want = [float(lm_loss(engine, p.unsqueeze(0), torch.tensor([target]))[0].mean()) for p in prefixes]
     torch.testing.assert_close(got, torch.tensor(want), atol=1e-4, rtol=1e-4)
 
 
@@ -388,14 +385,14 @@ def test_checkpoint_round_trip_gives_the_same_selections(engine, tiny_dirs, tmp_
         assert isinstance(loaded.policy, LearnedPolicy) and loaded.policy.query_conditioned is (variant == "query")
         for q in (EXAMPLES[0].question, EXAMPLES[2].question):
             for budget in (None, 3, 0.5):
-                want = engine.decide(q, PASSAGES, policy, budget if budget is not None else 0.25)
+                want = engine.decide(q, PASSAGES, policy, budget=budget if budget is not None else 0.25)
                 assert loaded.decide(q, PASSAGES, budget=budget) == want  # the checkpoint's policy is the default
         # The same weights through save_checkpoint directly, onto a checkpoint with no policy before.
         direct = save_checkpoint(tmp_path / f"direct-{variant}", engine.config, engine.chunk_encoder.projector.state_dict(),
                                  policy=policy.state_dict(), policy_config=policy.policy_config(), trained_stages=["sft"])
         again = RefragEngine.from_pretrained(direct, decoder=str(dec), encoder=str(enc), device="cpu")
-        assert again.decide(EXAMPLES[0].question, PASSAGES, budget=0.5) == engine.decide(
-            EXAMPLES[0].question, PASSAGES, policy, 0.5)
+        assert again.decide(EXAMPLES[0].question, PASSAGES, expand_fraction=0.5) == engine.decide(
+            EXAMPLES[0].question, PASSAGES, policy, expand_fraction=0.5)
 
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(engine, tmp_path):

@@ -100,7 +100,8 @@ def test_drop_rows_reuse_decisions_and_keep_only_the_expanded_chunks(tiny_engine
         # The input the decoder sees holds, where the passages go, exactly the expanded chunks' spans
         # (cut from the original passages by offset), in order, under the engine's passage labels.
         prepared = tiny_engine.prepare_rag(question, passages, "all")
-        prompt, spans, _ = tiny_engine.build_prompt(question, passages)
+        rag = tiny_engine.build_prompt(question, passages)
+        prompt, spans = rag.text, rag.spans
         assert tiny_engine.tokenizer.decode(prepared.token_ids).endswith(prompt)
         spans_kept = ["".join(p[c.start:c.end] for c in cs if c.index in e)
                       for p, cs, e in zip(refrag_passages, chunks, twin["expanded"])]

@@ -18,14 +18,13 @@ import pytest
 import torch
 
 from refrag_integrations import RefragEngine, passage_id
-from refrag_integrations.encoder import ChunkEncoder
+from refrag_integrations.encoder import ChunkEncoder, compute_chunk_vector_fingerprint
 from refrag_integrations.store import (
     ChromaTimeoutError,
     ChunkStore,
     EmbedderMismatchError,
     FingerprintMismatchError,
     PassageRecord,
-    compute_chunk_vector_fingerprint,
 )
 
 PASSAGES = [
@@ -232,23 +231,25 @@ def test_engine_uses_stored_vectors_not_its_encoder(tmp_path, engine):
     stored = torch.zeros(n, engine.chunk_encoder.encoder_dim)  # unlike anything the encoder makes
     store.write_chunk_vectors({passage_id(text): stored})
     store.attach(engine)
-    vectors, cached, encode_s = engine.chunk_vectors([text])
+    found = engine.chunk_vectors([text])
+    vectors, cached, encode_s = found.vectors, found.cached_chunks, found.encode_s
     assert cached == n and encode_s == 0.0 and torch.equal(vectors[0], stored)
     plain = fresh_engine(engine)
-    assert not torch.allclose(plain.chunk_vectors([text])[0][0], stored)
+    assert not torch.allclose(plain.chunk_vectors([text]).vectors[0], stored)
 
 
 def test_write_back_stores_query_time_encodings(tmp_path, engine):
     store = ChunkStore.for_engine(engine, tmp_path / "idx")
     store.attach(engine, write_back=True)
     text = PASSAGES[2]
-    _, cached, encode_s = engine.chunk_vectors([text])
+    found = engine.chunk_vectors([text])
+    cached, encode_s = found.cached_chunks, found.encode_s
     assert cached == 0 and encode_s > 0
     back = store.fetch_chunk_vectors([passage_id(text)])[passage_id(text)]
     torch.testing.assert_close(back, encoded(engine, text), rtol=1e-5, atol=1e-6)
     again = fresh_engine(engine)
     store.attach(again)
-    assert again.chunk_vectors([text])[1] == len(engine.chunk(text))  # now precomputed
+    assert again.chunk_vectors([text]).cached_chunks == len(engine.chunk(text))  # now precomputed
     without = ChunkStore.for_engine(engine, tmp_path / "idx2")
     without.attach(fresh_engine(engine))  # default: no write-back
     assert without.fetch_chunk_vectors([passage_id(text)]) == {}

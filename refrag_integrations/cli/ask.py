@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..policy import ExpansionPolicy
 
 
-def resolve_policy(engine: "RefragEngine", name: str) -> "str | ExpansionPolicy":
+def choose_policy(engine: "RefragEngine", name: str) -> "str | ExpansionPolicy":
     """``"auto"``: the checkpoint's learned policy when it has one, else ``"relevance"``."""
     from ..policy import ExpandAll, ExpandNone
 
@@ -106,9 +106,10 @@ def ask(
         texts = [h.text for h in hits]
         sources = [{"rank": i + 1, "id": h.id, "score": round(h.score, 4), "source": source_label(h.metadata),
                     "text": h.text} for i, h in enumerate(hits)]
-    expand = "all" if mode == "rag" else resolve_policy(engine, policy)
+    expand = "all" if mode == "rag" else choose_policy(engine, policy)
     try:
-        result = engine.generate(question, texts, expand=expand, budget=expand_fraction, max_new_tokens=max_new_tokens)
+        result = engine.generate(question, texts, policy=expand, expand_fraction=expand_fraction,
+                                 max_new_tokens=max_new_tokens)
     except FingerprintMismatchError as err:
         raise typer.BadParameter(str(err)) from err
     stats = result.stats.to_dict()

@@ -8,16 +8,16 @@ from typing import Callable, Optional, TypeVar
 
 import typer
 
+from ..config import DEFAULT_DATA_DIR
 from ..evaluation.config import (
     BENCH_CORPORA,
     BENCH_POLICY,
     DEFAULT_BENCH_DIR,
-    DEFAULT_DATA_DIR,
     DEFAULT_DOC,
     DEFAULT_PPL_DIR,
     DEFAULT_QA_DIR,
 )
-from .common import DECODER_DTYPE_HELP, check_decoder_dtype
+from .common import DECODER_DTYPE_HELP, DEPRECATED_P_HELP, check_decoder_dtype, renamed_option
 
 T = TypeVar("T")
 
@@ -65,7 +65,8 @@ def warn_if_busy() -> None:
 def bench(
     lengths: Optional[str] = typer.Option(None, help="Context lengths in tokens, comma-separated (default 512,1024,2048,4096,8192)."),
     k: Optional[str] = typer.Option(None, "--k", help="Compression rates k, comma-separated (default 8,16,32)."),
-    p: Optional[str] = typer.Option(None, "--p", help="Expand fractions p, comma-separated (default 0,0.1,0.25)."),
+    expand_fraction: Optional[str] = typer.Option(None, "--expand-fraction", help="Expand fractions p, comma-separated (default 0,0.1,0.25)."),
+    p: Optional[str] = typer.Option(None, "--p", hidden=True, help=DEPRECATED_P_HELP),
     repeats: Optional[int] = typer.Option(None, help="Timed repeats per setting, median reported (default 3)."),
     output_tokens: Optional[int] = typer.Option(None, help="Tokens decoded per request for TTIT/throughput (default 32)."),
     policy: str = typer.Option(BENCH_POLICY, help="Expansion policy for p > 0: relevance, random, or learned (checkpoint's)."),
@@ -106,7 +107,8 @@ def bench(
         settings = BenchSettings(
             lengths=parse_list(lengths, int, "--lengths") or base["lengths"],
             ks=parse_list(k, int, "--k") or base["ks"],
-            ps=parse_list(p, float, "--p") or base["ps"],
+            ps=parse_list(renamed_option(expand_fraction, p, "--expand-fraction", "--p", None), float,
+                          "--expand-fraction") or base["ps"],
             repeats=repeats if repeats is not None else base["repeats"],
             output_tokens=output_tokens if output_tokens is not None else base["output_tokens"],
             policy=policy,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -21,6 +22,22 @@ def check_decoder_dtype(value: str) -> str:
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     return value
+
+
+EXPAND_FRACTIONS_HELP = "Expand fractions p, comma-separated (0 = compress every chunk)."
+DEPRECATED_P_HELP = "Deprecated name of --expand-fraction."
+
+
+def renamed_option(value: Optional[str], old_value: Optional[str], new: str, old: str, default: Optional[str]) -> Optional[str]:
+    """The value of option ``new``, also given under its deprecated name ``old`` (which warns)."""
+    if old_value is None:
+        return default if value is None else value
+    if value is not None:
+        raise typer.BadParameter(f"give {new} only; {old} is its deprecated name.")
+    message = f"{old} is deprecated; use {new}."
+    warnings.warn(message, DeprecationWarning, stacklevel=2)
+    typer.echo(f"warning: {message}", err=True)
+    return old_value
 
 
 def read_passage_texts(path: Path) -> list[str]:

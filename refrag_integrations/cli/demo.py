@@ -86,7 +86,7 @@ def demo(
     from ..evaluation.metrics import match
     from ..index import SentenceEmbedder, index_paths
     from ..store import ChunkStore
-    from .ask import policy_name, resolve_policy, source_label
+    from .ask import choose_policy, policy_name, source_label
 
     qs = load_demo_questions()
     if not 1 <= questions <= len(qs):
@@ -125,23 +125,24 @@ def demo(
          f"indexed, {report.chunks} chunk vectors written, {report.seconds:.1f} s)")
     store.attach(engine)
 
-    chosen = resolve_policy(engine, policy)
+    chosen = choose_policy(engine, policy)
     gold = gold_passage_ids()
     echo(f"REFRAG setting: policy {policy_name(chosen)}, p = {expand_fraction} of chunks kept as tokens; "
          f"top-{top_k} passages; chunk vectors read from the index (precomputed)\n")
 
     # One untimed request per path first: the first forward pass pays one-off allocation costs.
     warm = [h.text for h in store.search(qs[0]["question"], top_k, embedder=embedder)]
-    engine.generate(qs[0]["question"], warm, expand="all", max_new_tokens=1)
-    engine.generate(qs[0]["question"], warm, expand=chosen, budget=expand_fraction, max_new_tokens=1)
+    engine.generate(qs[0]["question"], warm, policy="all", max_new_tokens=1)
+    engine.generate(qs[0]["question"], warm, policy=chosen, expand_fraction=expand_fraction, max_new_tokens=1)
 
     results = []
     for n, q in enumerate(qs[:questions], 1):
         hits = store.search(q["question"], top_k, embedder=embedder)
         texts = [h.text for h in hits]
         rank = next((i + 1 for i, h in enumerate(hits) if h.id == gold.get(int(q["nq_line"]))), None)
-        rag = engine.generate(q["question"], texts, expand="all", max_new_tokens=max_new_tokens)
-        ref = engine.generate(q["question"], texts, expand=chosen, budget=expand_fraction, max_new_tokens=max_new_tokens)
+        rag = engine.generate(q["question"], texts, policy="all", max_new_tokens=max_new_tokens)
+        ref = engine.generate(q["question"], texts, policy=chosen, expand_fraction=expand_fraction,
+                              max_new_tokens=max_new_tokens)
         rs, fs = rag.stats, ref.stats
         with_answer = [answer_chunks(engine.chunk(t), t, q["answers"]) for t in texts]
         n_answer = sum(len(s) for s in with_answer)

@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
+from ..config import DEFAULT_DATA_DIR
 from ..evaluation.config import (
     DEFAULT_BENCH_DIR,
-    DEFAULT_DATA_DIR,
     DEFAULT_DOC,
     DEFAULT_PPL_DIR,
     DEFAULT_QA_DIR,
@@ -21,7 +21,7 @@ from ..evaluation.config import (
     QA_SEED,
 )
 from .bench import load_engine, parse_list
-from .common import DECODER_DTYPE_HELP, check_decoder_dtype
+from .common import DECODER_DTYPE_HELP, DEPRECATED_P_HELP, EXPAND_FRACTIONS_HELP, check_decoder_dtype, renamed_option
 
 app = typer.Typer(help="Evaluate answer quality (qa), perplexity (ppl), and write the benchmark page (report).",
                   no_args_is_help=True)
@@ -45,7 +45,8 @@ def qa(
         None, "--learned-policy",
         help="NAME=CHECKPOINT: also evaluate another checkpoint's learned policy (same encoder weights, e.g. "
              "a policy run's checkpoint-chunks) as setting refrag_learned-NAME_pP. Repeatable."),
-    p: str = typer.Option("0,0.1,0.25", "--p", help="Expand fractions p, comma-separated (0 = compress every chunk)."),
+    expand_fraction: Optional[str] = typer.Option(None, "--expand-fraction", help=f"{EXPAND_FRACTIONS_HELP} [default: 0,0.1,0.25]"),
+    p: Optional[str] = typer.Option(None, "--p", hidden=True, help=DEPRECATED_P_HELP),
     control: Optional[str] = typer.Option(
         None, help="'drop': add a drop_<policy>_pP row per selective REFRAG row, with the same expanded chunks as "
                    "tokens and the unexpanded chunks deleted instead of compressed (REFRAG minus drop is reported)."),
@@ -97,7 +98,8 @@ def qa(
                 raise ValueError(f"--learned-policy takes NAME=CHECKPOINT, got {spec!r}.")
             extra[name.strip()] = load_extra_policy(engine, path_.strip())
             names.append(EXTRA_POLICY_PREFIX + name.strip())
-        settings = qa_settings(names, parse_list(p, float, "--p"), controls)
+        fractions = renamed_option(expand_fraction, p, "--expand-fraction", "--p", "0,0.1,0.25")
+        settings = qa_settings(names, parse_list(fractions, float, "--expand-fraction"), controls)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
     retrieve = None
@@ -127,7 +129,8 @@ def ppl(
     context_tokens: int = typer.Option(PPL_CONTEXT_TOKENS, help="s: context tokens per window."),
     continuation_tokens: int = typer.Option(PPL_CONTINUATION_TOKENS, help="o: continuation tokens scored per window."),
     k: str = typer.Option("8,16,32", "--k", help="Compression rates k, comma-separated."),
-    p: str = typer.Option("0", "--p", help="Expand fractions p (random chunks expanded), comma-separated."),
+    expand_fraction: Optional[str] = typer.Option(None, "--expand-fraction", help="Expand fractions p (random chunks expanded), comma-separated. [default: 0]"),
+    p: Optional[str] = typer.Option(None, "--p", hidden=True, help=DEPRECATED_P_HELP),
     limit: int = typer.Option(PPL_WINDOWS, help="Windows scored (rerun with a larger limit to extend)."),
     seed: int = typer.Option(0, help="Seed of the random expansion for p > 0."),
     checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint to evaluate (default: the packaged one, if any; 'none': base models, untrained projector)."),
@@ -155,7 +158,9 @@ def ppl(
         windows = heldout_windows(path.read_text(encoding="utf-8"), engine.tokenizer, context_tokens,
                                   continuation_tokens, limit=limit)
         doc = run_ppl(
-            engine, windows, out, ks=parse_list(k, int, "--k"), ps=parse_list(p, float, "--p"), seed=seed,
+            engine, windows, out, ks=parse_list(k, int, "--k"),
+            ps=parse_list(renamed_option(expand_fraction, p, "--expand-fraction", "--p", "0"), float, "--expand-fraction"),
+            seed=seed,
             signature={"data": str(path), "context_tokens": context_tokens,
                        "continuation_tokens": continuation_tokens, "checkpoint": checkpoint},
             overwrite=overwrite, progress=progress,

@@ -148,11 +148,8 @@ def kv_bytes_per_position(engine: "RefragEngine") -> int:
     embed = engine.decoder.get_input_embeddings()
     emb = embed(torch.zeros(1, 2, dtype=torch.long, device=embed.weight.device))  # (1, 2, d)
     cache = DynamicCache()
-    with torch.no_grad(), torch.autocast(
-        device_type=emb.device.type, dtype=engine.autocast_dtype or torch.float32,
-        enabled=engine.autocast_dtype is not None,
-    ):
-        engine.decoder(inputs_embeds=emb, use_cache=True, logits_to_keep=1, **{engine._cache_kw: cache})
+    with torch.no_grad():
+        engine.decoder_forward(cache, inputs_embeds=emb, logits_to_keep=1)
     layers = getattr(cache, "layers", None)
     if not layers:  # an older cache layout: fall back to the formula
         return kv_cache_bytes(engine.decoder, 1, cache_dtype(engine))
@@ -278,10 +275,12 @@ def engine_for_k(base: "RefragEngine", k: int) -> "RefragEngine":
 
     if k == base.k:
         return base
-    return RefragEngine(
+    engine = RefragEngine(
         base.decoder, base.tokenizer, base.chunk_encoder, dataclasses.replace(base.config, chunk_size=k),
-        policy=base.policy, budget=base.budget, trained=False, autocast_dtype=base.autocast_dtype,
+        policy=base.policy, trained=False, autocast_dtype=base.autocast_dtype,
     )
+    engine.budget = base.budget
+    return engine
 
 
 def learned_policy(engine: "RefragEngine") -> Any:
@@ -293,17 +292,6 @@ def learned_policy(engine: "RefragEngine") -> Any:
     return None if isinstance(engine.policy, builtin) else engine.policy
 
 
-def _forget_vectors(engine: "RefragEngine", texts: Sequence[str]) -> None:
-    """Drop the chunk vectors (not the chunking) of ``texts`` from the engine's passage cache, so
-    the next request encodes them at query time: the "not cached" setting."""
-    from ..chunking import passage_id
-
-    for t in texts:
-        entry = engine.lookup_passage(passage_id(t))
-        if entry is not None:
-            entry.vectors = None
-
-
 def timed_request(
     engine: "RefragEngine", question: str, passages: Sequence[str], expand: Any, budget: float | None,
     output_tokens: int,
@@ -313,13 +301,13 @@ def timed_request(
     import torch
 
     t0 = time.perf_counter()
-    prepared = engine.prepare_rag(question, passages, expand, budget=budget)
+    prepared = engine.prepare_rag(question, passages, expand, expand_fraction=budget)
     stamps: list[float] = []
     ttft = None
     with torch.no_grad():
         # The engine's decode loop (prefill from inputs_embeds, first token from the prefill
         # logits, KV cache); unlike generate() it does not stop at EOS, so the length is fixed.
-        for _tok, first in engine._decode_steps([prepared], output_tokens, False, 1.0, 1.0, None, t0):
+        for _tok, first in engine.decode_steps([prepared], output_tokens, t_start=t0):
             stamps.append(time.perf_counter())
             if first is not None:
                 ttft = first
@@ -347,7 +335,7 @@ def measure(
     peak = None
     for i in range(repeats + 1):
         if mode == "not_cached":
-            _forget_vectors(engine, passages)
+            engine.forget_vectors(passages)
         if i == 0:
             with PeakMemory(engine.device) as mem:
                 first = timed_request(engine, question, passages, expand, budget, output_tokens)
@@ -447,7 +435,7 @@ def run_bench(
     import torch
     from tqdm.auto import tqdm
 
-    from ..policy import make_policy
+    from ..policy import resolve_policy
 
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}.")
@@ -491,7 +479,7 @@ def run_bench(
             if policy is None:
                 raise ValueError("policy 'learned' needs a checkpoint with a learned expansion policy.")
             return policy
-        return make_policy(settings.policy, encoder=eng.chunk_encoder)
+        return resolve_policy(settings.policy, engine=eng)
 
     todo = [s for s in settings.settings() if setting_key(*s) not in results]
     if limit is not None:
@@ -503,7 +491,7 @@ def run_bench(
         warm = contexts[min(settings.lengths)]
         timed_request(engine, question, warm, "all", None, 2)
         timed_request(engine, question, warm, "none", None, 2)
-        _forget_vectors(engine, warm)
+        engine.forget_vectors(warm)
     bar = tqdm(todo, desc="refrag bench", unit="setting", disable=not progress)
     for mode, length, k, p in bar:
         key = setting_key(mode, length, k, p)

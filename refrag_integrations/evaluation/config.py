@@ -49,4 +49,3 @@ DEFAULT_BENCH_DIR = "runs/bench"
 DEFAULT_QA_DIR = "runs/eval-qa"
 DEFAULT_PPL_DIR = "runs/eval-ppl"
 DEFAULT_DOC = "docs/benchmarks.md"
-DEFAULT_DATA_DIR = "../shared/data"  # the shared real data, relative to the project root

@@ -63,11 +63,11 @@ def ppl_settings(ks: Sequence[int] = PPL_KS, ps: Sequence[float] = PPL_PS) -> li
 def start_ids(tokenizer: Any) -> list[int]:
     """Tokens in front of every scored sequence: the tokenizer's own special prefix (e.g. BOS);
     if it adds none, its BOS token, else its EOS token (a document boundary)."""
-    with_special = tokenizer("a")["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    n = len(with_special) - len(plain)
-    if n > 0 and with_special[n:] == plain:
-        return list(with_special[:n])
+    from ..chunking import special_prefix_ids
+
+    prefix = special_prefix_ids(tokenizer)
+    if prefix:
+        return prefix
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return [int(tid)]
@@ -75,8 +75,8 @@ def start_ids(tokenizer: Any) -> list[int]:
 
 
 def continuation_nll(
-    engine: "RefragEngine", context: str | None, continuation: Sequence[int], expand: Any = "all",
-    budget: float | None = None,
+    engine: "RefragEngine", context: str | None, continuation: Sequence[int], policy: Any = "all",
+    expand_fraction: float | None = None,
 ) -> tuple[float, int]:
     """Mean NLL (nats) of ``continuation`` token ids after ``context`` assembled by ``engine``.
 
@@ -84,15 +84,15 @@ def continuation_nll(
         engine: the engine (its k decides the chunking of the context).
         context: context text, or None for no context.
         continuation: the token ids to score.
-        expand: how the context's chunks enter: ``"all"`` (tokens), ``"none"`` (all compressed),
-            or a policy with ``budget``.
-        budget: expand fraction p for a policy.
+        policy: how the context's chunks enter: ``"all"`` (tokens), ``"none"`` (all compressed),
+            or an expansion policy with ``expand_fraction``.
+        expand_fraction: expand fraction p for a policy.
 
     Returns:
         (mean NLL over the continuation tokens, decoder positions used in total).
 
     Example:
-        >>> nll, positions = continuation_nll(engine, "Some context ...", [281, 1176], expand="none")  # doctest: +SKIP
+        >>> nll, positions = continuation_nll(engine, "Some context ...", [281, 1176], policy="none")  # doctest: +SKIP
     """
     import torch
 
@@ -102,17 +102,15 @@ def continuation_nll(
     dev = embed.weight.device
     parts = [embed(torch.tensor(start_ids(engine.tokenizer), device=dev))]  # (1.., d)
     if context is not None:
-        prepared = engine.prepare(context, [(0, len(context))], expand, budget=budget)
+        prepared = engine.prepare(context, [(0, len(context))], policy, expand_fraction=expand_fraction)
         parts.append(prepared.embeds.to(embed.weight.dtype))  # (T_ctx, d)
     cont = torch.tensor(list(continuation), device=dev)  # (o,)
     parts.append(embed(cont))  # (o, d)
     emb = torch.cat(parts, 0).unsqueeze(0)  # (1, T, d)
     T, o = emb.shape[1], cont.shape[0]
     pos = torch.arange(T, device=dev).unsqueeze(0)  # (1, T)
-    with torch.no_grad(), torch.autocast(
-        device_type=dev.type, dtype=engine.autocast_dtype or torch.float32, enabled=engine.autocast_dtype is not None
-    ):
-        logits = engine.decoder(inputs_embeds=emb, position_ids=pos, use_cache=False, logits_to_keep=o + 1).logits
+    with torch.no_grad():
+        logits = engine.decoder_forward(inputs_embeds=emb, position_ids=pos, use_cache=False, logits_to_keep=o + 1).logits
     pred = logits[0, :o].float()  # (o, V): positions T-o-1 .. T-2 predict the o continuation tokens
     nll = torch.nn.functional.cross_entropy(pred, cont)
     return float(nll), int(T)
@@ -150,7 +148,7 @@ def run_ppl(
     """
     from tqdm.auto import tqdm
 
-    from ..policy import RandomPolicy
+    from ..policy import resolve_policy
     from .bench import engine_for_k, weights_signature
 
     settings = ppl_settings(ks, ps)
@@ -180,8 +178,8 @@ def run_ppl(
         elif not p:
             nll, positions = continuation_nll(eng, context, cont, "none")
         else:
-            policy = RandomPolicy(seed=zlib.crc32(f"{seed}:{i}:{k}".encode()))
-            nll, positions = continuation_nll(eng, context, cont, policy, budget=p)
+            policy = resolve_policy("random", seed=zlib.crc32(f"{seed}:{i}:{k}".encode()))
+            nll, positions = continuation_nll(eng, context, cont, policy, expand_fraction=p)
         if not math.isfinite(nll):
             raise RuntimeError(f"non-finite NLL in setting {name}, window {i}: check the dtype (never fp16).")
         log.append({"key": f"{name}|w={i}", "setting": name, "k": k, "p": p, "window": i, "nll": nll,

@@ -161,26 +161,24 @@ def record_key(setting: str, n: int, line: int) -> str:
 def _policy_for(
     engine: "RefragEngine", setting: QASetting, seed: int, line: int, n: int, reuse: dict[str, Any] | None = None
 ) -> Any:
-    from ..policy import RandomPolicy, make_policy
+    from ..policy import resolve_policy
 
     reuse = {} if reuse is None else reuse
     if setting.expand in ("all", "none"):
         return setting.expand
     if setting.expand == "perplexity-desc":
         if "perplexity-desc" not in reuse:  # one instance per run: it caches per-passage scores
-            from ..training.policy_rl import PerplexityDescPolicy
-
-            reuse["perplexity-desc"] = PerplexityDescPolicy(engine)
+            reuse["perplexity-desc"] = resolve_policy("perplexity-desc", engine=engine)
         return reuse["perplexity-desc"]
     if setting.expand == "random":
         # A fresh generator per request: decisions do not depend on evaluation order, so a
         # resumed run makes the same choices as an uninterrupted one.
-        return RandomPolicy(seed=zlib.crc32(f"{seed}:{line}:{n}".encode()))
+        return resolve_policy("random", seed=zlib.crc32(f"{seed}:{line}:{n}".encode()))
     if setting.expand == "learned":
         return engine.policy
     if setting.expand.startswith(EXTRA_POLICY_PREFIX):  # run_qa checked that it was given
         return reuse["extra_policies"][setting.expand[len(EXTRA_POLICY_PREFIX):]]
-    return make_policy(setting.expand, encoder=engine.chunk_encoder)
+    return resolve_policy(setting.expand, engine=engine)
 
 
 def run_qa(
@@ -305,8 +303,8 @@ def run_qa(
         if s.is_refrag:
             engine.chunk_vectors(use)
         expand = "all" if s.control_of is not None else _policy_for(engine, s, seed, ex.line, n, reuse)
-        budget = s.p if s.p and s.is_refrag else None
-        res = engine.generate(ex.question, use, expand=expand, budget=budget, max_new_tokens=max_new_tokens)
+        fraction = s.p if s.p and s.is_refrag else None
+        res = engine.generate(ex.question, use, policy=expand, expand_fraction=fraction, max_new_tokens=max_new_tokens)
         st = res.stats
         log.append({
             "key": record_key(s.name, n_used, ex.line), "setting": s.name, "n": n_used, "line": ex.line,
@@ -369,7 +367,8 @@ def load_extra_policy(engine: "RefragEngine", checkpoint: str | Path) -> Any:
     """
     import torch
 
-    from ..checkpoint import load_checkpoint, load_policy
+    from ..checkpoint import load_checkpoint
+    from ..policy import load_policy
 
     ckpt = load_checkpoint(checkpoint)
     if ckpt.policy is None or ckpt.policy_config is None:

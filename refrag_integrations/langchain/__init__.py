@@ -28,7 +28,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         "refrag_integrations.langchain needs LangChain: pip install 'refrag-integrations[langchain]'"
     ) from err
 
-from ._engine import shared_engine
+from ..shared import shared_engine
 from .chat_models import ChatRefrag, RefragLLM
 from .embeddings import LocalEmbeddings
 from .retrievers import ChunkStoreRetriever, RefragCompressor, RefragRetriever, register_documents

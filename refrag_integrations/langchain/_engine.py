@@ -1,51 +1,16 @@
 """Where the LangChain adapters get their :class:`RefragEngine`: one given by the user, or one
-loaded lazily and shared by every adapter that names the same settings.
-
-Sharing matters for more than memory: the retriever side registers passages in the engine's
-process-local cache and the chat model side looks them up there, so both must use one engine.
+loaded lazily and shared (:func:`refrag_integrations.shared.shared_engine`) by every adapter,
+LangChain or LlamaIndex, that names the same settings.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ..engine import RefragEngine
-
-_ENGINES: dict[tuple[Any, ...], RefragEngine] = {}
-_ENGINES_LOCK = threading.Lock()
-
-
-def shared_engine(
-    checkpoint: str | None = None,
-    *,
-    decoder: str | None = None,
-    encoder: str | None = None,
-    chunk_size: int | None = None,
-    device: str | None = None,
-) -> RefragEngine:
-    """The process-wide engine for these settings, loaded on first use and reused afterwards.
-
-    Arguments are those of :meth:`RefragEngine.from_pretrained`; with none, the offline default
-    models (and the packaged trained checkpoint, when there is one).
-
-    Example:
-        >>> from refrag_integrations.langchain import shared_engine
-        >>> engine = shared_engine()                                    # doctest: +SKIP
-        >>> engine is shared_engine()                                   # doctest: +SKIP
-        True
-    """
-    key = (checkpoint, decoder, encoder, chunk_size, device)
-    with _ENGINES_LOCK:  # held while loading, so two threads never load the same models twice
-        engine = _ENGINES.get(key)
-        if engine is None:
-            engine = RefragEngine.from_pretrained(
-                checkpoint, decoder=decoder, encoder=encoder, chunk_size=chunk_size, device=device
-            )
-            _ENGINES[key] = engine
-        return engine
+from ..shared import loaded_shared_engine, shared_engine
 
 
 class RefragEngineFields(BaseModel):
@@ -99,8 +64,9 @@ class RefragEngineFields(BaseModel):
             return str(self.engine.config.decoder)
         if self.decoder is not None:
             return self.decoder
-        key = (self.checkpoint, self.decoder, self.encoder, self.chunk_size, self.device)
-        loaded = _ENGINES.get(key)
+        loaded = loaded_shared_engine(
+            self.checkpoint, decoder=self.decoder, encoder=self.encoder, chunk_size=self.chunk_size, device=self.device
+        )
         if loaded is not None:
             return str(loaded.config.decoder)
         if self.checkpoint is not None:  # the checkpoint names its decoder in its small json file

@@ -27,15 +27,16 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Chat
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation, GenerationChunk, LLMResult
 from langchain_core.runnables.config import run_in_executor
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..config import DEFAULT_MAX_NEW_TOKENS
 from ..engine import GenerationResult, PreparedInput, RefragEngine
 from ._engine import RefragEngineFields
-from .retrievers import check_budget, check_expand
+from .retrievers import check_expand_fraction, check_max_expanded, check_policy, renamed_settings
 
-# Options a single call may override, e.g. ``llm.invoke(msgs, max_tokens=16)`` or ``.bind(...)``.
-CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "seed", "expand", "budget")
+# Options a single call may override, e.g. ``llm.invoke(msgs, max_tokens=16)`` or ``.bind(...)``
+# (``expand`` / ``budget``: deprecated names of policy / expand_fraction, max_expanded).
+CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "seed", "policy", "expand_fraction", "max_expanded")
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool", "function": "function"}
 # Content blocks an earlier assistant turn may carry that are not text and not input media.
@@ -104,10 +105,12 @@ def query_of(engine: RefragEngine, text: str) -> str:
 
 def check_option(name: str, value: Any) -> Any:
     """Validate one generation option (at construction and per call); returns it unchanged."""
-    if name == "expand":
-        return check_expand(value)
-    if name == "budget":
-        return check_budget(value)
+    if name == "policy":
+        return check_policy(value)
+    if name == "expand_fraction":
+        return check_expand_fraction(value)
+    if name == "max_expanded":
+        return check_max_expanded(value)
     if name == "max_tokens" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"max_tokens must be an integer >= 1, got {value!r}.")
     if name == "temperature" and value is not None and (not isinstance(value, (int, float)) or value < 0):
@@ -117,12 +120,6 @@ def check_option(name: str, value: Any) -> Any:
     if name == "seed" and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"seed must be an integer or None, got {value!r}.")
     return value
-
-
-def _count_tokens(engine: RefragEngine, text: str, add_special_tokens: bool) -> list[int]:
-    # The engine's lock: fast tokenizers carry mutable state shared with chunking.
-    with engine._lock:
-        return list(engine.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 # --------------------------------------------------------------------------- shared base
@@ -137,15 +134,19 @@ class RefragGenerationFields(RefragEngineFields):
     model_name: str | None = Field(
         default=None, alias="model", description="Name reported in traces and metadata (None: the decoder's name)."
     )
-    expand: Any = Field(
+    policy: Any = Field(
         default=None,
         description="Expansion policy for the passages found in the prompt. None: the decisions "
         "registered by the retriever (passages registered without one follow the engine's default "
         "policy). 'all': ordinary full-context decoding (every chunk stays tokens) - the baseline. "
-        "'none', 'random', 'relevance' or an ExpansionPolicy: that policy, ignoring registered decisions.",
+        "'none', 'random', 'relevance', 'perplexity-desc' or an ExpansionPolicy: that policy, ignoring "
+        "registered decisions.",
     )
-    budget: Any = Field(
-        default=None, description="Expansion budget for a policy: fraction p (float) or max count (int)."
+    expand_fraction: float | None = Field(
+        default=None, description="Expand fraction p for a policy (None: the engine's default)."
+    )
+    max_expanded: int | None = Field(
+        default=None, description="At most this many chunks kept as tokens (None: the engine's default)."
     )
     max_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, description="Maximum number of tokens to generate.")
     temperature: float | None = Field(
@@ -156,6 +157,11 @@ class RefragGenerationFields(RefragEngineFields):
     stop: list[str] | None = Field(
         default=None, description="Stop sequences (generation ends before them); a call's stop replaces these."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        return renamed_settings(values) if isinstance(values, dict) else values
 
     @field_validator(*CALL_OPTIONS)
     @classmethod
@@ -171,6 +177,7 @@ class RefragGenerationFields(RefragEngineFields):
 
     def _options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Merge call-time options over the instance's; refuse unknown ones."""
+        kwargs = renamed_settings(kwargs)
         unknown = sorted(set(kwargs) - set(CALL_OPTIONS) - {"model"})
         if unknown:
             raise TypeError(f"Unknown option(s) {unknown} for {type(self).__name__}; known: {list(CALL_OPTIONS)}.")
@@ -186,8 +193,9 @@ class RefragGenerationFields(RefragEngineFields):
         if any(not isinstance(s, str) for s in stops):
             raise TypeError(f"stop must be a list of strings, got {stops!r}.")
         return {
-            "expand": opts["expand"],
-            "budget": opts["budget"],
+            "policy": opts["policy"],
+            "expand_fraction": opts["expand_fraction"],
+            "max_expanded": opts["max_expanded"],
             "gen": {
                 "max_new_tokens": opts["max_tokens"],
                 "do_sample": bool(temperature),
@@ -203,8 +211,9 @@ class RefragGenerationFields(RefragEngineFields):
             "model_name": self.resolved_model_name,
             "checkpoint": self.checkpoint,
             "chunk_size": self.chunk_size,
-            "expand": self.expand if self.expand is None or isinstance(self.expand, str) else repr(self.expand),
-            "budget": self.budget if self.budget is None or isinstance(self.budget, (int, float)) else repr(self.budget),
+            "policy": self.policy if self.policy is None or isinstance(self.policy, str) else repr(self.policy),
+            "expand_fraction": self.expand_fraction,
+            "max_expanded": self.max_expanded,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -220,7 +229,8 @@ class RefragGenerationFields(RefragEngineFields):
     def _prepare(self, engine: RefragEngine, inputs: Any, options: dict[str, Any]) -> PreparedInput:
         prompt, add_special, query = self._prompt(engine, inputs)
         return engine.prepare_prompt(
-            prompt, query=query, expand=options["expand"], budget=options["budget"], add_special_tokens=add_special
+            prompt, query=query, policy=options["policy"], expand_fraction=options["expand_fraction"],
+            max_expanded=options["max_expanded"], add_special_tokens=add_special,
         )
 
     def _result_metadata(self, result: GenerationResult) -> tuple[UsageMetadata, dict[str, Any]]:
@@ -297,7 +307,7 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
     Example:
         >>> from refrag_integrations.langchain import ChatRefrag, RefragRetriever
         >>> llm = ChatRefrag(max_tokens=32)                                 # REFRAG decoding
-        >>> baseline = ChatRefrag(expand="all", max_tokens=32)              # full-context decoding
+        >>> baseline = ChatRefrag(policy="all", max_tokens=32)              # full-context decoding
         >>> chain = (
         ...     {"context": RefragRetriever(base_retriever=retriever) | format_docs,
         ...      "question": RunnablePassthrough()}
@@ -345,7 +355,7 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
         """Token ids of ``text`` under the decoder's own (local) tokenizer."""
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
-        return _count_tokens(self.get_engine(), text, add_special_tokens=False)
+        return self.get_engine().tokenize(text, add_special_tokens=False)
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         """Tokens of the rendered prompt, uncompressed (what an ordinary chat model would read)."""
@@ -353,7 +363,7 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
             raise ValueError("ChatRefrag does not support tools, so it cannot count their tokens.")
         engine = self.get_engine()
         prompt, add_special = render_messages(engine, messages)
-        return len(_count_tokens(engine, prompt, add_special_tokens=add_special))
+        return len(engine.tokenize(prompt, add_special_tokens=add_special))
 
     # ------------------------------------------------------------------ generation
 
@@ -455,7 +465,7 @@ class RefragLLM(RefragGenerationFields, LLM):
         """Token ids of ``text`` under the decoder's own (local) tokenizer."""
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
-        return _count_tokens(self.get_engine(), text, add_special_tokens=False)
+        return self.get_engine().tokenize(text, add_special_tokens=False)
 
     def _info(self, result: GenerationResult) -> dict[str, Any]:
         usage, meta = self._result_metadata(result)

@@ -18,6 +18,7 @@ decision registered last applies to both prompts.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 from langchain_core.callbacks import (
@@ -28,11 +29,11 @@ from langchain_core.callbacks import (
 from langchain_core.documents import BaseDocumentCompressor, Document
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables.config import run_in_executor
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ..config import DEFAULT_TOP_K
 from ..engine import RefragEngine
-from ..policy import POLICY_NAMES, ExpansionBudget, ExpansionPolicy, as_budget
+from ..policy import POLICY_NAMES, ExpansionPolicy, as_budget
 from ._engine import RefragEngineFields
 
 # Metadata keys the adapters add to each Document (small values only).
@@ -42,23 +43,92 @@ CHUNKS_KEY = "refrag_chunks"
 COMPRESSION_RATE_KEY = "refrag_compression_rate"
 
 
-def check_expand(value: Any) -> Any:
-    """Validate an ``expand`` setting: None, a policy name, or an :class:`ExpansionPolicy`."""
+def check_policy(value: Any) -> Any:
+    """Validate a ``policy`` setting: None, a policy name, or an :class:`ExpansionPolicy`."""
     if value is None or isinstance(value, ExpansionPolicy):
         return value
     if isinstance(value, str):
         if value not in POLICY_NAMES:
-            raise ValueError(f"expand must be one of {POLICY_NAMES} or an ExpansionPolicy, got {value!r}.")
+            raise ValueError(f"policy must be one of {POLICY_NAMES} or an ExpansionPolicy, got {value!r}.")
         return value
-    raise TypeError(f"expand must be a policy name, an ExpansionPolicy or None, got {type(value).__name__}.")
+    raise TypeError(f"policy must be a policy name, an ExpansionPolicy or None, got {type(value).__name__}.")
 
 
-def check_budget(value: Any) -> Any:
-    """Validate an expansion budget: None, a fraction p (float), a max count (int) or an
-    :class:`ExpansionBudget`."""
-    if value is not None:
-        as_budget(value)  # raises TypeError / ValueError naming the problem
+def check_expand_fraction(value: Any) -> Any:
+    """Validate an expand fraction p: None or a number in [0, 1]."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0):
+        raise ValueError(f"expand_fraction (p) must be a number in [0, 1] or None, got {value!r}.")
     return value
+
+
+def check_max_expanded(value: Any) -> Any:
+    """Validate a cap on expanded chunks: None or a non-negative integer."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"max_expanded must be a non-negative integer or None, got {value!r}.")
+    return value
+
+
+def renamed_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """Map the deprecated names ``expand`` and ``budget`` onto ``policy`` and ``expand_fraction``
+    / ``max_expanded`` (with a DeprecationWarning); other keys pass through."""
+    values = dict(values)
+    if "expand" in values:
+        warnings.warn("expand= is deprecated; use policy=.", DeprecationWarning, stacklevel=4)
+        expand = values.pop("expand")
+        if values.get("policy") is not None:
+            raise ValueError("Give policy= only; expand= is its deprecated name.")
+        values["policy"] = expand
+    if "budget" in values:
+        warnings.warn("budget= is deprecated; use expand_fraction= and/or max_expanded=.", DeprecationWarning, stacklevel=4)
+        budget = values.pop("budget")
+        if budget is not None:
+            if values.get("expand_fraction") is not None or values.get("max_expanded") is not None:
+                raise ValueError("Give expand_fraction= / max_expanded= only; budget= is their deprecated name.")
+            b = as_budget(budget)  # raises TypeError / ValueError naming the problem
+            values["expand_fraction"], values["max_expanded"] = b.fraction, b.max_count
+    return values
+
+
+class ExpansionFields(BaseModel):
+    """The expansion settings of the retrieval side (mixed into the LangChain classes):
+    the expansion policy, the expand fraction p and a cap on expanded chunks."""
+
+    policy: Any = Field(
+        default=None,
+        description="Expansion policy (name: all, none, random, relevance, perplexity-desc; or an "
+        "ExpansionPolicy). None = the engine's default policy (a learned one when the checkpoint has it).",
+    )
+    expand_fraction: float | None = Field(
+        default=None, description="Expand fraction p: the fraction of chunks kept as tokens. None = the engine's default."
+    )
+    max_expanded: int | None = Field(
+        default=None, description="At most this many chunks kept as tokens. None = the engine's default."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        return renamed_settings(values) if isinstance(values, dict) else values
+
+    @field_validator("policy")
+    @classmethod
+    def _check_policy(cls, value: Any) -> Any:
+        return check_policy(value)
+
+    @field_validator("expand_fraction")
+    @classmethod
+    def _check_expand_fraction(cls, value: Any) -> Any:
+        return check_expand_fraction(value)
+
+    @field_validator("max_expanded")
+    @classmethod
+    def _check_max_expanded(cls, value: Any) -> Any:
+        return check_max_expanded(value)
+
+    def _register(self, engine: RefragEngine, documents: Sequence[Document], query: str) -> list[Document]:
+        return register_documents(
+            engine, documents, query, self.policy, expand_fraction=self.expand_fraction, max_expanded=self.max_expanded
+        )
 
 
 def passage_text(page_content: str) -> str:
@@ -72,8 +142,10 @@ def register_documents(
     engine: RefragEngine,
     documents: Sequence[Document],
     query: str,
-    expand: Any = None,
-    budget: ExpansionBudget | float | int | None = None,
+    policy: Any = None,
+    *,
+    expand_fraction: float | None = None,
+    max_expanded: int | None = None,
 ) -> list[Document]:
     """Decide, fetch chunk vectors for, and register the passages of ``documents``.
 
@@ -81,8 +153,8 @@ def register_documents(
         engine: the engine whose cache the chat model will read.
         documents: retrieved documents; empty ones pass through untouched.
         query: the question (query-aware policies read it).
-        expand: the expansion policy (object or name); None = the engine's default policy.
-        budget: the expansion budget (fraction p, max count); None = the engine's default.
+        policy: the expansion policy (object or name); None = the engine's default policy.
+        expand_fraction, max_expanded: the expansion budget; None = the engine's default.
 
     Returns:
         New ``Document`` objects with the same ``page_content``, ``id`` and metadata plus
@@ -91,7 +163,7 @@ def register_documents(
 
     Example:
         >>> docs = register_documents(engine, [Document("Hamlet is a tragedy by Shakespeare.")],
-        ...                           "Who wrote Hamlet?", expand="none")       # doctest: +SKIP
+        ...                           "Who wrote Hamlet?", policy="none")       # doctest: +SKIP
         >>> docs[0].metadata["refrag_expanded"]                              # doctest: +SKIP
         []
     """
@@ -104,26 +176,20 @@ def register_documents(
     if not isinstance(query, str):
         raise TypeError(f"query must be a str, got {type(query).__name__}.")
     texts = [passage_text(d.page_content) for d in docs]
-    unique = list(dict.fromkeys(t for t in texts if t))  # a passage found twice is decided once
-    if not unique:
+    registered = engine.register_retrieved(
+        query, [t for t in texts if t], policy, expand_fraction=expand_fraction, max_expanded=max_expanded
+    )
+    if not registered:
         return docs
-    decisions = engine.decide(query, unique, expand, budget)
-    vectors: list[Any] = [None] * len(unique)
-    if any(not all(d) for d in decisions):
-        # Fetched (or encoded) here, at retrieval time, so the chat model's prefill needs none.
-        vectors, _, _ = engine.chunk_vectors(unique)
-    info: dict[str, dict[str, Any]] = {}
-    for text, decision, vecs in zip(unique, decisions, vectors):
-        pid = engine.register_passage(text, vecs, decision)
-        chunks = engine.chunk(text)
-        tokens = sum(len(c.token_ids) for c in chunks)
-        positions = sum(len(c.token_ids) if keep else 1 for c, keep in zip(chunks, decision))
-        info[text] = {
-            PASSAGE_ID_KEY: pid,
-            EXPANDED_KEY: [i for i, keep in enumerate(decision) if keep],
-            CHUNKS_KEY: len(chunks),
-            COMPRESSION_RATE_KEY: round(tokens / max(positions, 1), 4),
+    info = {
+        p.text: {
+            PASSAGE_ID_KEY: p.passage_id,
+            EXPANDED_KEY: p.expanded,
+            CHUNKS_KEY: len(p.expand),
+            COMPRESSION_RATE_KEY: round(p.compression_rate, 4),
         }
+        for p in registered
+    }
     out = []
     for doc, text in zip(docs, texts):
         if not text:
@@ -133,7 +199,7 @@ def register_documents(
     return out
 
 
-class RefragCompressor(RefragEngineFields, BaseDocumentCompressor):
+class RefragCompressor(RefragEngineFields, ExpansionFields, BaseDocumentCompressor):
     """A document compressor that prepares retrieved passages for REFRAG decoding.
 
     It keeps every document and its text (it compresses the *decoder input*, not the list):
@@ -143,31 +209,10 @@ class RefragCompressor(RefragEngineFields, BaseDocumentCompressor):
 
     Example:
         >>> from refrag_integrations.langchain import ChatRefrag, RefragCompressor
-        >>> compressor = RefragCompressor(expand="relevance", budget=0.25)   # doctest: +SKIP
+        >>> compressor = RefragCompressor(policy="relevance", expand_fraction=0.25)   # doctest: +SKIP
         >>> docs = compressor.compress_documents(vectorstore.similarity_search(q), q)  # doctest: +SKIP
         >>> ChatRefrag().invoke(f"{docs[0].page_content}\\n\\nQuestion: {q}")   # doctest: +SKIP
     """
-
-    expand: Any = Field(
-        default=None,
-        description="Expansion policy (name: all, none, random, relevance; or an ExpansionPolicy). "
-        "None = the engine's default policy (a learned one when the checkpoint has it).",
-    )
-    budget: Any = Field(
-        default=None,
-        description="Expansion budget: fraction p of chunks kept as tokens (float), a max count "
-        "(int) or an ExpansionBudget. None = the engine's default.",
-    )
-
-    @field_validator("expand")
-    @classmethod
-    def _check_expand(cls, value: Any) -> Any:
-        return check_expand(value)
-
-    @field_validator("budget")
-    @classmethod
-    def _check_budget(cls, value: Any) -> Any:
-        return check_budget(value)
 
     def compress_documents(
         self,
@@ -176,7 +221,7 @@ class RefragCompressor(RefragEngineFields, BaseDocumentCompressor):
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
         """Register ``documents`` for ``query``; returns them with REFRAG metadata added."""
-        return register_documents(self.get_engine(), documents, query, self.expand, self.budget)
+        return self._register(self.get_engine(), documents, query)
 
     async def acompress_documents(
         self,
@@ -188,7 +233,7 @@ class RefragCompressor(RefragEngineFields, BaseDocumentCompressor):
         return await run_in_executor(None, self.compress_documents, documents, query, callbacks)
 
 
-class RefragRetriever(RefragEngineFields, BaseRetriever):
+class RefragRetriever(RefragEngineFields, ExpansionFields, BaseRetriever):
     """Wraps any LangChain retriever: same documents, ready for REFRAG decoding.
 
     Swap it in for your retriever and swap your chat model for
@@ -200,7 +245,7 @@ class RefragRetriever(RefragEngineFields, BaseRetriever):
         >>> from refrag_integrations.langchain import LocalEmbeddings, RefragRetriever
         >>> store = Chroma.from_texts(passages, LocalEmbeddings())           # doctest: +SKIP
         >>> retriever = RefragRetriever(base_retriever=store.as_retriever(), k=3,
-        ...                             expand="relevance", budget=0.25)      # doctest: +SKIP
+        ...                             policy="relevance", expand_fraction=0.25)  # doctest: +SKIP
         >>> docs = retriever.invoke("Who wrote Hamlet?")                      # doctest: +SKIP
         >>> docs[0].metadata["refrag_compression_rate"]                       # doctest: +SKIP
     """
@@ -211,19 +256,6 @@ class RefragRetriever(RefragEngineFields, BaseRetriever):
         description="How many documents to return (passed to the base retriever as k, and the "
         "result cut to it). None = whatever the base retriever returns. Overridable per call.",
     )
-    expand: Any = Field(default=None, description="Expansion policy; see RefragCompressor.expand.")
-    budget: Any = Field(default=None, description="Expansion budget; see RefragCompressor.budget.")
-
-    @field_validator("expand")
-    @classmethod
-    def _check_expand(cls, value: Any) -> Any:
-        return check_expand(value)
-
-    @field_validator("budget")
-    @classmethod
-    def _check_budget(cls, value: Any) -> Any:
-        return check_budget(value)
-
     @field_validator("k")
     @classmethod
     def _check_k(cls, value: int | None) -> int | None:
@@ -241,7 +273,7 @@ class RefragRetriever(RefragEngineFields, BaseRetriever):
         k, kwargs = self._base_kwargs(kwargs)
         docs = self.base_retriever.invoke(query, config={"callbacks": run_manager.get_child()}, **kwargs)
         docs = docs[:k] if k is not None else docs
-        return register_documents(self.get_engine(), docs, query, self.expand, self.budget)
+        return self._register(self.get_engine(), docs, query)
 
     async def _aget_relevant_documents(
         self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun, **kwargs: Any
@@ -251,7 +283,7 @@ class RefragRetriever(RefragEngineFields, BaseRetriever):
         docs = docs[:k] if k is not None else docs
         # Loading, encoding and the policy are model work: keep them off the event loop.
         return await run_in_executor(
-            None, lambda: register_documents(self.get_engine(), docs, query, self.expand, self.budget)
+            None, lambda: self._register(self.get_engine(), docs, query)
         )
 
 

@@ -33,7 +33,8 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         "    pip install 'refrag-integrations[llamaindex]'"
     ) from err
 
-from ._request import collect_generation_stats, shared_engine
+from ..shared import shared_engine
+from ._request import collect_generation_stats
 from .embeddings import SentenceTransformerEmbedding
 from .llm import ContextWindowExceededError, RefragLLM, compressed_context_window, expected_expand_fraction
 from .postprocessor import (

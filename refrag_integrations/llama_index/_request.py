@@ -12,42 +12,16 @@ generation stats (:func:`collect_generation_stats`).
 from __future__ import annotations
 
 import contextlib
-import threading
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Iterator, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..engine import GenerationStats, RefragEngine
+    from ..engine import GenerationStats
 
 # passage id -> per-chunk decisions (True = expand), from the latest postprocessing in this context
 _DECISIONS: ContextVar[Mapping[str, tuple[bool, ...]] | None] = ContextVar("refrag_decisions", default=None)
 # where RefragLLM appends the stats of every generation made in this context
 _STATS_SINK: ContextVar[list | None] = ContextVar("refrag_stats_sink", default=None)
-
-_ENGINES: dict[str | None, "RefragEngine"] = {}
-_ENGINES_LOCK = threading.Lock()
-
-
-def shared_engine(checkpoint: str | None = None) -> "RefragEngine":
-    """The process-wide engine for ``checkpoint`` (None: the packaged default, if any), loaded once.
-
-    The postprocessor and the LLM must share one engine, because the LLM finds the passages the
-    postprocessor registered in that engine's cache; both fall back to this function when they are
-    built without an explicit ``engine``.
-
-    Example:
-        >>> shared_engine() is shared_engine()   # doctest: +SKIP
-        True
-    """
-    with _ENGINES_LOCK:
-        engine = _ENGINES.get(checkpoint)
-        if engine is None:
-            from ..engine import RefragEngine
-
-            engine = RefragEngine.from_pretrained(checkpoint)
-            _ENGINES[checkpoint] = engine
-        return engine
-
 
 def set_decisions(decisions: Mapping[str, tuple[bool, ...]]) -> None:
     """Make ``decisions`` (passage id -> per-chunk expand flags) the current request's."""

@@ -10,7 +10,6 @@ A prompt without registered passages is ordinary generation on the same decoder.
 from __future__ import annotations
 
 import asyncio
-import copy
 import threading
 import time
 from typing import Any, Iterator, List, Optional, Sequence
@@ -34,7 +33,8 @@ from ..chunking import passage_id
 from ..config import DEFAULT_MAX_NEW_TOKENS, PROMPT_RESERVE_TOKENS
 from ..engine import GenerationResult, GenerationStats, PreparedInput, RefragEngine
 from ..policy import ExpandAll, ExpandNone, ExpansionBudget, ExpansionPolicy, as_budget
-from ._request import current_decisions, shared_engine, stats_sink
+from ..shared import shared_engine
+from ._request import current_decisions, stats_sink
 
 STATS_KEY = "refrag_stats"  # key of the stats dict in every response's additional_kwargs
 
@@ -223,9 +223,7 @@ class RefragLLM(CustomLLM):
         request may be generating, so sharing the engine's (and its lock) would stall the loop."""
         with self._tokenizer_lock:
             if self._tokenizer is None:
-                engine = self.engine
-                with engine._lock:  # copy while no engine thread is using it
-                    self._tokenizer = copy.deepcopy(engine.tokenizer)
+                self._tokenizer = self.engine.copy_tokenizer()
             return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _is_chat(self) -> bool:

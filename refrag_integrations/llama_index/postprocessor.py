@@ -19,8 +19,9 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
 from ..chunking import passage_id
 from ..engine import RefragEngine
-from ..policy import POLICY_NAMES, ExpansionBudget, ExpansionPolicy, make_policy
-from ._request import set_decisions, shared_engine
+from ..policy import POLICY_NAMES, ExpansionPolicy, resolve_policy
+from ..shared import shared_engine
+from ._request import set_decisions
 
 METADATA_PASSAGE_ID = "refrag_passage_id"
 METADATA_EXPANDED = "refrag_expanded"
@@ -123,19 +124,15 @@ class RefragNodePostprocessor(BaseNodePostprocessor):
 
     def _resolved_policy(self) -> ExpansionPolicy | None:
         if self._policy is None and self.policy is not None:
-            self._policy = make_policy(self.policy, encoder=self.engine.chunk_encoder)
+            self._policy = resolve_policy(self.policy, engine=self.engine)
         return self._policy  # None = the engine's default
-
-    def _budget(self) -> ExpansionBudget | None:
-        if self.expand_fraction is None and self.max_expanded is None:
-            return None  # the engine's default
-        return ExpansionBudget(fraction=self.expand_fraction, max_count=self.max_expanded)
 
     # ------------------------------------------------------------------ work
 
     def _plan(self, nodes: List[NodeWithScore], query: str) -> list[tuple[NodeWithScore, Any, str | None, Any]]:
-        """Copy the nodes with our metadata keys excluded, render their prompt text, and decide the
-        expansion of all their chunks in one policy call. Heavy part (may run in a thread)."""
+        """Copy the nodes with our metadata keys excluded, render their prompt text, decide the
+        expansion of all their chunks in one policy call and register the passages with the
+        engine. Heavy part (may run in a thread)."""
         copies = []
         for nws in nodes:
             node = nws.node
@@ -149,33 +146,25 @@ class RefragNodePostprocessor(BaseNodePostprocessor):
             copy = node.model_copy(update=update)
             text = passage_text(copy)
             copies.append((nws, copy, text or None))
-        unique = list(dict.fromkeys(t for _, _, t in copies if t))
-        plan: dict[str, tuple[Any, list[bool]]] = {}
-        if unique:
-            engine = self.engine
-            policy = self._resolved_policy()
-            decisions = engine.decide(query, unique, policy, self._budget())
-            if all(all(d) for d in decisions):  # nothing compressed: no chunk vectors needed
-                vectors = [None] * len(unique)
-            else:  # computed by decide already (or fetched now): from the cache, store or encoder
-                vectors, _, _ = engine.chunk_vectors(unique)
-            for text, vec, dec in zip(unique, vectors, decisions, strict=True):
-                plan[text] = (vec, dec)
-        return [(nws, copy, text, plan.get(text)) for nws, copy, text in copies]
+        registered = {}
+        if any(t for _, _, t in copies):
+            found = self.engine.register_retrieved(
+                query, [t for _, _, t in copies if t], self._resolved_policy(),
+                expand_fraction=self.expand_fraction, max_expanded=self.max_expanded,
+            )
+            registered = {p.text: p for p in found}
+        return [(nws, copy, text, registered.get(text)) for nws, copy, text in copies]
 
     def _apply(self, planned: list) -> List[NodeWithScore]:
-        """Register the passages, tag the copies, publish the decisions to this request's context."""
-        engine = self.engine
+        """Tag the copies with their registered passages, publish the decisions to this request's context."""
         out: List[NodeWithScore] = []
         decisions: dict[str, tuple[bool, ...]] = {}
-        for nws, copy, text, decided in planned:
-            if decided is not None:
-                vec, dec = decided
-                pid = engine.register_passage(text, vec, dec)
-                decisions[pid] = tuple(dec)
-                copy.metadata[METADATA_PASSAGE_ID] = pid
-                copy.metadata[METADATA_EXPANDED] = [i for i, keep in enumerate(dec) if keep]
-                copy.metadata[METADATA_CHUNKS] = len(dec)
+        for nws, copy, text, passage in planned:
+            if passage is not None:
+                decisions[passage.passage_id] = tuple(passage.expand)
+                copy.metadata[METADATA_PASSAGE_ID] = passage.passage_id
+                copy.metadata[METADATA_EXPANDED] = passage.expanded
+                copy.metadata[METADATA_CHUNKS] = len(passage.expand)
             out.append(NodeWithScore(node=copy, score=nws.score))
         set_decisions(decisions)
         return out

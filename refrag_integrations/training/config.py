@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import DEFAULT_CHUNK_SIZE, DEFAULT_DATA_DIR
+
 STAGES = ("reconstruct", "cpt", "mixed", "sft", "distill", "policy")
 #: expand_fraction when a config gives none: mixed uses the paper's p = 0.1; sft trains and the
 #: policy chooses at the p = 0.25 the evaluations and the default checkpoint use.
@@ -46,7 +48,7 @@ class TrainConfig:
     )
     decoder: str | None = field(default=None, metadata={"help": "Decoder (default: RefragConfig's)."})
     encoder: str | None = field(default=None, metadata={"help": "Encoder (default: RefragConfig's)."})
-    chunk_size: int = field(default=16, metadata={"help": "k, decoder tokens per chunk."})
+    chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "k, decoder tokens per chunk."})
     chunk_context: str | None = field(
         default=None,
         metadata={"help": "What a chunk vector sees: 'chunk' (its own tokens, the paper) or 'passage' (its whole "
@@ -68,7 +70,7 @@ class TrainConfig:
                   "max_chunks compressed chunks)."},
     )
     data_dir: str = field(
-        default="../shared/data",
+        default=DEFAULT_DATA_DIR,
         metadata={"help": "Directory with the shared data files, read for every input that corpus, heldout, qa and "
                   "qa_eval leave unset."},
     )

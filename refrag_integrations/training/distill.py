@@ -189,10 +189,10 @@ class DistillTrainer(SFTTrainer):
             passages = rag_passages(random.Random(10_000 + i), pool, i, cfg.num_passages)[0]
             target = torch.tensor(self.answer_ids(ex.answers[0]), device=eng.device)
             settings = {"closed_book": ([], "all"), "full": (passages, "all"), "compressed_p0": (passages, "none")}
-            with eng._autocast():
+            with eng.autocast():
                 prefixes = [eng.prepare_rag(ex.question, use, expand).embeds for use, expand in settings.values()]
                 logits = dict(zip(settings, target_logits(eng, prefixes, [target] * len(settings))))
-                res = eng.generate(ex.question, passages, expand="none", max_new_tokens=24)
+                res = eng.generate(ex.question, passages, policy="none", max_new_tokens=24)
             for name in settings:
                 nll[name].append(float(F.cross_entropy(logits[name], target)))
             hits.append(float(match_score(res.text, ex.answers)))

@@ -63,7 +63,7 @@ def context_blocks(
     return torch.stack(rows, 0)
 
 
-def _lm_loss(engine: "RefragEngine", prefix: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_loss(engine: "RefragEngine", prefix: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced loss of ``targets (B, T)`` after ``prefix (B, P, d)`` embeddings.
     Returns (per-token NLL (B, T), per-token correct (B, T))."""
     embed = engine.decoder.get_input_embeddings()
@@ -82,7 +82,7 @@ def reconstruction_loss(engine: "RefragEngine", windows: torch.Tensor) -> tuple[
     """The decoder must reproduce all L*k context tokens autoregressively from the L chunk vectors
     (jointly over all chunks)."""
     prefix = context_blocks(engine, windows)  # (B, L, d)
-    nll, correct = _lm_loss(engine, prefix, windows)
+    nll, correct = lm_loss(engine, prefix, windows)
     return nll.mean(), {"acc": float(correct.float().mean())}
 
 
@@ -103,7 +103,7 @@ def continuation_loss(
     """CPT / mixed: predict the next paragraph ``continuation (B, o)`` from the (mostly)
     compressed ``context (B, s)``."""
     prefix = context_blocks(engine, context, expand)
-    nll, correct = _lm_loss(engine, prefix, continuation)
+    nll, correct = lm_loss(engine, prefix, continuation)
     return nll.mean(), {"acc": float(correct.float().mean())}
 
 
@@ -118,7 +118,7 @@ def continuation_nll(
         # No context: the first continuation token is predicted from BOS-free start, so score
         # tokens 2..o in every mode for a like-for-like comparison.
         prefix = embed(continuation[:, :1])
-        nll, _ = _lm_loss(engine, prefix, continuation[:, 1:])
+        nll, _ = lm_loss(engine, prefix, continuation[:, 1:])
         return nll.mean(1)
     if context is None:
         raise ValueError(f"mode {mode!r} needs a context.")
@@ -129,7 +129,7 @@ def continuation_nll(
     else:
         raise ValueError(f"mode must be 'none', 'full' or 'compressed', got {mode!r}.")
     prefix = torch.cat([prefix, embed(continuation[:, :1]).to(prefix.dtype)], 1)
-    nll, _ = _lm_loss(engine, prefix, continuation[:, 1:])
+    nll, _ = lm_loss(engine, prefix, continuation[:, 1:])
     return nll.mean(1)
 
 
@@ -152,8 +152,8 @@ def reconstruction_eval(
         nlls, accs = [], []
         for i in range(0, len(wins), batch):
             w = torch.tensor(wins[i : i + batch], device=engine.device)
-            with engine._autocast():
-                nll, correct = _lm_loss(engine, context_blocks(engine, w), w)
+            with engine.autocast():
+                nll, correct = lm_loss(engine, context_blocks(engine, w), w)
             nlls.append(nll.mean(1).float().cpu())
             accs.append(correct.float().mean(1).cpu())
             bar.update(1)
@@ -179,7 +179,7 @@ def next_paragraph_eval(
                   disable=not progress):
         w = torch.tensor(wins[i : i + batch], device=engine.device)
         ctx, cont = w[:, : num_chunks * k], w[:, num_chunks * k :]
-        with engine._autocast():
+        with engine.autocast():
             for mode in res:
                 res[mode].append(continuation_nll(engine, ctx, cont, mode).float().cpu())
     out = {f"log_ppl_{m}": float(torch.cat(v).mean()) for m, v in res.items()}

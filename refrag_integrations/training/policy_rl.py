@@ -1,4 +1,6 @@
-"""The RL selective-expansion policy (stage ``policy``) and the perplexity-desc baseline.
+"""Training the RL selective-expansion policy (stage ``policy``). The policy itself
+(:class:`~refrag_integrations.policy.LearnedPolicy`) and the perplexity-desc baseline live in
+:mod:`refrag_integrations.policy`, so inference never imports this module.
 
 The paper's policy (training recipe, step 6): a 2-layer transformer reads the pre-projection chunk
 vectors c_i of all retrieved chunks and gives one logit per chunk; it picks T' = floor(p L) chunks
@@ -44,9 +46,9 @@ does not apply (only the small policy trains).
 Example:
     >>> from refrag_integrations import RefragEngine                          # doctest: +SKIP
     >>> engine = RefragEngine.from_pretrained("runs/policy/checkpoint")        # doctest: +SKIP
-    >>> engine.generate("Who wrote Hamlet?", passages, budget=0.25).text       # doctest: +SKIP
+    >>> engine.generate("Who wrote Hamlet?", passages, expand_fraction=0.25).text  # doctest: +SKIP
 
-    The checkpoint's learned policy is the engine's default policy; ``budget`` may be left out,
+    The checkpoint's learned policy is the engine's default policy; ``expand_fraction`` may be left out,
     the policy then expands the fraction p it was trained for.
 """
 
@@ -58,51 +60,34 @@ import math
 import random
 import signal
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..checkpoint import save_checkpoint
 from ..config import (
     DEFAULT_EXPAND_FRACTION,
-    DEFAULT_PASSAGE_CACHE_SIZE,
     GRPO_STD_EPS,
     POLICY_EVAL_SEED,
-    POLICY_HEADS,
-    POLICY_LAYERS,
-    POLICY_MAX_CHUNK_INDEX,
-    POLICY_PAD_TOLERANCE,
-    POLICY_REWARD_BATCH,
-    POLICY_SIM_SCALE,
-    POLICY_WIDTH,
 )
 from ..policy import (
-    ExpandAll,
-    ExpandNone,
     ExpansionBudget,
     ExpansionPolicy,
-    QueryRelevancePolicy,
-    RandomPolicy,
-    as_budget,
-    top_k_mask,
+    LearnedPolicy,
+    resolve_policy,
 )
 from .config import TrainConfig
 from .trainer import CHECKPOINT_DIR, Trainer, micro_batch_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..chunking import Chunk
-    from ..encoder import ChunkEncoder
     from ..engine import RefragEngine
 
 logger = logging.getLogger(__name__)
 
-POLICY_CLASS = "refrag_integrations.training.policy_rl:LearnedPolicy"
-POLICY_FORMAT = 1
 VARIANTS = ("chunks", "query")  # the paper's policy, the query-conditioned one
 
 
@@ -204,389 +189,7 @@ def reference_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.
     return (torch.exp(diff) - diff - 1.0).mean()
 
 
-# --------------------------------------------------------------------------- the network
-
-
-class _Block(nn.Module):
-    """Pre-norm bidirectional transformer block over one sequence of chunk tokens ``(N, w)``."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.ln2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, w = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(N, 3, self.heads, w // self.heads).permute(1, 2, 0, 3)  # (H, N, dh) each
-        att = F.scaled_dot_product_attention(q, k, v)  # (H, N, dh), every chunk sees every chunk
-        x = x + self.proj(att.transpose(0, 1).reshape(N, w))  # (N, w)
-        return x + self.mlp(self.ln2(x))
-
-
-class PolicyNetwork(nn.Module):
-    """c_i -> one logit per chunk: input projection, index-in-passage embedding, a small
-    transformer, a linear head (zero-initialised, so an untrained policy is uniform).
-
-    Args:
-        encoder_dim: width of the chunk vectors c_i.
-        width, heads, layers: transformer size (paper: 2 layers).
-        max_chunk_index: learned index-in-passage embeddings; larger indices share the last one.
-        query_conditioned: add the query token and the cosine term (the ``query`` variant).
-        sim_scale: initial weight of cos(c_i, query) in the logits (query variant).
-    """
-
-    def __init__(
-        self,
-        encoder_dim: int,
-        width: int = POLICY_WIDTH,
-        heads: int = POLICY_HEADS,
-        layers: int = POLICY_LAYERS,
-        max_chunk_index: int = POLICY_MAX_CHUNK_INDEX,
-        query_conditioned: bool = False,
-        sim_scale: float = POLICY_SIM_SCALE,
-    ) -> None:
-        super().__init__()
-        for name, value in (("encoder_dim", encoder_dim), ("width", width), ("heads", heads),
-                            ("layers", layers), ("max_chunk_index", max_chunk_index)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if width % heads:
-            raise ValueError(f"width={width} must be divisible by heads={heads}.")
-        self.query_conditioned = bool(query_conditioned)
-        self.max_chunk_index = max_chunk_index
-        self.in_proj = nn.Linear(encoder_dim, width)
-        self.chunk_index = nn.Embedding(max_chunk_index, width)
-        self.blocks = nn.ModuleList(_Block(width, heads) for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-        if self.query_conditioned:
-            self.query_type = nn.Parameter(torch.zeros(width))
-            self.sim_scale = nn.Parameter(torch.tensor(float(sim_scale)))
-
-    def forward(self, vectors: torch.Tensor, index: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(L,)`` for chunk vectors ``(L, d_enc)`` with index-in-passage ``(L,)`` and,
-        for the query variant, the query vector ``(d_enc,)``."""
-        x = self.in_proj(vectors) + self.chunk_index(index.clamp(max=self.max_chunk_index - 1))  # (L, w)
-        if self.query_conditioned:
-            if query is None:
-                raise ValueError("the query-conditioned policy needs the query vector.")
-            x = torch.cat([(self.in_proj(query) + self.query_type).unsqueeze(0), x], 0)  # (1 + L, w)
-        for block in self.blocks:
-            x = block(x)
-        if self.query_conditioned:
-            x = x[1:]  # (L, w): no logit for the query token
-        logits = self.head(self.norm(x)).squeeze(-1)  # (L,)
-        if self.query_conditioned:
-            logits = logits + self.sim_scale * F.cosine_similarity(vectors, query.unsqueeze(0), dim=-1)
-        return logits
-
-
-# --------------------------------------------------------------------------- the policies
-
-
-class LearnedPolicy(ExpansionPolicy):
-    """The learned selective-expansion policy, usable wherever an :class:`ExpansionPolicy` is.
-
-    :meth:`select` is greedy (the T' highest logits; deterministic); training samples with
-    :func:`sample_sequences`. Without a budget (``None`` or an unlimited
-    :class:`ExpansionBudget`), it expands the fraction p it was trained for; pass
-    ``expand="all"`` to the engine to expand everything.
-
-    Args:
-        encoder_dim: width of the chunk vectors c_i (the chunk encoder's hidden size).
-        query_conditioned: the query variant (needs the chunk encoder to embed the query).
-        expand_fraction: the p this policy was trained for (its default budget).
-        width, heads, layers, max_chunk_index: network size (see :class:`PolicyNetwork`).
-        encoder: the :class:`ChunkEncoder` (or any ``str -> Tensor(d_enc)`` callable) that
-            embeds the query; can be attached later with :meth:`attach_encoder`.
-
-    Example:
-        >>> policy = LearnedPolicy(384, query_conditioned=True, encoder=engine.chunk_encoder)  # doctest: +SKIP
-        >>> engine.generate(question, passages, expand=policy, budget=0.25)                    # doctest: +SKIP
-        >>> save_checkpoint(path, ..., policy=policy.state_dict(), policy_config=policy.policy_config())  # doctest: +SKIP
-    """
-
-    def __init__(
-        self,
-        encoder_dim: int,
-        *,
-        query_conditioned: bool = False,
-        expand_fraction: float = DEFAULT_EXPAND_FRACTION,
-        width: int = POLICY_WIDTH,
-        heads: int = POLICY_HEADS,
-        layers: int = POLICY_LAYERS,
-        max_chunk_index: int = POLICY_MAX_CHUNK_INDEX,
-        encoder: "ChunkEncoder | Callable[[str], torch.Tensor] | None" = None,
-    ) -> None:
-        if not 0.0 <= float(expand_fraction) <= 1.0:
-            raise ValueError(f"expand_fraction must be in [0, 1], got {expand_fraction!r}.")
-        self.encoder_dim = int(encoder_dim)
-        self.query_conditioned = bool(query_conditioned)
-        self.expand_fraction = float(expand_fraction)
-        self.net = PolicyNetwork(
-            self.encoder_dim, width=width, heads=heads, layers=layers,
-            max_chunk_index=max_chunk_index, query_conditioned=self.query_conditioned,
-        )
-        self._arch = {"width": width, "heads": heads, "layers": layers, "max_chunk_index": max_chunk_index}
-        self._encoder = encoder
-        self.name = "learned-query" if self.query_conditioned else "learned"
-
-    # ------------------------------------------------------------------ persistence
-
-    def attach_encoder(self, encoder: "ChunkEncoder | Callable[[str], torch.Tensor]") -> None:
-        """Give the policy the chunk encoder that embeds queries (``build_engine`` calls this)."""
-        self._encoder = encoder
-
-    def parameters(self):
-        return self.net.parameters()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The network's weights (what ``save_checkpoint(policy=...)`` stores)."""
-        return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        try:
-            self.net.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(f"the policy weights do not fit this policy's configuration: {err}") from err
-
-    def policy_config(self) -> dict[str, Any]:
-        """The JSON config ``checkpoint.load_policy`` rebuilds this policy from."""
-        return {
-            "class": POLICY_CLASS,
-            "format": POLICY_FORMAT,
-            "encoder_dim": self.encoder_dim,
-            "query_conditioned": self.query_conditioned,
-            "expand_fraction": self.expand_fraction,
-            **self._arch,
-        }
-
-    @classmethod
-    def from_state(cls, config: dict[str, Any], state: dict[str, torch.Tensor]) -> "LearnedPolicy":
-        """Rebuild a policy from :meth:`policy_config` and :meth:`state_dict` output."""
-        cfg = dict(config)
-        cfg.pop("class", None)
-        fmt = cfg.pop("format", POLICY_FORMAT)
-        if fmt != POLICY_FORMAT:
-            raise ValueError(f"policy format {fmt!r} is not supported; this version reads {POLICY_FORMAT}.")
-        known = {"encoder_dim", "query_conditioned", "expand_fraction", "width", "heads", "layers", "max_chunk_index"}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"Unknown policy_config keys {unknown}; known keys are {sorted(known)}.")
-        if "encoder_dim" not in cfg:
-            raise ValueError("policy_config lacks 'encoder_dim'; it was not written by LearnedPolicy.policy_config().")
-        policy = cls(cfg.pop("encoder_dim"), **cfg)
-        policy.load_state_dict({k: v.float() for k, v in state.items()})
-        return policy
-
-    # ------------------------------------------------------------------ inference
-
-    def resolve_budget(self, budget: ExpansionBudget | float | int | None) -> ExpansionBudget:
-        """The budget to use: the given one, or the trained fraction p when it sets no limit."""
-        b = as_budget(budget)
-        if b.fraction is None and b.max_count is None:
-            return ExpansionBudget(fraction=self.expand_fraction)
-        return b
-
-    def embed_query(self, query: str) -> torch.Tensor:
-        """The query's vector ``(d_enc,)`` from the chunk encoder (query variant)."""
-        if self._encoder is None:
-            raise ValueError(
-                "The query-conditioned policy needs the chunk encoder to embed the query: call "
-                "policy.attach_encoder(engine.chunk_encoder) (engines loaded from a checkpoint do this)."
-            )
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError("The query-conditioned policy needs a non-empty query.")
-        with torch.no_grad():
-            if hasattr(self._encoder, "encode"):
-                q = self._encoder.encode([query])[0]
-            else:
-                q = torch.as_tensor(self._encoder(query))
-        return q.detach().float().cpu()
-
-    @staticmethod
-    def chunk_index(chunks: Sequence["Chunk"]) -> torch.Tensor:
-        """``(L,)`` index of each chunk inside its passage."""
-        try:
-            return torch.tensor([int(c.index) for c in chunks], dtype=torch.long)
-        except AttributeError as err:
-            raise TypeError("LearnedPolicy needs Chunk objects (with .index), as the engine passes them.") from err
-
-    def forward_logits(
-        self, vectors: torch.Tensor, index: torch.Tensor, query_vector: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Logits ``(L,)`` from chunk vectors ``(L, d_enc)``, indices ``(L,)`` and the query vector."""
-        if vectors.dim() != 2 or vectors.shape[1] != self.encoder_dim:
-            raise ValueError(
-                f"chunk vectors must have shape (L, {self.encoder_dim}), got {tuple(vectors.shape)}; "
-                "was this policy trained with another chunk encoder?"
-            )
-        if self.query_conditioned and query_vector is None:
-            raise ValueError("the query-conditioned policy needs query_vector.")
-        q = query_vector.float().cpu() if (self.query_conditioned and query_vector is not None) else None
-        return self.net(vectors.float().cpu(), index.cpu(), q)
-
-    def logits(self, query: str, chunks: Sequence["Chunk"], chunk_vectors: torch.Tensor) -> torch.Tensor:
-        """One logit per chunk ``(L,)`` (with gradients when grad is enabled)."""
-        if chunk_vectors is None:
-            raise ValueError("LearnedPolicy needs the chunk vectors c_i.")
-        if len(chunks) != chunk_vectors.shape[0]:
-            raise ValueError(f"{len(chunks)} chunks but {chunk_vectors.shape[0]} chunk vectors.")
-        q = self.embed_query(query) if self.query_conditioned else None
-        return self.forward_logits(chunk_vectors, self.chunk_index(chunks), q)
-
-    def select(self, query, chunks, chunk_vectors, budget=None) -> list[bool]:
-        L = len(chunks)
-        n = self.resolve_budget(budget).count(L)
-        if n == 0:
-            return [False] * L
-        if n >= L:
-            return [True] * L
-        with torch.no_grad():
-            logits = self.logits(query, chunks, chunk_vectors)
-        return top_k_mask(logits, n)  # = sequential greedy picks with masking
-
-    def __repr__(self) -> str:
-        return f"LearnedPolicy(query_conditioned={self.query_conditioned}, expand_fraction={self.expand_fraction})"
-
-
-class PerplexityDescPolicy(ExpansionPolicy):
-    """The perplexity-desc baseline: compress the low-perplexity chunks, i.e. expand the chunks
-    whose tokens the decoder finds hardest to predict (mean token NLL of the chunk given the
-    preceding text of its passage, scored after the tokenizer's BOS, else EOS, token).
-
-    Needs the engine's decoder; it works on the chunks the engine passes to :meth:`select`
-    (whole passages in prompt order). Scores are cached per passage.
-
-    Args:
-        engine: the :class:`RefragEngine` whose decoder scores the chunks.
-        cache_size: passages whose scores are kept.
-
-    Example:
-        >>> engine.generate(question, passages, expand=PerplexityDescPolicy(engine), budget=0.25)  # doctest: +SKIP
-    """
-
-    name = "perplexity-desc"
-
-    def __init__(self, engine: "RefragEngine", cache_size: int = DEFAULT_PASSAGE_CACHE_SIZE) -> None:
-        tok = engine.tokenizer
-        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        if start is None:
-            raise ValueError("PerplexityDescPolicy needs a tokenizer with a BOS or EOS token to score first tokens.")
-        self.engine = engine
-        self._start = int(start)
-        self._cache: OrderedDict[tuple[int, ...], list[float]] = OrderedDict()
-        self._cache_size = int(cache_size)
-
-    @staticmethod
-    def _passages(chunks: Sequence["Chunk"]) -> list[list["Chunk"]]:
-        groups: list[list[Chunk]] = []
-        for c in chunks:
-            index = getattr(c, "index", None)
-            if index is None or not hasattr(c, "token_ids"):
-                raise TypeError("PerplexityDescPolicy needs Chunk objects (with .index and .token_ids).")
-            if index == 0:
-                groups.append([c])
-            elif groups and index == groups[-1][-1].index + 1:
-                groups[-1].append(c)
-            else:
-                raise ValueError("chunks must be whole passages in order (chunk indices 0, 1, 2, ... per passage).")
-        return groups
-
-    @torch.no_grad()
-    def _passage_scores(self, chunks: list["Chunk"]) -> list[float]:
-        ids = [t for c in chunks for t in c.token_ids]
-        key = tuple(ids)
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        eng = self.engine
-        x = torch.tensor([[self._start] + ids], device=eng.device)  # (1, 1 + n)
-        with eng._autocast():
-            logits = eng.decoder(input_ids=x, use_cache=False).logits[0, :-1].float()  # (n, V)
-        nll = F.cross_entropy(logits, x[0, 1:], reduction="none").cpu()  # (n,)
-        scores, i = [], 0
-        for c in chunks:
-            scores.append(float(nll[i : i + len(c.token_ids)].mean()))
-            i += len(c.token_ids)
-        self._cache[key] = scores
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return scores
-
-    def chunk_perplexities(self, chunks: Sequence["Chunk"]) -> torch.Tensor:
-        """Mean token NLL (log-perplexity) of each chunk given its passage's preceding text ``(L,)``."""
-        return torch.tensor([s for group in self._passages(chunks) for s in self._passage_scores(group)])
-
-    def select(self, query, chunks, chunk_vectors, budget=None) -> list[bool]:
-        n = as_budget(budget).count(len(chunks))
-        if n == 0 or len(chunks) == 0:
-            return [False] * len(chunks)
-        return top_k_mask(self.chunk_perplexities(chunks), n)
-
-
 # --------------------------------------------------------------------------- rewards
-
-
-def _length_batches(lengths: Sequence[int], max_rows: int, tolerance: float) -> list[list[int]]:
-    """Split positions of ascending ``lengths`` into batches of at most ``max_rows`` rows whose
-    longest row is at most ``tolerance`` times the first (little padding)."""
-    batches: list[list[int]] = []
-    for j, n in enumerate(lengths):
-        if batches and len(batches[-1]) < max_rows and n <= lengths[batches[-1][0]] * tolerance:
-            batches[-1].append(j)
-        else:
-            batches.append([j])
-    return batches
-
-
-@torch.no_grad()
-def answer_nll(engine: "RefragEngine", prefixes: Sequence[torch.Tensor], target: Sequence[int]) -> torch.Tensor:
-    """Mean per-token NLL of ``target`` (answer ids + EOS) after each prefix, teacher-forced.
-
-    Prefixes of similar length run as one left-padded batch (attention mask, contiguous positions
-    per row), under the engine's autocast.
-
-    Args:
-        engine: the engine whose decoder scores the answer.
-        prefixes: mixed inputs ``(P_i, d)`` (``PreparedInput.embeds``).
-        target: the answer token ids.
-
-    Returns:
-        ``(len(prefixes),)`` float32 on CPU; the reward is its negative.
-    """
-    if len(target) == 0:
-        raise ValueError("target is empty: score at least one answer token.")
-    embed = engine.decoder.get_input_embeddings()
-    tgt = torch.tensor(list(target), device=engine.device)  # (T,)
-    T = tgt.shape[0]
-    tgt_emb = embed(tgt[:-1])  # (T-1, d)
-    order = sorted(range(len(prefixes)), key=lambda i: prefixes[i].shape[0])
-    out = torch.empty(len(prefixes))
-    for batch in _length_batches([prefixes[i].shape[0] for i in order], POLICY_REWARD_BATCH, POLICY_PAD_TOLERANCE):
-        rows = [order[j] for j in batch]
-        seqs = [torch.cat([prefixes[r].to(tgt_emb.device, tgt_emb.dtype), tgt_emb], 0) for r in rows]
-        S, B, d = max(s.shape[0] for s in seqs), len(seqs), tgt_emb.shape[1]
-        x = tgt_emb.new_zeros(B, S, d)  # (B, S, d) left-padded
-        mask = torch.zeros(B, S, dtype=torch.long, device=x.device)
-        for b, s in enumerate(seqs):
-            x[b, S - s.shape[0] :] = s
-            mask[b, S - s.shape[0] :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, S)
-        with engine._autocast():
-            logits = engine.decoder(
-                inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=T
-            ).logits.float()  # (B, T, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), tgt.expand(B, T), reduction="none")  # (B, T)
-        out[rows] = nll.mean(1).cpu()
-    return out
 
 
 @dataclass
@@ -816,7 +419,7 @@ class PolicyTrainer(Trainer):
     def passage_vectors(self, passages: Sequence[str]) -> list[torch.Tensor]:
         """c_i per passage, each passage encoded on its own (cached by the engine), so the values
         never depend on which passages happened to share an encoder batch: exact resume."""
-        return [self.engine.chunk_vectors([p])[0][0] for p in passages]
+        return [self.engine.chunk_vectors([p]).vectors[0] for p in passages]
 
     def question_share(self) -> tuple[int, int]:
         """``(first, count)``: this rank's questions of a step are those with global indices
@@ -859,7 +462,7 @@ class PolicyTrainer(Trainer):
         unique = list(dict.fromkeys(keys))
         prefixes = [self.engine.prepare_rag(ep.question, ep.passages, ep.decisions(sorted(s)), vectors=ep.vectors).embeds
                     for s in unique]
-        nll = dict(zip(unique, answer_nll(self.engine, prefixes, ep.target)))
+        nll = dict(zip(unique, self.engine.score(prefixes, ep.target)))
         return -torch.stack([nll[k] for k in keys])
 
     def rollout(self, episodes: Sequence[Episode], step: int, first: int = 0) -> list[Rollout]:
@@ -1007,16 +610,16 @@ class PolicyTrainer(Trainer):
         p = 0 (``none``) and full context (``all``) for reference. Values map the example
         number to a policy."""
         eng = self.engine
-        ppl = PerplexityDescPolicy(eng)
-        rel = QueryRelevancePolicy(eng.chunk_encoder)
+        ppl = resolve_policy("perplexity-desc", engine=eng)
+        rel = resolve_policy("relevance", engine=eng)
         return {
             "learned_chunks": lambda i: self.policies["chunks"],
             "learned_query": lambda i: self.policies["query"],
-            "random": lambda i: RandomPolicy(seed=POLICY_EVAL_SEED + i),
+            "random": lambda i: resolve_policy("random", seed=POLICY_EVAL_SEED + i),
             "perplexity_desc": lambda i: ppl,
             "relevance": lambda i: rel,
-            "none": lambda i: ExpandNone(),
-            "all": lambda i: ExpandAll(),
+            "none": lambda i: resolve_policy("none"),
+            "all": lambda i: resolve_policy("all"),
         }
 
     @torch.no_grad()
@@ -1036,9 +639,10 @@ class PolicyTrainer(Trainer):
         for i, ex in enumerate(tqdm(eval_set, desc="policy eval", dynamic_ncols=True)):
             passages = rag_passages(random.Random(POLICY_EVAL_SEED + i), pool, i, cfg.num_passages)[0]
             vectors = self.passage_vectors(passages)
-            prefixes = [eng.prepare_rag(ex.question, passages, make(i), budget=self.budget, vectors=vectors).embeds
+            prefixes = [eng.prepare_rag(ex.question, passages, make(i), expand_fraction=self.budget.fraction,
+                                        vectors=vectors).embeds
                         for make in settings.values()]
-            for name, value in zip(settings, answer_nll(eng, prefixes, self.answer_ids(ex.answers[0])).tolist()):
+            for name, value in zip(settings, eng.score(prefixes, self.answer_ids(ex.answers[0])).tolist()):
                 nll[name].append(value)
 
         def summary(xs: list[float]) -> dict[str, float]:
@@ -1156,11 +760,7 @@ class PolicyTrainer(Trainer):
 
 
 __all__ = [
-    "LearnedPolicy",
-    "PerplexityDescPolicy",
-    "PolicyNetwork",
     "PolicyTrainer",
-    "answer_nll",
     "group_advantages",
     "ppo_clipped_loss",
     "sample_sequences",

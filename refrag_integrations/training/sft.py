@@ -34,7 +34,7 @@ class SFTTrainer(Trainer):
 
     def example_loss(self, question: str, passages: list[str], answer: str, rng: random.Random) -> tuple[torch.Tensor, float]:
         """Answer NLL for one RAG example with random expansion; returns (mean NLL, token acc)."""
-        from .objectives import _lm_loss
+        from .objectives import lm_loss
 
         eng = self.engine
         chunk_lists = [eng.chunk(p) for p in passages]
@@ -49,7 +49,7 @@ class SFTTrainer(Trainer):
             i += len(cl)
         prepared = eng.prepare_rag(question, passages, decisions, vectors=per)
         target = torch.tensor([self.answer_ids(answer)], device=eng.device)
-        nll, correct = _lm_loss(eng, prepared.embeds.unsqueeze(0), target)
+        nll, correct = lm_loss(eng, prepared.embeds.unsqueeze(0), target)
         return nll.mean(), float(correct.float().mean())
 
     def loss_for_step(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -90,7 +90,7 @@ class SFTTrainer(Trainer):
             for i, ex in enumerate(tqdm(eval_set, desc=f"sft eval {name}", leave=False)):
                 rng = random.Random(10_000 + i)
                 passages = rag_passages(rng, pool, pool.index(ex), n)[0] if n else []
-                res = self.engine.generate(ex.question, passages, expand=policy, budget=p, max_new_tokens=24)
+                res = self.engine.generate(ex.question, passages, policy=policy, expand_fraction=p or None, max_new_tokens=24)
                 hits.append(match_score(res.text, ex.answers))
             out[name] = {"match": sum(hits) / len(hits)}
         self.engine.chunk_encoder.train(was)

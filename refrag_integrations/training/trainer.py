@@ -752,7 +752,7 @@ class Trainer:
             if self.fsdp:  # reduce-scatter the decoder's gradients once, after the last micro-batch
                 self.engine.decoder.set_requires_gradient_sync(local == cfg.grad_accum - 1)
             with self._micro_torch_rng(self.step, micro):
-                with self.engine._autocast():
+                with self.engine.autocast():
                     loss, m = self.loss_for_step(self.step, micro)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}; lower the learning rate.")
