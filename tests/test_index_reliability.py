@@ -171,5 +171,5 @@ def test_rerun_and_verify_repair_unreadable_chunk_vectors(tmp_path, engine, corp
     vectors = store.fetch_chunk_vectors(ids)
     first = sorted(broken)[0]
     text = store.get_passages([first])[first].text
-    np.testing.assert_allclose(vectors[first].numpy(), fresh.chunk_vectors([text])[0][0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(vectors[first].numpy(), fresh.chunk_vectors([text]).vectors[0].numpy(), rtol=1e-4, atol=1e-5)
     assert verify_index(store, engine, emb, progress=False).repaired == 0  # nothing left to repair

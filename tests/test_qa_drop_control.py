@@ -42,7 +42,7 @@ class _GenerateSpy:
         self.engine, self.real, self.calls = engine, engine.generate, []
 
     def __call__(self, question, passages=(), **kw):
-        self.calls.append((question, list(passages), kw.get("expand")))
+        self.calls.append((question, list(passages), kw.get("policy")))
         return self.real(question, passages, **kw)
 
 

@@ -345,7 +345,7 @@ def _control_decisions(
     if rec.get("expanded") is not None:
         return [list(e) for e in rec["expanded"]], "refrag record"
     policy = _policy_for(engine, refrag, seed, ex.line, n, reuse)
-    decisions = engine.decide(ex.question, passages, policy, refrag.p if refrag.p else None)
+    decisions = engine.decide(ex.question, passages, policy, expand_fraction=refrag.p if refrag.p else None)
     expanded = [[i for i, keep in enumerate(d) if keep] for d in decisions]
     counts = (sum(map(len, decisions)), sum(map(len, expanded)))
     if counts != (rec["chunks"], rec["chunks_expanded"]):
