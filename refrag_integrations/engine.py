@@ -299,6 +299,66 @@ def expansion_settings(
     return policy, ExpansionBudget(fraction=fraction, max_count=max_expanded)
 
 
+def normalise_decisions(decisions: Any, counts: Sequence[int], k: int, what: str = "policy") -> list[list[bool]]:
+    """Check explicit per-chunk expansion decisions and return them as lists of bools.
+
+    Args:
+        decisions: one list per passage, one entry per chunk: a bool, or the int 0 / 1
+            (True / 1 = keep the chunk as tokens).
+        counts: the number of chunks of each passage.
+        k: the chunk size (named in errors).
+        what: the argument's name in errors.
+
+    Raises:
+        TypeError: ``decisions`` is not a list of lists (e.g. a flat list or a string), or an
+            entry is not a bool / 0 / 1.
+        ValueError: the number of passages or of a passage's chunks differs, or an int entry is
+            not 0 or 1.
+
+    Example:
+        >>> normalise_decisions([[1, 0], [True]], [2, 1], 16)
+        [[True, False], [True]]
+    """
+    hint = f"give one list per passage with one bool per chunk, e.g. {what}=[[True, False], [False]]"
+    if isinstance(decisions, (str, bytes, dict)) or not hasattr(decisions, "__iter__"):
+        raise TypeError(f"{what} as explicit decisions must be a list of lists of bools, got {decisions!r}; {hint}.")
+    rows = list(decisions)
+    for j, row in enumerate(rows):  # a flat list of bools is the common mistake: say so before counting
+        if isinstance(row, (str, bytes, dict)) or not hasattr(row, "__iter__"):
+            raise TypeError(
+                f"{what}[{j}] is {row!r} ({type(row).__name__}), not a list of decisions for passage {j}; {hint}."
+            )
+    if len(rows) != len(counts):
+        raise ValueError(
+            f"{what} has decisions for {len(rows)} passages but {len(counts)} passages were given; {hint}."
+        )
+    return [decision_row(row, n, k, f"{what}[{j}]", hint) for j, (row, n) in enumerate(zip(rows, counts))]
+
+
+def decision_row(row: Any, n: int, k: int, label: str, hint: str = "") -> list[bool]:
+    """Check one passage's explicit decisions (``n`` chunks) and return them as bools; ``label``
+    names the value in errors (e.g. ``policy[1]``). See :func:`normalise_decisions`."""
+    hint = f"; {hint}" if hint else ""
+    if isinstance(row, (str, bytes, dict)) or not hasattr(row, "__iter__"):
+        raise TypeError(f"{label} is {row!r} ({type(row).__name__}), not a list of per-chunk decisions{hint}.")
+    row = list(row)
+    if len(row) != n:
+        raise ValueError(f"{label} has {len(row)} decisions but the passage has {n} chunks of k={k} tokens.")
+    keep = []
+    for i, x in enumerate(row):
+        if getattr(x, "shape", None) == () and hasattr(x, "item"):
+            x = x.item()  # a 0-d tensor or numpy scalar
+        if isinstance(x, bool):
+            keep.append(x)
+        elif isinstance(x, int) and x in (0, 1):
+            keep.append(bool(x))
+        elif isinstance(x, int):
+            raise ValueError(f"{label}[{i}] is {x}; a decision is True/False or 1/0 (1 = keep chunk {i} as tokens).")
+        else:
+            raise TypeError(f"{label}[{i}] is {x!r} ({type(x).__name__}); a decision is True/False or 1/0.")
+    return keep
+
+
 class TokenStream:
     """Iterator over generated text pieces; ``result`` holds the full result once exhausted."""
 
@@ -574,9 +634,7 @@ class RefragEngine:
                 )
             entry.vectors = vectors
         if expand is not None:
-            if len(expand) != n:
-                raise ValueError(f"expand has {len(expand)} decisions but the passage has {n} chunks.")
-            entry.expand = [bool(x) for x in expand]
+            entry.expand = decision_row(expand, n, self.k, "expand", "give one bool per chunk, e.g. [True, False]")
         return passage_id(text)
 
     def lookup_passage(self, pid: str) -> CachedPassage | None:
@@ -877,16 +935,7 @@ class RefragEngine:
                 decisions.append([bool(x) for x in flat[i : i + n]])
                 i += n
         elif expand is not None:
-            decisions = [list(d) for d in expand]
-            if len(decisions) != len(texts):
-                raise ValueError(
-                    f"expand has decisions for {len(decisions)} passages but {len(texts)} passages were given."
-                )
-            for j, (d, n) in enumerate(zip(decisions, counts)):
-                if len(d) != n:
-                    raise ValueError(
-                        f"expand[{j}] has {len(d)} decisions but passage {j} has {n} chunks of k={self.k} tokens."
-                    )
+            decisions = normalise_decisions(expand, counts, self.k)
         if any(not all(d) for d in decisions):
             need_vectors()
         return decisions, vectors, cached, encode_s
