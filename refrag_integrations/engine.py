@@ -359,6 +359,18 @@ def decision_row(row: Any, n: int, k: int, label: str, hint: str = "") -> list[b
     return keep
 
 
+def check_finite(vectors: torch.Tensor, what: str) -> torch.Tensor:
+    """Return ``vectors`` if every value is finite, else raise naming ``what`` (where they came from).
+
+    Raises:
+        ValueError: a NaN or infinite value (it would silently empty the answer).
+    """
+    if vectors.numel() and not bool(torch.isfinite(vectors.detach()).all()):
+        bad = int((~torch.isfinite(vectors.detach())).sum())
+        raise ValueError(f"{what} contain {bad} NaN or infinite value(s) of {vectors.numel()}; refusing them.")
+    return vectors
+
+
 class TokenStream:
     """Iterator over generated text pieces; ``result`` holds the full result once exhausted."""
 
@@ -623,18 +635,22 @@ class RefragEngine:
                 without an explicit decision (set by retriever adapters).
         """
         entry = self._entry(text)
-        entry.registered = True
         n = len(entry.chunks)
-        if vectors is not None:
+        if vectors is not None:  # checked before anything is registered
             vectors = torch.as_tensor(vectors, dtype=torch.float32).cpu()
             if vectors.shape != (n, self.chunk_encoder.encoder_dim):
                 raise ValueError(
                     f"vectors for this passage must have shape ({n}, {self.chunk_encoder.encoder_dim}) "
                     f"(chunks, encoder dim), got {tuple(vectors.shape)}."
                 )
+            check_finite(vectors, f"The chunk vectors given for passage {passage_id(text)}")
+        if expand is not None:
+            expand = decision_row(expand, n, self.k, "expand", "give one bool per chunk, e.g. [True, False]")
+        entry.registered = True
+        if vectors is not None:
             entry.vectors = vectors
         if expand is not None:
-            entry.expand = decision_row(expand, n, self.k, "expand", "give one bool per chunk, e.g. [True, False]")
+            entry.expand = expand
         return passage_id(text)
 
     def lookup_passage(self, pid: str) -> CachedPassage | None:
@@ -734,7 +750,11 @@ class RefragEngine:
             for e in missing:
                 v = found.get(passage_id(e.text))
                 if v is not None and tuple(v.shape) == (len(e.chunks), self.chunk_encoder.encoder_dim):
-                    e.vectors = torch.as_tensor(v, dtype=torch.float32).cpu()
+                    v = torch.as_tensor(v, dtype=torch.float32).cpu()
+                    source = getattr(self.vector_source, "__qualname__", repr(self.vector_source))
+                    check_finite(v, f"The chunk vectors of passage {passage_id(e.text)} from the vector source "
+                                    f"{source} (re-index that passage; `refrag index --verify` checks a store)")
+                    e.vectors = v
                     cached += len(e.chunks)
             missing = [e for e in missing if e.vectors is None]
         encode_s = 0.0
@@ -743,7 +763,10 @@ class RefragEngine:
             with torch.no_grad():
                 encoded = self.chunk_encoder.encode_passages([e.chunks for e in missing])  # [(L_i, d_enc)]
             for e, v in zip(missing, encoded):
-                e.vectors = v.float().cpu()
+                e.vectors = check_finite(
+                    v.float().cpu(), f"The chunk vectors the chunk encoder produced for passage {passage_id(e.text)} "
+                    "(its weights are damaged: check the checkpoint's encoder_delta)"
+                )
             encode_s = time.perf_counter() - t0
             if self.vector_sink is not None:
                 self.vector_sink({passage_id(e.text): e.vectors for e in missing})
@@ -1019,6 +1042,8 @@ class RefragEngine:
             proj = None
             if not all(decisions[j]):
                 proj = self.chunk_encoder.project(vectors[j]).to(device=dev, dtype=dtype)  # (L, d)
+                check_finite(proj, f"The projected chunk embeddings of passage {j} ({passage_id(texts[j])}) "
+                                   f"(from the projector, in {dtype})")
             for chunk, keep in zip(entry.chunks, decisions[j]):
                 all_ids.extend(chunk.token_ids)
                 stats.context_tokens += len(chunk.token_ids)

@@ -53,3 +53,59 @@ def test_registered_decisions_are_checked(tiny_engine):
         tiny_engine.register_passage(TEXT, expand=True)
     with pytest.raises(ValueError, match=f"the passage has {n} chunks"):
         tiny_engine.register_passage(TEXT, expand=[1] * (n + 1))
+
+
+# ------------------------------------------------------------------ non-finite chunk vectors
+
+
+@pytest.fixture()
+def fresh_engine(tiny_dirs):
+    """A private engine (these tests change its hooks and weights)."""
+    dec, enc = tiny_dirs
+    return RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_registered_non_finite_vectors_are_refused(fresh_engine, bad):
+    from refrag_integrations import passage_id
+
+    n = len(fresh_engine.chunk(TEXT))
+    vecs = torch.randn(n, fresh_engine.chunk_encoder.encoder_dim)
+    vecs[1, 3] = bad
+    with pytest.raises(ValueError, match=f"passage {passage_id(TEXT)} contain 1 NaN or infinite"):
+        fresh_engine.register_passage(TEXT, vectors=vecs)
+    assert TEXT not in fresh_engine.registered_passages()  # nothing half-registered
+    assert fresh_engine.chunk_vectors([TEXT]).cached_chunks == 0  # encoded, not the bad vectors
+    assert bool(torch.isfinite(fresh_engine.chunk_vectors([TEXT]).vectors[0]).all())
+
+
+def test_non_finite_vectors_from_a_vector_source_are_refused(fresh_engine):
+    from refrag_integrations import passage_id
+
+    n = len(fresh_engine.chunk(OTHER))
+    stored = torch.full((n, fresh_engine.chunk_encoder.encoder_dim), float("nan"))
+
+    def source(ids):
+        return {passage_id(OTHER): stored}
+
+    fresh_engine.vector_source = source
+    with pytest.raises(ValueError, match=f"passage {passage_id(OTHER)} from the vector source .*source"):
+        fresh_engine.generate("q?", [OTHER], policy="none", max_new_tokens=2)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fresh_engine.chunk_vectors([OTHER])
+
+
+def test_a_projector_that_yields_non_finite_embeddings_is_refused(fresh_engine):
+    with torch.no_grad():
+        next(fresh_engine.chunk_encoder.projector.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"projected chunk embeddings of passage 0 .*projector"):
+        fresh_engine.generate("q?", [TEXT], policy="none", max_new_tokens=2)
+    assert fresh_engine.generate("q?", [TEXT], policy="all", max_new_tokens=2).stats.chunks_compressed == 0
+
+
+def test_an_encoder_that_yields_non_finite_vectors_is_refused(fresh_engine):
+    with torch.no_grad():
+        for p in fresh_engine.chunk_encoder.encoder.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(ValueError, match="the chunk encoder produced for passage .*encoder_delta"):
+        fresh_engine.generate("q?", [TEXT], policy="none", max_new_tokens=2)
