@@ -109,3 +109,120 @@ def test_an_encoder_that_yields_non_finite_vectors_is_refused(fresh_engine):
             p.fill_(float("nan"))
     with pytest.raises(ValueError, match="the chunk encoder produced for passage .*encoder_delta"):
         fresh_engine.generate("q?", [TEXT], policy="none", max_new_tokens=2)
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+
+
+@pytest.fixture()
+def saved(tiny_dirs, tmp_path):
+    """A tiny checkpoint with a policy file, saved by this version (with file hashes)."""
+    from refrag_integrations.checkpoint import save_checkpoint
+
+    dec, enc = tiny_dirs
+    eng = RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu")
+    return save_checkpoint(
+        tmp_path / "ckpt", eng.config, eng.chunk_encoder.projector.state_dict(),
+        policy={"w": torch.randn(8, 4)}, policy_config={"policy": "learned"}, trained_stages=["policy"],
+        metrics={"x": 1.0},
+    )
+
+
+def _nan_into(file):
+    """Overwrite the first float32 value of a safetensors file's data with NaN bytes."""
+    raw = bytearray(file.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    raw[start : start + 4] = b"\x00\x00\xc0\x7f"
+    file.write_bytes(bytes(raw))
+
+
+def _drop_hashes(path):
+    """Make ``path`` look like a checkpoint written before file hashes existed."""
+    import json
+
+    meta = json.loads((path / "refrag_config.json").read_text())
+    meta.pop("files"), meta.pop("settings_sha256")
+    (path / "refrag_config.json").write_text(json.dumps(meta))
+
+
+def test_saved_checkpoint_records_hashes_and_loads(saved):
+    import json
+
+    from refrag_integrations.checkpoint import file_sha256, load_checkpoint
+
+    meta = json.loads((saved / "refrag_config.json").read_text())
+    assert meta["files"]["policy.safetensors"] == file_sha256(saved / "policy.safetensors")
+    assert set(meta["files"]) == {"projector.safetensors", "policy.safetensors", "policy_config.json", "metrics.json"}
+    assert load_checkpoint(saved).policy["w"].shape == (8, 4)
+    (saved / "metrics.json").unlink()  # an optional part removed on purpose loads without it
+    assert load_checkpoint(saved).metrics is None
+
+
+@pytest.mark.parametrize("hashes", [True, False])
+@pytest.mark.parametrize("name", ["policy.safetensors", "projector.safetensors"])
+def test_nan_bytes_in_a_checkpoint_are_refused(saved, hashes, name):
+    from refrag_integrations.checkpoint import CorruptCheckpointError, load_checkpoint
+
+    if not hashes:
+        _drop_hashes(saved)
+    _nan_into(saved / name)
+    match = "sha256 differs" if hashes else "NaN or infinite"
+    with pytest.raises(CorruptCheckpointError, match=rf"{name} is damaged: .*{match}"):
+        load_checkpoint(saved)
+
+
+def test_nan_projector_is_not_loaded_as_trained(saved, tiny_dirs):
+    from refrag_integrations.checkpoint import CorruptCheckpointError
+
+    _drop_hashes(saved)
+    _nan_into(saved / "projector.safetensors")
+    dec, enc = tiny_dirs
+    with pytest.raises(CorruptCheckpointError, match="projector.safetensors is damaged"):
+        RefragEngine.from_pretrained(saved, decoder=str(dec), encoder=str(enc), device="cpu")
+
+
+@pytest.mark.parametrize("field, value", [("chunk_size", 8), ("pooling", "max"), ("chunk_context", "passage")])
+def test_edited_training_settings_are_refused(saved, tiny_dirs, field, value):
+    import json
+
+    from refrag_integrations.checkpoint import CorruptCheckpointError
+
+    meta = json.loads((saved / "refrag_config.json").read_text())
+    meta["config"][field] = value
+    (saved / "refrag_config.json").write_text(json.dumps(meta))
+    dec, enc = tiny_dirs
+    with pytest.raises(CorruptCheckpointError, match="refrag_config.json was edited after training"):
+        RefragEngine.from_pretrained(saved, decoder=str(dec), encoder=str(enc), device="cpu")
+
+
+@pytest.mark.parametrize("hashes", [True, False])
+def test_truncated_files_and_broken_json_name_the_file(saved, hashes):
+    from refrag_integrations.checkpoint import CorruptCheckpointError, load_checkpoint
+
+    if not hashes:
+        _drop_hashes(saved)
+    policy = saved / "policy.safetensors"
+    good = policy.read_bytes()
+    policy.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CorruptCheckpointError, match="policy.safetensors is damaged"):
+        load_checkpoint(saved)
+    policy.write_bytes(good)
+    (saved / "policy_config.json").write_text('{"policy": "learn')
+    with pytest.raises(CorruptCheckpointError, match="policy_config.json is damaged"):
+        load_checkpoint(saved)
+    (saved / "refrag_config.json").write_text('{"format_version": 1, "conf')
+    with pytest.raises(CorruptCheckpointError, match="refrag_config.json is damaged: not valid JSON"):
+        load_checkpoint(saved)
+
+
+def test_packaged_default_without_hashes_still_loads():
+    import json
+
+    from refrag_integrations.checkpoint import default_checkpoint, load_checkpoint
+
+    path = default_checkpoint()
+    if path is None:
+        pytest.skip("this build ships no default checkpoint")
+    assert "files" not in json.loads((path / "refrag_config.json").read_text())
+    assert load_checkpoint(path).trained_stages
+
