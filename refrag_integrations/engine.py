@@ -1163,6 +1163,42 @@ class RefragEngine:
         with self.autocast():
             return self.decoder(**inputs, **extra)
 
+    def context_window(self) -> int | None:
+        """The decoder's context window in positions (``config.max_position_embeddings``), if it says."""
+        config = self.decoder.config
+        window = getattr(config, "max_position_embeddings", None)
+        if window is None and hasattr(config, "get_text_config"):
+            window = getattr(config.get_text_config(), "max_position_embeddings", None)
+        return int(window) if isinstance(window, int) and window > 0 else None
+
+    def check_context_window(self, prepared: Sequence[PreparedInput], max_new_tokens: int) -> None:
+        """Refuse inputs that, with ``max_new_tokens`` generated tokens, need more decoder
+        positions than the decoder's context window (checked before every prefill that
+        generates: :meth:`decode_steps`, so :meth:`generate`, :meth:`stream` and
+        :meth:`generate_batch`).
+
+        Raises:
+            ValueError: ``max_new_tokens`` < 1, or a prepared input does not fit; the message names
+                the window, the positions and what to do.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
+        window = self.context_window()
+        if window is None:
+            return
+        for b, p in enumerate(prepared):
+            positions = int(p.embeds.shape[0])
+            if positions + max_new_tokens > window:
+                which = f"request {b}" if len(prepared) > 1 else "the request"
+                raise ValueError(
+                    f"{which} needs {positions} decoder positions for its input plus max_new_tokens="
+                    f"{max_new_tokens} = {positions + max_new_tokens}, more than the decoder's context window "
+                    f"of {window} positions (config.max_position_embeddings). Give fewer or shorter passages, "
+                    f"a smaller expand fraction (expand_fraction= / --expand-fraction; now "
+                    f"{p.stats.chunks_expanded} of {p.stats.chunks} chunks expanded), a checkpoint with a larger "
+                    f"chunk size k (now {self.k}), or a smaller max_new_tokens."
+                )
+
     def decode_steps(
         self,
         prepared: Sequence[PreparedInput],
@@ -1185,8 +1221,7 @@ class RefragEngine:
         """
         from transformers import DynamicCache
 
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        self.check_context_window(prepared, max_new_tokens)
         t_start = time.perf_counter() if t_start is None else t_start
         B = len(prepared)
         emb, mask, pos = left_pad([p.embeds for p in prepared])  # (B, T, d), (B, T), (B, T)
@@ -1442,6 +1477,7 @@ class RefragEngine:
 
         q: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         t0 = t_start or time.perf_counter()
+        self.check_context_window([prepared], gen.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))  # fail now, not mid-iteration
 
         def work() -> None:
             try:

@@ -226,3 +226,29 @@ def test_packaged_default_without_hashes_still_loads():
     assert "files" not in json.loads((path / "refrag_config.json").read_text())
     assert load_checkpoint(path).trained_stages
 
+
+# ------------------------------------------------------------------ context window
+
+
+def test_inputs_longer_than_the_context_window_are_refused(fresh_engine):
+    tiny_engine = fresh_engine
+    window = tiny_engine.decoder.config.max_position_embeddings = 512  # a small window (RoPE: same weights)
+    passages = [f"{TEXT} Passage number {i}." for i in range(14)]
+    full = tiny_engine.prepare_rag("q?", passages, "all").stats.positions
+    assert full + 8 > window  # as ordinary RAG it does not fit ...
+    match = rf"needs {full} decoder positions .* = {full + 8}, more than the decoder's context window of {window}"
+    with pytest.raises(ValueError, match=match):
+        tiny_engine.generate("q?", passages, policy="all", max_new_tokens=8)
+    with pytest.raises(ValueError, match="fewer or shorter passages, a smaller expand fraction"):
+        tiny_engine.stream("q?", passages, policy="all", max_new_tokens=8)  # at the call, before iterating
+    with pytest.raises(ValueError, match=r"request 1 needs"):
+        tiny_engine.generate_batch(
+            [{"question": "q?", "passages": passages[:1]}, {"question": "q?", "passages": passages, "policy": "all"}],
+            max_new_tokens=8,
+        )
+    # ... compressed it does; the window counts the new tokens too.
+    assert tiny_engine.generate("q?", passages, policy="none", max_new_tokens=2).stats.positions < window
+    with pytest.raises(ValueError, match=f"max_new_tokens={window}"):
+        tiny_engine.generate("q?", passages, policy="none", max_new_tokens=window)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+        tiny_engine.generate("q?", passages[:1], max_new_tokens=0)
