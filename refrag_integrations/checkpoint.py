@@ -15,10 +15,18 @@ metrics.json              the evaluation the checkpoint was trained to (optional
 ```
 
 A checkpoint built for one decoder refuses another (weights fingerprint mismatch).
+
+Integrity: ``refrag_config.json`` records the sha256 of every other file (``files``) and of the
+config's training settings (``settings_sha256``: k, pooling, chunk context, dimensions, weight
+fingerprints); :func:`load_checkpoint` checks both when present (checkpoints written before they
+existed still load), refuses any tensor with a NaN or infinite value, and names the damaged file.
+An optional file that was removed (e.g. ``decoder_lora.safetensors``) is loaded without, with a
+warning naming it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -49,9 +57,40 @@ METRICS_FILE = "metrics.json"
 
 PACKAGED_DEFAULT = Path(__file__).resolve().parent / "checkpoints" / "default"
 
+# The config fields the weights were trained for: editing one afterwards is refused.
+TRAINING_SETTINGS = (
+    "chunk_size", "pooling", "chunk_context", "projector_hidden", "encoder_dim", "decoder_dim",
+    "decoder_fingerprint", "encoder_fingerprint",
+)
+
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was loaded onto base models it was not trained for."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is damaged: unreadable, changed since it was saved, or holding NaN/Inf."""
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def settings_sha256(config: dict[str, Any]) -> str:
+    """The sha256 of a checkpoint config's :data:`TRAINING_SETTINGS` (a dict as in
+    ``refrag_config.json``); it changes when k, pooling, ... are edited.
+
+    Example:
+        >>> settings_sha256({"chunk_size": 16, "pooling": "mean"}) != settings_sha256({"chunk_size": 8, "pooling": "mean"})
+        True
+    """
+    settings = {name: config.get(name) for name in TRAINING_SETTINGS}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -109,9 +148,6 @@ def save_checkpoint(
     tmp = _atomic_dir(path)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
     try:
-        meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "trained_stages": trained_stages or []}
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-
         def dump(tensors: dict[str, torch.Tensor], name: str) -> None:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
 
@@ -127,6 +163,14 @@ def save_checkpoint(
             (tmp / POLICY_CONFIG_FILE).write_text(json.dumps(policy_config or {}, indent=2))
         if metrics is not None:
             (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        # Written last: it records the hash of every other file and of the training settings.
+        cfg = config.to_dict()
+        meta = {
+            "format_version": FORMAT_VERSION, "config": cfg, "trained_stages": trained_stages or [],
+            "files": {f.name: file_sha256(f) for f in sorted(tmp.iterdir())},
+            "settings_sha256": settings_sha256(cfg),
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         for f in tmp.iterdir():  # safetensors writes private files; a checkpoint is meant to be shared
             os.chmod(f, 0o644)
         if path.exists():
@@ -144,44 +188,99 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint directory written by :func:`save_checkpoint`.
+    """Read and verify a checkpoint directory written by :func:`save_checkpoint`.
 
     Raises:
         ValueError: the directory is missing, incomplete, or of an unknown format version.
+        CorruptCheckpointError: a file cannot be read, differs from the sha256 recorded at save,
+            holds a NaN or infinite value, or the config's training settings were edited.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise ValueError(f"{path} is not a REFRAG checkpoint: {CONFIG_FILE} is missing.")
-    meta = json.loads(cfg_file.read_text())
+    meta = _read_json(cfg_file)
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CorruptCheckpointError(f"{cfg_file} is damaged: it has no \"config\" object.")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} has checkpoint format {meta.get('format_version')!r}; this version reads {FORMAT_VERSION}."
         )
     if not (path / PROJECTOR_FILE).is_file():
         raise ValueError(f"{path} is incomplete: {PROJECTOR_FILE} is missing.")
+    _verify_files(path, meta)
 
     def opt(name: str) -> dict[str, torch.Tensor]:
-        return _float32(load_file(str(path / name))) if (path / name).is_file() else {}
+        return _read_tensors(path / name) if (path / name).is_file() else {}
 
     policy = opt(POLICY_FILE) or None
     adapters: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in opt(DECODER_LORA_FILE).items():
         head, _, rest = key.partition(".")
         adapters.setdefault(int(head.removeprefix("adapter")), {})[rest] = value
+    try:
+        config = RefragConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise CorruptCheckpointError(f"{cfg_file} is damaged: its config cannot be read ({err}).") from err
     return Checkpoint(
-        config=RefragConfig.from_dict(meta["config"]),
-        projector=_float32(load_file(str(path / PROJECTOR_FILE))),
+        config=config,
+        projector=_read_tensors(path / PROJECTOR_FILE),
         encoder_delta=opt(ENCODER_DELTA_FILE),
         decoder_delta=opt(DECODER_DELTA_FILE),
         decoder_lora=[adapters[i] for i in sorted(adapters)],
         policy=policy,
-        policy_config=json.loads((path / POLICY_CONFIG_FILE).read_text()) if policy is not None else None,
+        policy_config=_read_json(path / POLICY_CONFIG_FILE) if policy is not None else None,
         trained_stages=list(meta.get("trained_stages", [])),
-        metrics=json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).is_file() else None,
+        metrics=_read_json(path / METRICS_FILE) if (path / METRICS_FILE).is_file() else None,
     )
+
+
+def _verify_files(path: Path, meta: dict[str, Any]) -> None:
+    """Check the file hashes and the training-settings hash recorded at save (when present)."""
+    cfg_file = path / CONFIG_FILE
+    want = meta.get("settings_sha256")
+    if want is not None and want != settings_sha256(meta["config"]):
+        settings = ", ".join(f"{n}={meta['config'].get(n)!r}" for n in TRAINING_SETTINGS[:3])
+        raise CorruptCheckpointError(
+            f"{cfg_file} was edited after training: its training settings ({settings}, ...) no longer match "
+            "the ones the weights were trained for. Restore the original file, or train a checkpoint "
+            "with the settings you want."
+        )
+    for name, digest in (meta.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():  # optional parts may be removed on purpose (the projector is checked above)
+            logger.warning("%s is missing although %s lists it; loading the checkpoint without it.", f, cfg_file)
+            continue
+        if file_sha256(f) != digest:
+            raise CorruptCheckpointError(
+                f"{f} is damaged: its sha256 differs from the one recorded when the checkpoint was saved. "
+                "Copy the checkpoint again or re-export it."
+            )
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(f"{file} is damaged: not valid JSON ({err}).") from err
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, widened to float32, refusing unreadable files and NaN/Inf values."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CorruptCheckpointError(f"{file} is damaged: safetensors cannot read it ({err}).") from err
+    for name, value in tensors.items():
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CorruptCheckpointError(
+                f"{file} is damaged: tensor {name!r} holds {bad} NaN or infinite value(s) of {value.numel()}."
+            )
+    return _float32(tensors)
 
 
 def _float32(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -299,6 +299,78 @@ def expansion_settings(
     return policy, ExpansionBudget(fraction=fraction, max_count=max_expanded)
 
 
+def normalise_decisions(decisions: Any, counts: Sequence[int], k: int, what: str = "policy") -> list[list[bool]]:
+    """Check explicit per-chunk expansion decisions and return them as lists of bools.
+
+    Args:
+        decisions: one list per passage, one entry per chunk: a bool, or the int 0 / 1
+            (True / 1 = keep the chunk as tokens).
+        counts: the number of chunks of each passage.
+        k: the chunk size (named in errors).
+        what: the argument's name in errors.
+
+    Raises:
+        TypeError: ``decisions`` is not a list of lists (e.g. a flat list or a string), or an
+            entry is not a bool / 0 / 1.
+        ValueError: the number of passages or of a passage's chunks differs, or an int entry is
+            not 0 or 1.
+
+    Example:
+        >>> normalise_decisions([[1, 0], [True]], [2, 1], 16)
+        [[True, False], [True]]
+    """
+    hint = f"give one list per passage with one bool per chunk, e.g. {what}=[[True, False], [False]]"
+    if isinstance(decisions, (str, bytes, dict)) or not hasattr(decisions, "__iter__"):
+        raise TypeError(f"{what} as explicit decisions must be a list of lists of bools, got {decisions!r}; {hint}.")
+    rows = list(decisions)
+    for j, row in enumerate(rows):  # a flat list of bools is the common mistake: say so before counting
+        if isinstance(row, (str, bytes, dict)) or not hasattr(row, "__iter__"):
+            raise TypeError(
+                f"{what}[{j}] is {row!r} ({type(row).__name__}), not a list of decisions for passage {j}; {hint}."
+            )
+    if len(rows) != len(counts):
+        raise ValueError(
+            f"{what} has decisions for {len(rows)} passages but {len(counts)} passages were given; {hint}."
+        )
+    return [decision_row(row, n, k, f"{what}[{j}]", hint) for j, (row, n) in enumerate(zip(rows, counts))]
+
+
+def decision_row(row: Any, n: int, k: int, label: str, hint: str = "") -> list[bool]:
+    """Check one passage's explicit decisions (``n`` chunks) and return them as bools; ``label``
+    names the value in errors (e.g. ``policy[1]``). See :func:`normalise_decisions`."""
+    hint = f"; {hint}" if hint else ""
+    if isinstance(row, (str, bytes, dict)) or not hasattr(row, "__iter__"):
+        raise TypeError(f"{label} is {row!r} ({type(row).__name__}), not a list of per-chunk decisions{hint}.")
+    row = list(row)
+    if len(row) != n:
+        raise ValueError(f"{label} has {len(row)} decisions but the passage has {n} chunks of k={k} tokens.")
+    keep = []
+    for i, x in enumerate(row):
+        if getattr(x, "shape", None) == () and hasattr(x, "item"):
+            x = x.item()  # a 0-d tensor or numpy scalar
+        if isinstance(x, bool):
+            keep.append(x)
+        elif isinstance(x, int) and x in (0, 1):
+            keep.append(bool(x))
+        elif isinstance(x, int):
+            raise ValueError(f"{label}[{i}] is {x}; a decision is True/False or 1/0 (1 = keep chunk {i} as tokens).")
+        else:
+            raise TypeError(f"{label}[{i}] is {x!r} ({type(x).__name__}); a decision is True/False or 1/0.")
+    return keep
+
+
+def check_finite(vectors: torch.Tensor, what: str) -> torch.Tensor:
+    """Return ``vectors`` if every value is finite, else raise naming ``what`` (where they came from).
+
+    Raises:
+        ValueError: a NaN or infinite value (it would silently empty the answer).
+    """
+    if vectors.numel() and not bool(torch.isfinite(vectors.detach()).all()):
+        bad = int((~torch.isfinite(vectors.detach())).sum())
+        raise ValueError(f"{what} contain {bad} NaN or infinite value(s) of {vectors.numel()}; refusing them.")
+    return vectors
+
+
 class TokenStream:
     """Iterator over generated text pieces; ``result`` holds the full result once exhausted."""
 
@@ -563,20 +635,22 @@ class RefragEngine:
                 without an explicit decision (set by retriever adapters).
         """
         entry = self._entry(text)
-        entry.registered = True
         n = len(entry.chunks)
-        if vectors is not None:
+        if vectors is not None:  # checked before anything is registered
             vectors = torch.as_tensor(vectors, dtype=torch.float32).cpu()
             if vectors.shape != (n, self.chunk_encoder.encoder_dim):
                 raise ValueError(
                     f"vectors for this passage must have shape ({n}, {self.chunk_encoder.encoder_dim}) "
                     f"(chunks, encoder dim), got {tuple(vectors.shape)}."
                 )
+            check_finite(vectors, f"The chunk vectors given for passage {passage_id(text)}")
+        if expand is not None:
+            expand = decision_row(expand, n, self.k, "expand", "give one bool per chunk, e.g. [True, False]")
+        entry.registered = True
+        if vectors is not None:
             entry.vectors = vectors
         if expand is not None:
-            if len(expand) != n:
-                raise ValueError(f"expand has {len(expand)} decisions but the passage has {n} chunks.")
-            entry.expand = [bool(x) for x in expand]
+            entry.expand = expand
         return passage_id(text)
 
     def lookup_passage(self, pid: str) -> CachedPassage | None:
@@ -676,7 +750,11 @@ class RefragEngine:
             for e in missing:
                 v = found.get(passage_id(e.text))
                 if v is not None and tuple(v.shape) == (len(e.chunks), self.chunk_encoder.encoder_dim):
-                    e.vectors = torch.as_tensor(v, dtype=torch.float32).cpu()
+                    v = torch.as_tensor(v, dtype=torch.float32).cpu()
+                    source = getattr(self.vector_source, "__qualname__", repr(self.vector_source))
+                    check_finite(v, f"The chunk vectors of passage {passage_id(e.text)} from the vector source "
+                                    f"{source} (re-index that passage; `refrag index --verify` checks a store)")
+                    e.vectors = v
                     cached += len(e.chunks)
             missing = [e for e in missing if e.vectors is None]
         encode_s = 0.0
@@ -685,7 +763,10 @@ class RefragEngine:
             with torch.no_grad():
                 encoded = self.chunk_encoder.encode_passages([e.chunks for e in missing])  # [(L_i, d_enc)]
             for e, v in zip(missing, encoded):
-                e.vectors = v.float().cpu()
+                e.vectors = check_finite(
+                    v.float().cpu(), f"The chunk vectors the chunk encoder produced for passage {passage_id(e.text)} "
+                    "(its weights are damaged: check the checkpoint's encoder_delta)"
+                )
             encode_s = time.perf_counter() - t0
             if self.vector_sink is not None:
                 self.vector_sink({passage_id(e.text): e.vectors for e in missing})
@@ -877,16 +958,7 @@ class RefragEngine:
                 decisions.append([bool(x) for x in flat[i : i + n]])
                 i += n
         elif expand is not None:
-            decisions = [list(d) for d in expand]
-            if len(decisions) != len(texts):
-                raise ValueError(
-                    f"expand has decisions for {len(decisions)} passages but {len(texts)} passages were given."
-                )
-            for j, (d, n) in enumerate(zip(decisions, counts)):
-                if len(d) != n:
-                    raise ValueError(
-                        f"expand[{j}] has {len(d)} decisions but passage {j} has {n} chunks of k={self.k} tokens."
-                    )
+            decisions = normalise_decisions(expand, counts, self.k)
         if any(not all(d) for d in decisions):
             need_vectors()
         return decisions, vectors, cached, encode_s
@@ -970,6 +1042,8 @@ class RefragEngine:
             proj = None
             if not all(decisions[j]):
                 proj = self.chunk_encoder.project(vectors[j]).to(device=dev, dtype=dtype)  # (L, d)
+                check_finite(proj, f"The projected chunk embeddings of passage {j} ({passage_id(texts[j])}) "
+                                   f"(from the projector, in {dtype})")
             for chunk, keep in zip(entry.chunks, decisions[j]):
                 all_ids.extend(chunk.token_ids)
                 stats.context_tokens += len(chunk.token_ids)
@@ -1089,6 +1163,42 @@ class RefragEngine:
         with self.autocast():
             return self.decoder(**inputs, **extra)
 
+    def context_window(self) -> int | None:
+        """The decoder's context window in positions (``config.max_position_embeddings``), if it says."""
+        config = self.decoder.config
+        window = getattr(config, "max_position_embeddings", None)
+        if window is None and hasattr(config, "get_text_config"):
+            window = getattr(config.get_text_config(), "max_position_embeddings", None)
+        return int(window) if isinstance(window, int) and window > 0 else None
+
+    def check_context_window(self, prepared: Sequence[PreparedInput], max_new_tokens: int) -> None:
+        """Refuse inputs that, with ``max_new_tokens`` generated tokens, need more decoder
+        positions than the decoder's context window (checked before every prefill that
+        generates: :meth:`decode_steps`, so :meth:`generate`, :meth:`stream` and
+        :meth:`generate_batch`).
+
+        Raises:
+            ValueError: ``max_new_tokens`` < 1, or a prepared input does not fit; the message names
+                the window, the positions and what to do.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
+        window = self.context_window()
+        if window is None:
+            return
+        for b, p in enumerate(prepared):
+            positions = int(p.embeds.shape[0])
+            if positions + max_new_tokens > window:
+                which = f"request {b}" if len(prepared) > 1 else "the request"
+                raise ValueError(
+                    f"{which} needs {positions} decoder positions for its input plus max_new_tokens="
+                    f"{max_new_tokens} = {positions + max_new_tokens}, more than the decoder's context window "
+                    f"of {window} positions (config.max_position_embeddings). Give fewer or shorter passages, "
+                    f"a smaller expand fraction (expand_fraction= / --expand-fraction; now "
+                    f"{p.stats.chunks_expanded} of {p.stats.chunks} chunks expanded), a checkpoint with a larger "
+                    f"chunk size k (now {self.k}), or a smaller max_new_tokens."
+                )
+
     def decode_steps(
         self,
         prepared: Sequence[PreparedInput],
@@ -1111,8 +1221,7 @@ class RefragEngine:
         """
         from transformers import DynamicCache
 
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        self.check_context_window(prepared, max_new_tokens)
         t_start = time.perf_counter() if t_start is None else t_start
         B = len(prepared)
         emb, mask, pos = left_pad([p.embeds for p in prepared])  # (B, T, d), (B, T), (B, T)
@@ -1368,6 +1477,7 @@ class RefragEngine:
 
         q: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         t0 = t_start or time.perf_counter()
+        self.check_context_window([prepared], gen.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))  # fail now, not mid-iteration
 
         def work() -> None:
             try:

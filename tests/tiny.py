@@ -62,7 +62,7 @@ def make_tiny_models(root: Path, chat: bool = False, seed: int = 0) -> tuple[Pat
     dec_dir, enc_dir = root / "tiny-decoder", root / "tiny-encoder"
     dcfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,  # the engine checks it
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
     )
