@@ -10,21 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-import numpy as np
-
-
-class FakeEmbedder:
-    """A deterministic bag-of-characters retrieval embedder (as in test_store.py)."""
-
-    def __init__(self, name: str = "fake", dim: int = 16) -> None:
-        self.name, self.dim, self.fingerprint = name, dim, f"{name}-{dim}"
-
-    def embed(self, texts):
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for i, t in enumerate(texts):
-            for ch in t.lower():
-                out[i, ord(ch) % self.dim] += 1.0
-        return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-9)
+from tiny import FakeEmbedder  # the script directory (tests/) is on sys.path
 
 
 def main(argv: list[str]) -> int:

@@ -22,7 +22,7 @@ from refrag_integrations import index_lock
 from refrag_integrations.index_lock import StaleIndexError
 from refrag_integrations.store import ChunkStore
 
-from index_worker import FakeEmbedder
+from tiny import FakeEmbedder
 
 WORKER = Path(__file__).with_name("index_worker.py")
 WORDS = "the tower river mountain violin light energy paris france engineer built company designed".split()

@@ -26,6 +26,7 @@ from refrag_integrations.store import (
     FingerprintMismatchError,
     PassageRecord,
 )
+from tiny import FakeEmbedder  # noqa: E402  (tests/ is on sys.path via conftest)
 
 PASSAGES = [
     "Robert Boulter is an English film, television and theatre actor. He had a guest starring role on the "
@@ -35,20 +36,6 @@ PASSAGES = [
     "Drum Theatre in Plymouth.",
 ]
 QUESTION = "Who is the Eiffel Tower named after?"
-
-
-class FakeEmbedder:
-    """A deterministic bag-of-characters embedder: retrieval tests that need no model."""
-
-    def __init__(self, name: str = "fake", dim: int = 16) -> None:
-        self.name, self.dim, self.fingerprint = name, dim, f"{name}-{dim}"
-
-    def embed(self, texts):
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for i, t in enumerate(texts):
-            for ch in t.lower():
-                out[i, ord(ch) % self.dim] += 1.0
-        return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-9)
 
 
 def fresh_engine(base: RefragEngine, **config_changes) -> RefragEngine:

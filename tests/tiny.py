@@ -53,6 +53,22 @@ def _tokenizer(chat: bool):
     return fast
 
 
+class FakeEmbedder:
+    """A deterministic bag-of-characters retrieval embedder: index and store tests that need no model."""
+
+    def __init__(self, name: str = "fake", dim: int = 16) -> None:
+        self.name, self.dim, self.fingerprint = name, dim, f"{name}-{dim}"
+
+    def embed(self, texts):
+        import numpy as np
+
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            for ch in t.lower():
+                out[i, ord(ch) % self.dim] += 1.0
+        return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-9)
+
+
 def make_tiny_models(root: Path, chat: bool = False, seed: int = 0) -> tuple[Path, Path]:
     """Write a tiny decoder and encoder under ``root``; return their directories."""
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
