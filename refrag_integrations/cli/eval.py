@@ -1,5 +1,5 @@
-"""``refrag eval qa|ppl|report``: answer quality with N passages, held-out log-perplexity, and
-the benchmark page built from the results."""
+"""``refrag eval qa|ppl|capacity|report``: answer quality with N passages, held-out log-perplexity,
+the chunk-vector capacity probe, and the benchmark page built from the results."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import typer
 from ..config import DEFAULT_DATA_DIR
 from ..evaluation.config import (
     DEFAULT_BENCH_DIR,
+    DEFAULT_CAPACITY_DIR,
     DEFAULT_DOC,
     DEFAULT_PPL_DIR,
     DEFAULT_QA_DIR,
@@ -23,7 +24,8 @@ from ..evaluation.config import (
 from .bench import load_engine, parse_list
 from .common import DECODER_DTYPE_HELP, DEPRECATED_P_HELP, EXPAND_FRACTIONS_HELP, check_decoder_dtype, renamed_option
 
-app = typer.Typer(help="Evaluate answer quality (qa), perplexity (ppl), and write the benchmark page (report).",
+app = typer.Typer(help="Evaluate answer quality (qa), perplexity (ppl), chunk-vector capacity (capacity), and write the "
+                       "benchmark page (report).",
                   no_args_is_help=True)
 
 
@@ -168,6 +170,51 @@ def ppl(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     _show(out / TABLE_FILE, out / PLOT_FILE if doc["rows"] else None)
+
+
+@app.command("capacity")
+def capacity(
+    data: Optional[Path] = typer.Option(None, help="QA JSONL(.gz) in NQ-open shape (default: the shared NQ-open file)."),
+    split: Optional[str] = typer.Option(None, help="train, eval or all (default: eval for the shared NQ file, else all)."),
+    data_dir: Path = typer.Option(Path(DEFAULT_DATA_DIR), help="The shared data directory."),
+    limit: int = typer.Option(20, help="Probe the first N questions (rerun with a larger limit to extend)."),
+    steps: int = typer.Option(150, help="Adam steps fitting each passage's chunk vectors."),
+    lr: float = typer.Option(0.05, help="Adam learning rate of the fit."),
+    init: str = typer.Option("mean", help="Start of the fit: 'mean' (each chunk's mean token embedding) or 'encoder' (the checkpoint's chunk vectors)."),
+    max_new_tokens: int = typer.Option(24, help="Answer length limit (greedy)."),
+    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint (default: the packaged one; 'none': base models). Only its decoder and chunking matter, and 'encoder_p0' shows its own vectors."),
+    out: Path = typer.Option(Path(DEFAULT_CAPACITY_DIR), help="Results directory."),
+    bf16: bool = typer.Option(False, help="bfloat16 autocast for the decoder."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda."),
+    overwrite: bool = typer.Option(False, help="Start over even if --out holds a run with other settings."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Oracle probe: fit free chunk vectors to reconstruct each gold passage, then answer from them.
+
+    Tells whether this decoder can read a passage's entities from one vector per chunk at all
+    (the bound on any encoder trained by reconstruction), next to closed book, full context and
+    the checkpoint's own vectors. Resumable per question. See docs/training.md.
+    """
+    from ..evaluation.capacity import TABLE_FILE, run_capacity
+    from ..evaluation.data import load_qa, nq_path
+
+    if limit < 1 or steps < 1 or not lr > 0 or max_new_tokens < 1:
+        raise typer.BadParameter(f"--limit, --steps and --max-new-tokens must be >= 1 and --lr > 0 "
+                                 f"(got {limit}, {steps}, {max_new_tokens}, {lr}).")
+    if init not in ("mean", "encoder"):
+        raise typer.BadParameter(f"--init must be 'mean' or 'encoder', got {init!r}.")
+    path = data if data is not None else nq_path(data_dir)
+    split = split or ("eval" if data is None else "all")
+    try:
+        examples = load_qa(path, split)[:limit]
+        engine = load_engine(checkpoint, bf16, threads, device)
+        run_capacity(engine, examples, out, steps=steps, lr=lr, init=init, max_new_tokens=max_new_tokens,
+                     signature={"data": str(path), "split": split, "checkpoint": checkpoint,
+                                "bf16": bf16}, overwrite=overwrite, progress=progress)
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err)) from err
+    _show(out / TABLE_FILE, None)
 
 
 @app.command("report")

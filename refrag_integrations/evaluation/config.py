@@ -48,4 +48,5 @@ PPL_PS = (0.0,)  # p > 0 expands a random fraction of chunks (the paper's mixed-
 DEFAULT_BENCH_DIR = "runs/bench"
 DEFAULT_QA_DIR = "runs/eval-qa"
 DEFAULT_PPL_DIR = "runs/eval-ppl"
+DEFAULT_CAPACITY_DIR = "runs/eval-capacity"
 DEFAULT_DOC = "docs/benchmarks.md"
