@@ -68,32 +68,37 @@ def untrained_note(engine: "RefragEngine", policy: str) -> Optional[str]:
     return f"{head} compressed chunks carry no usable information: this answer is NOT REFRAG quality. {train}"
 
 
+PASSAGES_HINT = "'--passages'"
+
+
 def read_passage_texts(path: Path) -> list[str]:
     """Read passages from a file: ``.jsonl`` (one object per line with ``text`` and optional
     ``title``), ``.pdf`` (split as `refrag index` splits it), or plain text (passages separated
     by blank lines). Passages too long to tokenise at once are refused, counted in characters."""
     if not path.is_file():
-        raise typer.BadParameter(f"passages file {path} does not exist.")
+        raise typer.BadParameter(f"passages file {path} does not exist.", param_hint=PASSAGES_HINT)
     passages: list[str] = []
     if path.suffix.lower() == ".pdf":
         from ..config import MAX_CONTEXT_CHARS
         from ..readers import BadInputError, read_passages
 
+        total = 0
         try:
             for record in read_passages(path):  # stop reading once there is more text than ask may use
                 passages.append(record.text)
-                if sum(len(t) for t in passages) > MAX_CONTEXT_CHARS:
+                total += len(record.text)
+                if total > MAX_CONTEXT_CHARS:
                     break
         except BadInputError as err:
-            raise typer.BadParameter(str(err)) from None
+            raise typer.BadParameter(str(err), param_hint=PASSAGES_HINT) from None
         if not passages:
-            raise typer.BadParameter(f"{path} holds no passages (no extractable text).")
-        return check_passage_sizes(passages, path)
+            raise typer.BadParameter(f"{path} holds no passages (no extractable text).", param_hint=PASSAGES_HINT)
+        return check_passage_sizes(passages, path, param_hint=PASSAGES_HINT)
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise typer.BadParameter(f"{path} is not UTF-8 text ({err}).") from err
+        raise typer.BadParameter(f"{path} is not UTF-8 text ({err}).", param_hint=PASSAGES_HINT) from err
     if path.suffix in (".jsonl", ".json"):
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -101,17 +106,17 @@ def read_passage_texts(path: Path) -> list[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise typer.BadParameter(f"{path}:{n} is not valid JSON ({err}).") from err
+                raise typer.BadParameter(f"{path}:{n} is not valid JSON ({err}).", param_hint=PASSAGES_HINT) from err
             body = obj.get("text") if isinstance(obj, dict) else None
             if not isinstance(body, str) or not body.strip():
-                raise typer.BadParameter(f"{path}:{n} has no non-empty 'text' field.")
+                raise typer.BadParameter(f"{path}:{n} has no non-empty 'text' field.", param_hint=PASSAGES_HINT)
             title = obj.get("title")
             passages.append(f"{title}\n{body.strip()}" if title else body.strip())
     else:
         passages = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
     if not passages:
-        raise typer.BadParameter(f"{path} holds no passages.")
-    return check_passage_sizes(passages, path)
+        raise typer.BadParameter(f"{path} holds no passages.", param_hint=PASSAGES_HINT)
+    return check_passage_sizes(passages, path, param_hint=PASSAGES_HINT)
 
 
 def stats_line(stats: dict[str, Any]) -> str:

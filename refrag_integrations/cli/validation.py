@@ -140,7 +140,7 @@ def check_yaml_file(value: Optional[Path]) -> Optional[Path]:
     return value
 
 
-def check_passage_sizes(passages: list[str], source: Path) -> list[str]:
+def check_passage_sizes(passages: list[str], source: Path, param_hint: Optional[str] = None) -> list[str]:
     """Refuse a passage (or passages) too long to tokenise at once, counted in characters first.
 
     Raises:
@@ -154,12 +154,12 @@ def check_passage_sizes(passages: list[str], source: Path) -> list[str]:
             raise typer.BadParameter(
                 f"passage {n} of {source} has {len(text):,} characters, more than one passage may hold "
                 f"({MAX_PASSAGE_CHARS:,}); separate its paragraphs with blank lines, or index the file "
-                f"(`refrag index {source}` splits it) and ask with --index."
+                f"(`refrag index {source}` splits it) and ask with --index.", param_hint=param_hint
             )
     total = sum(len(t) for t in passages)
     if total > MAX_CONTEXT_CHARS:
         raise typer.BadParameter(
             f"{source} holds {total:,} characters of passages, more than one question may read "
-            f"({MAX_CONTEXT_CHARS:,}); index it (`refrag index {source}`) and ask with --index."
+            f"({MAX_CONTEXT_CHARS:,}); index it (`refrag index {source}`) and ask with --index.", param_hint=param_hint
         )
     return passages
