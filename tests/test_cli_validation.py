@@ -161,3 +161,19 @@ def test_ask_says_the_projector_is_untrained_and_answers_with_ordinary_rag(files
     res = runner.invoke(app, base)  # text output: the warning is a visible line of it
     assert res.exit_code == 0 and any(line.startswith("warning: no trained REFRAG checkpoint")
                                       for line in res.stdout.splitlines())
+
+
+def test_ask_reads_a_real_pdf_as_index_does(tmp_path, tiny_engine, monkeypatch):
+    pytest.importorskip("pypdf", reason="PDF support needs the `pdf` extra (pypdf)")
+    from refrag_integrations.engine import RefragEngine
+
+    from tiny import make_pdf
+
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(make_pdf(["The Eiffel Tower is in Paris.", "It was built from 1887 to 1889."]))
+    monkeypatch.setattr(RefragEngine, "from_pretrained", classmethod(lambda cls, *a, **k: tiny_engine))
+    res = CliRunner().invoke(app, ["ask", "Where is the tower?", "--passages", str(pdf), "--json",
+                                   "--max-new-tokens", "1"])
+    assert res.exit_code == 0, res.output
+    sources = json.loads(res.stdout.strip().splitlines()[-1])["sources"]
+    assert len(sources) == 1 and "Eiffel Tower is in Paris" in sources[0]["text"] and "1887" in sources[0]["text"]
