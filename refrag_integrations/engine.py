@@ -466,7 +466,7 @@ class RefragEngine:
         self.trained = trained
         if not trained:
             warnings.warn(
-                f"This RefragEngine's chunk projector is UNTRAINED (no trained REFRAG checkpoint for decoder "
+                f"This RefragEngine's chunk projector is UNTRAINED (no trained REFRAG checkpoint loaded for decoder "
                 f"{config.decoder!r}): compressed chunks carry no usable information. Default policy: "
                 f"{getattr(self.policy, 'name', type(self.policy).__name__)!r}"
                 + (" (ordinary RAG, nothing compressed)" if isinstance(self.policy, ExpandAll) else "")
