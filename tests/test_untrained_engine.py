@@ -99,3 +99,23 @@ def test_packaged_checkpoint_found_for_a_local_copy_by_fingerprint(tiny_engine, 
     with pytest.warns(UntrainedProjectorWarning):
         mixed = RefragEngine.from_pretrained(decoder=str(dec_copy), encoder=str(other_enc), device="cpu")
     assert not mixed.trained
+
+
+@pytest.mark.integration
+def test_a_local_copy_of_the_default_decoder_gets_the_packaged_checkpoint(tmp_path):
+    """The real case: `decoder=` pointing at a copy of the default decoder's weights, at another path."""
+    from refrag_integrations.checkpoint import default_checkpoint
+    from refrag_integrations.models import default_decoder_dir
+
+    if default_checkpoint() is None:
+        pytest.skip("this build ships no packaged checkpoint")
+    copy = tmp_path / "SmolLM2-135M-Instruct"
+    copy.mkdir()
+    for f in default_decoder_dir().iterdir():  # a copy made of links: same bytes, another path and name
+        (copy / f.name).symlink_to(f)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        engine = RefragEngine.from_pretrained(decoder=str(copy), device="cpu")
+    assert engine.trained and not _untrained_warnings(record)
+    assert engine.policy.name.startswith("learned")  # the packaged default's learned policy, as by name
+
