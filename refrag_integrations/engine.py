@@ -531,8 +531,10 @@ class RefragEngine:
                 may name a local copy of the same decoder; a different decoder is refused.
             policy: default expansion policy (an object or a name, see
                 :data:`~refrag_integrations.policy.POLICY_NAMES`; default: the checkpoint's
-                learned policy, else compress everything).
-            expand_fraction: default expand fraction p for a selective policy.
+                learned policy, else compress everything; with an untrained projector, ordinary
+                RAG: see :func:`default_policy`).
+            expand_fraction: default expand fraction p for a selective policy (with an untrained
+                projector and no ``policy``, giving it opts into REFRAG with ``"relevance"``).
             max_expanded: default cap on expanded chunks per request.
             autocast_dtype: run the decoder under autocast in this dtype (e.g. torch.bfloat16).
             device: where to put the models (default: cuda if available, else cpu).
