@@ -20,6 +20,7 @@ from .engine import (
     RefragEngine,
     RegisteredPassage,
     TokenStream,
+    UntrainedProjectorWarning,
 )
 from .models import ModelNotFoundError, load_decoder, load_encoder
 from .policy import (
@@ -64,6 +65,7 @@ __all__ = [
     "RefragEngine",
     "RegisteredPassage",
     "TokenStream",
+    "UntrainedProjectorWarning",
     "chunk_passage",
     "load_checkpoint",
     "load_decoder",

@@ -323,6 +323,24 @@ def default_checkpoint() -> Path | None:
     return PACKAGED_DEFAULT if (PACKAGED_DEFAULT / CONFIG_FILE).is_file() else None
 
 
+def is_base_model(config: RefragConfig, what: str, name: str | None, fingerprint: str) -> bool:
+    """Whether a loaded base model is the ``what`` (``"decoder"`` or ``"encoder"``) a checkpoint
+    was trained on: none was named (the checkpoint's own is loaded), it is named as in the
+    checkpoint, or it is a copy under another name or path with the same weight fingerprint
+    (:func:`~refrag_integrations.models.model_fingerprint`, computed from the loaded model anyway).
+
+    Example:
+        >>> cfg = RefragConfig(decoder="smollm2-135m-instruct", decoder_fingerprint="8265719af23137ad")
+        >>> is_base_model(cfg, "decoder", "/models/SmolLM2-135M-Instruct", "8265719af23137ad")
+        True
+        >>> is_base_model(cfg, "decoder", "/models/Qwen2.5-0.5B", "0123456789abcdef")
+        False
+    """
+    if what not in ("decoder", "encoder"):
+        raise ValueError(f"what must be 'decoder' or 'encoder', got {what!r}.")
+    return name is None or name == getattr(config, what) or fingerprint == getattr(config, f"{what}_fingerprint")
+
+
 def apply_delta(module: torch.nn.Module, delta: dict[str, torch.Tensor], what: str) -> None:
     """Load a checkpoint's ``delta`` (parameters training changed) into ``module`` (the ``what``
     named in errors: "encoder" or "decoder").

@@ -56,6 +56,11 @@ PASSAGE_COLLECTION_HNSW = {"space": "cosine"}
 INDEX_LOCK_TIMEOUT_S = 300.0  # a second writer of an embedded index waits this long for the first
 CHROMA_SERVER_TIMEOUT_S = 30.0  # every call to a Chroma server fails after this long without an answer
 DEFAULT_TOP_K = 8  # passages retrieved per question
+MAX_TOP_K = 100  # `--top-k` limit: more passages than this cannot fit a decoder's context window, even compressed
+# `refrag ask --passages FILE` counts characters before tokenising anything: a longer passage, or a
+# file with more characters of passages in all, is refused (`refrag index` splits such files instead).
+MAX_PASSAGE_CHARS = 1 << 15
+MAX_CONTEXT_CHARS = 1 << 18
 DEMO_QUESTIONS = 5  # questions `refrag demo` asks
 DEMO_MAX_NEW_TOKENS = 32  # answer length limit in `refrag demo` (short NQ answers)
 

@@ -24,7 +24,14 @@ from typing import Any, Callable, Iterator, Sequence, Union
 import torch
 
 from .chunking import Chunk, chunk_passage, passage_id, special_prefix_ids
-from .checkpoint import Checkpoint, CheckpointMismatchError, apply_delta, default_checkpoint, load_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    CheckpointMismatchError,
+    apply_delta,
+    default_checkpoint,
+    is_base_model,
+    load_checkpoint,
+)
 from .config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_DECODER,
@@ -43,12 +50,19 @@ from .policy import (
     ExpansionBudget,
     ExpansionPolicy,
     ExpandNone,
+    QueryRelevancePolicy,
     as_budget,
     load_policy,
     resolve_policy,
 )
 
 logger = logging.getLogger(__name__)
+
+
+class UntrainedProjectorWarning(UserWarning):
+    """An engine was created with an untrained chunk projector: compressed chunks carry no usable
+    information. Such an engine's default policy is ordinary RAG (every chunk expanded); REFRAG
+    compression is opt-in (``policy=`` or ``expand_fraction=``)."""
 
 # What decides which chunks stay tokens: a policy (object or name), explicit per-passage
 # decisions (one bool per chunk, True = expand), or None (registered decisions, else the default).
@@ -299,6 +313,23 @@ def expansion_settings(
     return policy, ExpansionBudget(fraction=fraction, max_count=max_expanded)
 
 
+def default_policy(trained: bool, has_budget: bool, chunk_encoder: ChunkEncoder) -> ExpansionPolicy:
+    """The default expansion policy of an engine created without one.
+
+    A trained projector compresses every chunk (p = 0) unless told otherwise. An untrained one
+    must not compress by default (its chunk vectors carry no usable information): it does ordinary
+    RAG (every chunk expanded), unless a default ``expand_fraction`` / ``max_expanded`` opts into
+    REFRAG, which then keeps the chunks most relevant to the question (``"relevance"``).
+
+    Example:
+        >>> default_policy(False, False, encoder)                       # doctest: +SKIP
+        ExpandAll()
+    """
+    if trained:
+        return ExpandNone()
+    return QueryRelevancePolicy(chunk_encoder) if has_budget else ExpandAll()
+
+
 def normalise_decisions(decisions: Any, counts: Sequence[int], k: int, what: str = "policy") -> list[list[bool]]:
     """Check explicit per-chunk expansion decisions and return them as lists of bools.
 
@@ -393,9 +424,11 @@ class RefragEngine:
         tokenizer: its tokenizer.
         chunk_encoder: the :class:`ChunkEncoder` (encoder + projector).
         config: the :class:`RefragConfig` (k, pooling, model names).
-        policy: the default expansion policy (default: compress everything, p = 0).
+        policy: the default expansion policy (default: see :func:`default_policy`; a trained
+            projector compresses everything, p = 0; an untrained one expands everything).
         budget: deprecated: use ``expand_fraction`` / ``max_expanded``.
-        trained: whether the projector was trained; reported in every result's stats.
+        trained: whether the projector was trained; reported in every result's stats. An
+            untrained engine warns (:class:`UntrainedProjectorWarning`) when it is created.
         autocast_dtype: e.g. ``torch.bfloat16`` to run the decoder under autocast.
         cache_size: passages kept in the process-local chunk-vector cache.
         expand_fraction: the default expand fraction p for a selective policy.
@@ -427,10 +460,20 @@ class RefragEngine:
         self.tokenizer = tokenizer
         self.chunk_encoder = chunk_encoder
         self.config = config
-        self.policy = policy or ExpandNone()
         _, default_budget = expansion_settings(None, expand_fraction, max_expanded, budget=budget)
+        self.policy = policy or default_policy(trained, default_budget is not None, chunk_encoder)
         self.budget = default_budget or ExpansionBudget()  # the default budget; ExpansionBudget() = none
         self.trained = trained
+        if not trained:
+            warnings.warn(
+                f"This RefragEngine's chunk projector is UNTRAINED (no trained REFRAG checkpoint loaded for decoder "
+                f"{config.decoder!r}): compressed chunks carry no usable information. Default policy: "
+                f"{getattr(self.policy, 'name', type(self.policy).__name__)!r}"
+                + (" (ordinary RAG, nothing compressed)" if isinstance(self.policy, ExpandAll) else "")
+                + ". Train a checkpoint for this decoder (`refrag train recipe`, docs/train-your-own.md).",
+                UntrainedProjectorWarning,
+                stacklevel=2,
+            )
         self.autocast_dtype = autocast_dtype
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[str, CachedPassage] = OrderedDict()
@@ -471,8 +514,11 @@ class RefragEngine:
         """Build an engine from a trained checkpoint directory, or from base models.
 
         With ``checkpoint=None`` the packaged default checkpoint is used when it exists and fits
-        the requested base models and k; otherwise the projector is freshly initialised and the
-        engine reports ``trained=False``.
+        the requested base models and k (a decoder or encoder given by another name, such as a
+        local copy of the default decoder, fits when its weight fingerprint equals the one the
+        checkpoint was trained on); otherwise the projector is freshly initialised, the engine
+        reports ``trained=False``, warns (:class:`UntrainedProjectorWarning`), and its default
+        policy is ordinary RAG unless ``policy`` or ``expand_fraction`` / ``max_expanded`` is given.
 
         Args:
             checkpoint: a checkpoint directory (see :mod:`refrag_integrations.checkpoint`);
@@ -485,8 +531,10 @@ class RefragEngine:
                 may name a local copy of the same decoder; a different decoder is refused.
             policy: default expansion policy (an object or a name, see
                 :data:`~refrag_integrations.policy.POLICY_NAMES`; default: the checkpoint's
-                learned policy, else compress everything).
-            expand_fraction: default expand fraction p for a selective policy.
+                learned policy, else compress everything; with an untrained projector, ordinary
+                RAG: see :func:`default_policy`).
+            expand_fraction: default expand fraction p for a selective policy (with an untrained
+                projector and no ``policy``, giving it opts into REFRAG with ``"relevance"``).
             max_expanded: default cap on expanded chunks per request.
             autocast_dtype: run the decoder under autocast in this dtype (e.g. torch.bfloat16).
             device: where to put the models (default: cuda if available, else cpu).
@@ -501,14 +549,14 @@ class RefragEngine:
 
         decoder_dtype = resolve_dtype(decoder_dtype)  # fail before loading anything
         ckpt: Checkpoint | None = None
+        packaged: Checkpoint | None = None  # the packaged default, while it may still fit
         if checkpoint is None:
             default = default_checkpoint()
             if default is not None:
                 cand = load_checkpoint(default)
-                if (decoder in (None, cand.config.decoder) and encoder in (None, cand.config.encoder)
-                        and chunk_size in (None, cand.config.chunk_size) and pooling in (None, cand.config.pooling)
+                if (chunk_size in (None, cand.config.chunk_size) and pooling in (None, cand.config.pooling)
                         and chunk_context in (None, cand.config.chunk_context)):
-                    ckpt = cand
+                    packaged = cand
         elif str(checkpoint) == "none":
             pass  # the base models with a fresh, untrained projector (e.g. to evaluate the base decoder)
         elif str(checkpoint) == "default":
@@ -526,24 +574,34 @@ class RefragEngine:
                 raise CheckpointMismatchError(
                     f"The checkpoint was trained with chunk_context={cfg.chunk_context!r}, not {chunk_context!r}."
                 )
-        else:
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+        dec_name = decoder or (ckpt.config.decoder if ckpt is not None else
+                               packaged.config.decoder if packaged is not None else DEFAULT_DECODER)
+        dec_model, dec_tok = load_decoder(dec_name, dtype=decoder_dtype)
+        dec_fp = model_fingerprint(dec_model)
+        # The packaged checkpoint fits a decoder by name or, for a local copy at another path, by
+        # weight fingerprint (model_fingerprint: names, shapes and leading values of every tensor).
+        if packaged is not None and not is_base_model(packaged.config, "decoder", decoder, dec_fp):
+            packaged = None
+        enc_name = encoder or (packaged.config.encoder if packaged is not None else
+                               ckpt.config.encoder if ckpt is not None else DEFAULT_ENCODER)
+        enc_model, enc_tok = load_encoder(enc_name, decoder=dec_model, decoder_tokenizer=dec_tok)
+        enc_fp = model_fingerprint(enc_model)
+        if packaged is not None and is_base_model(packaged.config, "encoder", encoder, enc_fp):
+            ckpt, cfg = packaged, packaged.config
+        elif ckpt is None:
             cfg = RefragConfig(
-                decoder=decoder or DEFAULT_DECODER,
-                encoder=encoder or DEFAULT_ENCODER,
+                decoder=dec_name,
+                encoder=enc_name,
                 chunk_size=chunk_size if chunk_size is not None else DEFAULT_CHUNK_SIZE,
                 pooling=pooling or "mean",
                 chunk_context=chunk_context or "chunk",
             )
-        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-        dec_model, dec_tok = load_decoder(decoder or cfg.decoder, dtype=decoder_dtype)
-        enc_name = encoder or cfg.encoder
-        enc_model, enc_tok = load_encoder(enc_name, decoder=dec_model, decoder_tokenizer=dec_tok)
-        dec_fp, enc_fp = model_fingerprint(dec_model), model_fingerprint(enc_model)
         if ckpt is not None:
             for what, want, got, name in (
-                ("decoder", cfg.decoder_fingerprint, dec_fp, decoder or cfg.decoder),
-                ("encoder", cfg.encoder_fingerprint, enc_fp, encoder or cfg.encoder),
+                ("decoder", cfg.decoder_fingerprint, dec_fp, dec_name),
+                ("encoder", cfg.encoder_fingerprint, enc_fp, enc_name),
             ):
                 if want and want != got:
                     raise CheckpointMismatchError(
@@ -573,11 +631,6 @@ class RefragEngine:
             trained = bool(ckpt.trained_stages)
             if ckpt.policy is not None:
                 learned_policy = load_policy(ckpt.policy, ckpt.policy_config or {})
-        else:
-            logger.warning(
-                "No trained REFRAG checkpoint for these base models: the projector is untrained, so "
-                "compressed chunks carry no usable information until you train one (`refrag train`)."
-            )
         dec_model.to(dev)
         chunk_encoder.to(dev)
         chunk_encoder.eval()
@@ -585,13 +638,12 @@ class RefragEngine:
             learned_policy.attach_encoder(chunk_encoder)  # a query-conditioned policy embeds the query with it
         if isinstance(policy, str):
             policy = resolve_policy(policy, encoder=chunk_encoder)
-        engine = cls(
+        return cls(
             dec_model, dec_tok, chunk_encoder, cfg, policy=policy or learned_policy,
             trained=trained, autocast_dtype=autocast_dtype,
+            expand_fraction=default_budget.fraction if default_budget is not None else None,
+            max_expanded=default_budget.max_count if default_budget is not None else None,
         )
-        if default_budget is not None:
-            engine.budget = default_budget
-        return engine
 
     @property
     def device(self) -> torch.device:

@@ -31,19 +31,22 @@ def tiny_chat_dirs(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_dirs):
-    """A RefragEngine on the tiny models, k = 4, untrained projector (fresh per session)."""
+    """A RefragEngine on the tiny models, k = 4, untrained projector (fresh per session).
+
+    Its default policy is set to "none" (compress everything), as the tests of the compressed path
+    expect; an untrained engine's own default is ordinary RAG (tests/test_untrained_engine.py)."""
     from refrag_integrations import RefragEngine
 
     dec, enc = tiny_dirs
-    return RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu")
+    return RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu", policy="none")
 
 
 @pytest.fixture(scope="session")
 def tiny_chat_engine(tiny_chat_dirs):
     from refrag_integrations import RefragEngine
 
-    dec, enc = tiny_chat_dirs
-    return RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu")
+    dec, enc = tiny_chat_dirs  # default policy "none", as tiny_engine
+    return RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu", policy="none")
 
 
 @pytest.fixture(scope="session")

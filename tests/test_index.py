@@ -14,6 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tiny import make_pdf
+
 from refrag_integrations import RefragEngine, chunk_passage, passage_id
 from refrag_integrations.index import (
     PassageSplitter,
@@ -148,7 +150,7 @@ def test_read_passages_formats(docs):
 def test_pdf_is_read(tmp_path):
     pytest.importorskip("pypdf", reason="PDF support needs the `pdf` extra (pypdf)")
     path = tmp_path / "doc.pdf"
-    path.write_bytes(_pdf(["The Eiffel Tower is in Paris.", "It was built from 1887 to 1889."]))
+    path.write_bytes(make_pdf(["The Eiffel Tower is in Paris.", "It was built from 1887 to 1889."]))
     out = list(read_passages(path, **SIZES))
     assert len(out) == 1 and "Eiffel Tower is in Paris" in out[0].text and "1887" in out[0].text
 
@@ -363,29 +365,3 @@ def test_cli_demo_runs_and_reuses_its_index(tmp_path):
         assert "UNTRAINED" in first.stdout and "not REFRAG quality" in first.stdout
     second = _last_json(CliRunner().invoke(app, args).stdout)
     assert second["index_state"] == "reused" and second["index_report"]["added"] == 0
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _pdf(lines: list[str]) -> bytes:
-    """A minimal one-page PDF with the given text lines (Helvetica), with a correct xref table."""
-    text = "BT /F1 12 Tf 72 720 Td 14 TL " + " ".join(f"({line}) Tj T*" for line in lines) + " ET"
-    objects = [
-        "<< /Type /Catalog /Pages 2 0 R >>",
-        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-        "/Resources << /Font << /F1 5 0 R >> >> >>",
-        f"<< /Length {len(text)} >>\nstream\n{text}\nendstream",
-        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    out = b"%PDF-1.4\n"
-    offsets = []
-    for i, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += f"{i} 0 obj\n{body}\nendobj\n".encode()
-    xref = len(out)
-    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
-    out += "".join(f"{o:010d} 00000 n \n" for o in offsets).encode()
-    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
-    return out

@@ -96,16 +96,17 @@ def nq_rows(shared_data):
 
 @pytest.fixture(scope="module")
 def engine(tiny_chat_dirs):
-    """A fresh tiny engine (its own passage cache) whose tokenizer has a chat template."""
+    """A fresh tiny engine (its own passage cache) whose tokenizer has a chat template; default
+    policy "none" (an untrained engine's own default is ordinary RAG), as in conftest.py."""
     dec, enc = tiny_chat_dirs
-    return RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu")
+    return RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu", policy="none")
 
 
 @pytest.fixture(scope="module")
 def plain_engine(tiny_dirs):
-    """A tiny engine without a chat template (LlamaIndex's completion path)."""
+    """A tiny engine without a chat template (LlamaIndex's completion path); default policy "none"."""
     dec, enc = tiny_dirs
-    return RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu")
+    return RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu", policy="none")
 
 
 @pytest.fixture(scope="module")

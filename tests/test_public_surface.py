@@ -29,7 +29,7 @@ def test_all_is_pinned():
         "ExpansionBudget", "ExpansionPolicy", "GenerationResult", "GenerationStats", "LearnedPolicy",
         "ModelNotFoundError", "PerplexityDescPolicy", "PreparedInput", "Projector", "QueryRelevancePolicy",
         "RagPrompt", "RandomPolicy", "RefragConfig", "RefragEngine", "RegisteredPassage", "TokenStream",
-        "chunk_passage", "load_checkpoint", "load_decoder", "load_encoder", "load_policy", "make_policy",
+        "UntrainedProjectorWarning", "chunk_passage", "load_checkpoint", "load_decoder", "load_encoder", "load_policy", "make_policy",
         "passage_id", "resolve_policy", "save_checkpoint", "save_engine",
     ]
     for name in refrag_integrations.__all__:

@@ -10,12 +10,14 @@ from . import eval as eval_cmd
 from . import demo as demo_cmd
 from . import download_defaults as download_defaults_cmd
 from . import index as index_cmd
+from .errors import RefragGroup
 
 app = typer.Typer(
     name="refrag",
     help="REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, download-defaults.",
     no_args_is_help=True,
     add_completion=False,
+    cls=RefragGroup,  # one-line errors, exit 2 for bad values; --debug shows tracebacks
 )
 app.command("ask")(ask.ask)
 app.command("index")(index_cmd.index)
@@ -27,7 +29,11 @@ app.command("download-defaults")(download_defaults_cmd.download_defaults)
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: bool = typer.Option(
+        False, "--debug", help="Show full tracebacks instead of one-line errors (also accepted after the command)."
+    ),
+) -> None:
     """REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, download-defaults."""
 
 

@@ -12,18 +12,32 @@ import typer
 
 from ..config import DEFAULT_COLLECTION, DEFAULT_EXPAND_FRACTION, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TOP_K
 from .common import DECODER_DTYPE_HELP, check_decoder_dtype
+from .validation import (
+    check_checkpoint,
+    check_expand_fraction,
+    check_index_dir,
+    check_max_new_tokens,
+    check_passages_file,
+    check_policy,
+    check_question,
+    check_store_choice,
+    check_top_k,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import RefragEngine
     from ..policy import ExpansionPolicy
 
 
-def choose_policy(engine: "RefragEngine", name: str) -> "str | ExpansionPolicy":
-    """``"auto"``: the checkpoint's learned policy when it has one, else ``"relevance"``."""
+def choose_policy(engine: "RefragEngine", name: str, opt_in: bool = True) -> "str | ExpansionPolicy":
+    """``"auto"``: the checkpoint's learned policy when it has one, else ``"relevance"``; for an
+    untrained projector ``"all"`` (ordinary RAG) unless ``opt_in`` (e.g. an explicit --expand-fraction)."""
     from ..policy import ExpandAll, ExpandNone
 
     if name != "auto":
         return name
+    if not engine.trained and not opt_in:
+        return "all"
     return engine.policy if not isinstance(engine.policy, (ExpandAll, ExpandNone)) else "relevance"
 
 
@@ -42,47 +56,52 @@ def source_label(meta: dict[str, Any]) -> str:
 
 
 def ask(
-    question: str = typer.Argument(..., help="The question to answer."),
+    question: str = typer.Argument(..., help="The question to answer.", callback=check_question),
     passages: Optional[Path] = typer.Option(
-        None, "--passages", "-p", help="Passages file (.jsonl with text/title, or text separated by blank lines) "
-        "instead of retrieving from an index.",
+        None, "--passages", "-p", help="Passages file (.jsonl with text/title, .pdf, or text separated by blank lines) "
+        "instead of retrieving from an index.", callback=check_passages_file,
     ),
     index_dir: Optional[Path] = typer.Option(
-        None, "--index", help="Index built by `refrag index` (default: <cache>/refrag-integrations/index)."
+        None, "--index", help="Index built by `refrag index` (default: <cache>/refrag-integrations/index).",
+        callback=check_index_dir,
     ),
     host: Optional[str] = typer.Option(None, help="Chroma server host, instead of --index."),
     port: int = typer.Option(8000, help="Chroma server port."),
     collection: str = typer.Option(DEFAULT_COLLECTION, help="Prefix of the Chroma collections."),
-    top_k: int = typer.Option(DEFAULT_TOP_K, "--top-k", "-k", help="Passages to retrieve from the index."),
+    top_k: int = typer.Option(DEFAULT_TOP_K, "--top-k", "-k", help="Passages to retrieve from the index.",
+                              callback=check_top_k),
     embedder: Optional[str] = typer.Option(None, help="Retrieval embedder (default: the one the index was built with)."),
     reencode: bool = typer.Option(
         False, "--reencode", help="If the index's chunk vectors were made by another encoder/checkpoint, encode them "
         "at query time and store the new ones, instead of stopping with an error.",
     ),
-    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint directory (default: the packaged one, if any; 'none': base models, untrained projector)."),
+    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint directory (default: the packaged one, if any; 'none': base models, untrained projector).", callback=check_checkpoint),
     mode: str = typer.Option("refrag", help="'refrag' (compressed) or 'rag' (ordinary full-context RAG, same engine)."),
-    policy: str = typer.Option("auto", help="Expansion policy: auto (the checkpoint's, else relevance), relevance, random, none, all."),
-    expand_fraction: float = typer.Option(DEFAULT_EXPAND_FRACTION, "--expand-fraction", help="p: fraction of chunks kept as tokens."),
-    max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, help="Generation limit."),
+    policy: str = typer.Option(
+        "auto", help="Expansion policy: auto (the checkpoint's, else relevance; with an untrained projector: all, "
+        "unless --expand-fraction is given), relevance, random, none, all.", callback=check_policy,
+    ),
+    expand_fraction: Optional[float] = typer.Option(
+        None, "--expand-fraction", help=f"p: fraction of chunks kept as tokens (default {DEFAULT_EXPAND_FRACTION}).",
+        callback=check_expand_fraction,
+    ),
+    max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, help="Generation limit.", callback=check_max_new_tokens),
     bf16: bool = typer.Option(False, help="Run the decoder under bfloat16 autocast."),
     decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help=DECODER_DTYPE_HELP, callback=check_decoder_dtype),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """Answer QUESTION from passages retrieved from an index (or given with --passages)."""
-    from .common import read_passage_texts, stats_line
+    from .common import load_engine, read_passage_texts, stats_line, untrained_note
 
     if mode not in ("refrag", "rag"):
         raise typer.BadParameter(f"--mode must be 'refrag' or 'rag', got {mode!r}.")
-    if top_k < 1:
-        raise typer.BadParameter(f"--top-k must be at least 1, got {top_k}.")
+    check_store_choice(index_dir, host)
     import torch
 
-    from ..engine import RefragEngine
     from ..store import EmbedderMismatchError, FingerprintMismatchError
 
     texts = read_passage_texts(passages) if passages is not None else None
-    engine = RefragEngine.from_pretrained(checkpoint, autocast_dtype=torch.bfloat16 if bf16 else None,
-                                          decoder_dtype=decoder_dtype)
+    engine = load_engine(checkpoint, autocast_dtype=torch.bfloat16 if bf16 else None, decoder_dtype=decoder_dtype)
     retrieve_s = 0.0
     if texts is not None:
         sources = [{"rank": i + 1, "source": str(passages), "text": t} for i, t in enumerate(texts)]
@@ -106,7 +125,10 @@ def ask(
         texts = [h.text for h in hits]
         sources = [{"rank": i + 1, "id": h.id, "score": round(h.score, 4), "source": source_label(h.metadata),
                     "text": h.text} for i, h in enumerate(hits)]
-    expand = "all" if mode == "rag" else choose_policy(engine, policy)
+    expand = "all" if mode == "rag" else choose_policy(engine, policy, opt_in=expand_fraction is not None)
+    if expand_fraction is None:
+        expand_fraction = DEFAULT_EXPAND_FRACTION
+    note = untrained_note(engine, policy_name(expand)) if mode == "refrag" else None
     try:
         result = engine.generate(question, texts, policy=expand, expand_fraction=expand_fraction,
                                  max_new_tokens=max_new_tokens)
@@ -114,6 +136,8 @@ def ask(
         raise typer.BadParameter(str(err)) from err
     stats = result.stats.to_dict()
     if as_json:
+        if note:
+            typer.echo(note, err=True)
         typer.echo(json.dumps({"question": question, "answer": result.text, "mode": mode, "policy": policy_name(expand),
                                "expand_fraction": expand_fraction, "retrieve_s": round(retrieve_s, 4),
                                "sources": sources, "stats": stats}))
@@ -131,5 +155,5 @@ def ask(
     if mode == "refrag" and stats["chunks_compressed"]:
         typer.echo(f"chunk vectors: {stats['cached_chunks']} precomputed, "
                    f"{stats['chunks'] - stats['cached_chunks']} encoded at query time ({stats['encode_s'] * 1000:.0f} ms)")
-        if not engine.trained:
-            typer.echo("note: this projector is untrained; compressed chunks carry no usable information yet.")
+    if note:
+        typer.echo(note)

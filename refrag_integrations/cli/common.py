@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
+
+from .validation import check_passage_sizes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import RefragEngine
 
 
 DECODER_DTYPE_HELP = "Decoder weights: float32, bfloat16 or float16 (half the memory; GPUs)."
@@ -40,17 +45,60 @@ def renamed_option(value: Optional[str], old_value: Optional[str], new: str, old
     return old_value
 
 
+def load_engine(checkpoint: Optional[str], **kwargs: Any) -> "RefragEngine":
+    """``RefragEngine.from_pretrained(checkpoint, **kwargs)`` for a command that reports an untrained
+    projector itself (:func:`untrained_note`), so the library's warning is not printed twice."""
+    from ..engine import RefragEngine, UntrainedProjectorWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedProjectorWarning)
+        return RefragEngine.from_pretrained(checkpoint, **kwargs)
+
+
+def untrained_note(engine: "RefragEngine", policy: str) -> Optional[str]:
+    """The line a command prints when the engine's projector is untrained (None when trained)."""
+    if engine.trained:
+        return None
+    head = (f"warning: no trained REFRAG checkpoint for decoder {engine.config.decoder!r}: the chunk projector is "
+            "UNTRAINED, so")
+    train = "Train one with `refrag train recipe` (docs/train-your-own.md)."
+    if policy == "all":
+        return (f"{head} this answer is ordinary RAG (every chunk kept as tokens). Compress anyway with --policy "
+                f"relevance or --expand-fraction P. {train}")
+    return f"{head} compressed chunks carry no usable information: this answer is NOT REFRAG quality. {train}"
+
+
+PASSAGES_HINT = "'--passages'"
+
+
 def read_passage_texts(path: Path) -> list[str]:
     """Read passages from a file: ``.jsonl`` (one object per line with ``text`` and optional
-    ``title``) or plain text (passages separated by blank lines)."""
+    ``title``), ``.pdf`` (split as `refrag index` splits it), or plain text (passages separated
+    by blank lines). Passages too long to tokenise at once are refused, counted in characters."""
     if not path.is_file():
-        raise typer.BadParameter(f"passages file {path} does not exist.")
+        raise typer.BadParameter(f"passages file {path} does not exist.", param_hint=PASSAGES_HINT)
+    passages: list[str] = []
+    if path.suffix.lower() == ".pdf":
+        from ..config import MAX_CONTEXT_CHARS
+        from ..readers import BadInputError, read_passages
+
+        total = 0
+        try:
+            for record in read_passages(path):  # stop reading once there is more text than ask may use
+                passages.append(record.text)
+                total += len(record.text)
+                if total > MAX_CONTEXT_CHARS:
+                    break
+        except BadInputError as err:
+            raise typer.BadParameter(str(err), param_hint=PASSAGES_HINT) from None
+        if not passages:
+            raise typer.BadParameter(f"{path} holds no passages (no extractable text).", param_hint=PASSAGES_HINT)
+        return check_passage_sizes(passages, path, param_hint=PASSAGES_HINT)
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise typer.BadParameter(f"{path} is not UTF-8 text ({err}).") from err
-    passages: list[str] = []
+        raise typer.BadParameter(f"{path} is not UTF-8 text ({err}).", param_hint=PASSAGES_HINT) from err
     if path.suffix in (".jsonl", ".json"):
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -58,17 +106,17 @@ def read_passage_texts(path: Path) -> list[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise typer.BadParameter(f"{path}:{n} is not valid JSON ({err}).") from err
+                raise typer.BadParameter(f"{path}:{n} is not valid JSON ({err}).", param_hint=PASSAGES_HINT) from err
             body = obj.get("text") if isinstance(obj, dict) else None
             if not isinstance(body, str) or not body.strip():
-                raise typer.BadParameter(f"{path}:{n} has no non-empty 'text' field.")
+                raise typer.BadParameter(f"{path}:{n} has no non-empty 'text' field.", param_hint=PASSAGES_HINT)
             title = obj.get("title")
             passages.append(f"{title}\n{body.strip()}" if title else body.strip())
     else:
         passages = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
     if not passages:
-        raise typer.BadParameter(f"{path} holds no passages.")
-    return passages
+        raise typer.BadParameter(f"{path} holds no passages.", param_hint=PASSAGES_HINT)
+    return check_passage_sizes(passages, path, param_hint=PASSAGES_HINT)
 
 
 def stats_line(stats: dict[str, Any]) -> str:

@@ -14,6 +14,14 @@ from typing import Any, Optional
 import typer
 
 from ..config import DEFAULT_EXPAND_FRACTION, DEFAULT_TOP_K, DEMO_MAX_NEW_TOKENS, DEMO_QUESTIONS
+from .validation import (
+    check_checkpoint,
+    check_expand_fraction,
+    check_index_dir,
+    check_max_new_tokens,
+    check_policy,
+    check_top_k,
+)
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEMO_PASSAGES = DATA_DIR / "nq_demo_passages.jsonl"
@@ -65,14 +73,15 @@ def _short(text: str, width: int = 90) -> str:
 
 def demo(
     index_dir: Optional[Path] = typer.Option(
-        None, "--index", help="Where to keep the demo index (default: <cache>/refrag-integrations/demo-index)."
+        None, "--index", help="Where to keep the demo index (default: <cache>/refrag-integrations/demo-index).",
+        callback=check_index_dir,
     ),
     questions: int = typer.Option(DEMO_QUESTIONS, help="How many of the shipped questions to ask."),
-    top_k: int = typer.Option(DEFAULT_TOP_K, "--top-k", "-k", help="Passages retrieved per question."),
-    policy: str = typer.Option("auto", help="Expansion policy: auto (the checkpoint's, else relevance), relevance, random, none."),
-    expand_fraction: float = typer.Option(DEFAULT_EXPAND_FRACTION, "--expand-fraction", help="p: fraction of chunks kept as tokens."),
-    max_new_tokens: int = typer.Option(DEMO_MAX_NEW_TOKENS, help="Answer length limit."),
-    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint directory (default: the packaged one, if any; 'none': base models, untrained projector)."),
+    top_k: int = typer.Option(DEFAULT_TOP_K, "--top-k", "-k", help="Passages retrieved per question.", callback=check_top_k),
+    policy: str = typer.Option("auto", help="Expansion policy: auto (the checkpoint's, else relevance), relevance, random, none.", callback=check_policy),
+    expand_fraction: float = typer.Option(DEFAULT_EXPAND_FRACTION, "--expand-fraction", help="p: fraction of chunks kept as tokens.", callback=check_expand_fraction),
+    max_new_tokens: int = typer.Option(DEMO_MAX_NEW_TOKENS, help="Answer length limit.", callback=check_max_new_tokens),
+    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint directory (default: the packaged one, if any; 'none': base models, untrained projector).", callback=check_checkpoint),
     rebuild: bool = typer.Option(False, "--rebuild", help="Delete the demo index first and index the corpus again."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object at the end."),
     threads: Optional[int] = typer.Option(
@@ -82,17 +91,15 @@ def demo(
 ) -> None:
     """Index the shipped demo corpus, then compare ordinary RAG and REFRAG on a few questions."""
     from ..config import demo_index_dir
-    from ..engine import RefragEngine
     from ..evaluation.metrics import match
     from ..index import SentenceEmbedder, index_paths
     from ..store import ChunkStore
     from .ask import choose_policy, policy_name, source_label
+    from .common import load_engine
 
     qs = load_demo_questions()
     if not 1 <= questions <= len(qs):
         raise typer.BadParameter(f"--questions must be between 1 and {len(qs)} (the shipped questions), got {questions}.")
-    if top_k < 1:
-        raise typer.BadParameter(f"--top-k must be at least 1, got {top_k}.")
     if threads is not None:
         if threads < 1:
             raise typer.BadParameter(f"--threads must be at least 1, got {threads}.")
@@ -104,7 +111,7 @@ def demo(
     echo("REFRAG demo: ordinary RAG vs REFRAG on the same decoder, over a Chroma index of 300 Wikipedia passages")
     echo("(NQ-open gold passages, CC BY-SA 3.0; see refrag_integrations/data/README.md).\n")
 
-    engine = RefragEngine.from_pretrained(checkpoint)
+    engine = load_engine(checkpoint)  # demo prints its own UNTRAINED_NOTE
     cfg = engine.config
     echo(f"decoder {cfg.decoder}, encoder {cfg.encoder}, k = {engine.k}, "
          f"projector {'TRAINED' if engine.trained else 'UNTRAINED'}")

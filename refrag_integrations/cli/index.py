@@ -17,6 +17,7 @@ from ..config import (
     PASSAGE_MAX_WORDS,
     PASSAGE_MIN_WORDS,
 )
+from .validation import check_checkpoint, check_index_dir, check_store_choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import RefragEngine
@@ -91,12 +92,15 @@ def index(
         "the passages already in the index are computed for the current encoder/checkpoint.",
     ),
     index_dir: Optional[Path] = typer.Option(
-        None, "--index", help="Embedded Chroma directory (default: <cache>/refrag-integrations/index)."
+        None, "--index", help="Embedded Chroma directory (default: <cache>/refrag-integrations/index).",
+        callback=check_index_dir,
     ),
     host: Optional[str] = typer.Option(None, help="Chroma server host, instead of --index."),
     port: int = typer.Option(8000, help="Chroma server port."),
     collection: str = typer.Option(DEFAULT_COLLECTION, help="Prefix of the Chroma collections."),
-    checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint whose encoder makes the chunk vectors."),
+    checkpoint: Optional[str] = typer.Option(
+        None, help="REFRAG checkpoint whose encoder makes the chunk vectors.", callback=check_checkpoint
+    ),
     embedder: str = typer.Option(
         DEFAULT_EMBEDDER, callback=lambda v: check_embedder_name(v), help="Retrieval embedder (sentence-transformers)."
     ),
@@ -131,6 +135,7 @@ def index(
     from ..index_lock import IndexLockedError, StaleIndexError
     from ..store import ChromaTimeoutError, CorruptIndexError
 
+    check_store_choice(index_dir, host)
     if not paths and not chunk_vectors and not verify:
         raise typer.BadParameter("Nothing to do: give PATHS, or let the chunk vectors be computed.")
     if min_words > max_words:

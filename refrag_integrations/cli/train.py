@@ -11,6 +11,7 @@ from typing import Callable, List, Optional
 import typer
 
 from ..training.config import RECIPE_STAGES, STAGES
+from .validation import check_yaml_file
 
 app = typer.Typer(
     help="Train REFRAG: one stage (reconstruct, cpt, mixed, sft, distill, policy), or the whole recipe.",
@@ -38,7 +39,7 @@ def _print_once(result: dict) -> None:
 
 def _stage_command(stage: str) -> Callable[..., None]:
     def command(
-        config: Optional[Path] = typer.Option(None, help="YAML file with TrainConfig fields."),
+        config: Optional[Path] = typer.Option(None, help="YAML file with TrainConfig fields.", callback=check_yaml_file),
         output_dir: Optional[str] = typer.Option(None, help="Run directory (resume state + checkpoint/)."),
         init_checkpoint: Optional[str] = typer.Option(None, help="Checkpoint of the previous stage."),
         max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
@@ -105,7 +106,9 @@ def recipe(
     ),
     init_checkpoint: Optional[str] = typer.Option(None, help="Checkpoint the first stage starts from."),
     data_dir: Optional[str] = typer.Option(None, help="Shared data directory, for the files not given above."),
-    config: Optional[Path] = typer.Option(None, help="YAML recipe (see docs/train-your-own.md); flags override it."),
+    config: Optional[Path] = typer.Option(
+        None, help="YAML recipe (see docs/train-your-own.md); flags override it.", callback=check_yaml_file
+    ),
     set_: List[str] = typer.Option(
         [], "--set",
         help="A TrainConfig field for every stage, KEY=VALUE, or for one stage, STAGE.KEY=VALUE (repeatable).",
