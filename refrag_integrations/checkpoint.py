@@ -267,6 +267,8 @@ def _read_json(file: Path) -> Any:
         return json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CorruptCheckpointError(f"{file} is damaged: not valid JSON ({err}).") from err
+    except OSError as err:  # e.g. policy_config.json missing next to policy.safetensors
+        raise CorruptCheckpointError(f"{file} cannot be read ({err.strerror}): the checkpoint is incomplete.") from err
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
