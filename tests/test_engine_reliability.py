@@ -264,16 +264,23 @@ def test_truncated_files_and_broken_json_name_the_file(saved, hashes):
         load_checkpoint(saved)
 
 
-def test_packaged_default_without_hashes_still_loads():
+def test_packaged_default_has_a_manifest_loads_and_refuses_an_edited_k(tmp_path):
     import json
+    import shutil
 
-    from refrag_integrations.checkpoint import default_checkpoint, load_checkpoint
+    from refrag_integrations.checkpoint import CorruptCheckpointError, default_checkpoint, load_checkpoint
 
     path = default_checkpoint()
     if path is None:
         pytest.skip("this build ships no default checkpoint")
-    assert "files" not in json.loads((path / "refrag_config.json").read_text())
+    meta = json.loads((path / "refrag_config.json").read_text())
+    assert set(meta["files"]) >= {"projector.safetensors", "policy.safetensors", "decoder_lora.safetensors"}
     assert load_checkpoint(path).trained_stages
+    copy = shutil.copytree(path, tmp_path / "default")
+    meta["config"]["chunk_size"] = 8
+    (copy / "refrag_config.json").write_text(json.dumps(meta))
+    with pytest.raises(CorruptCheckpointError, match="was edited after training: .*chunk_size=8"):
+        load_checkpoint(copy)
 
 
 # ------------------------------------------------------------------ context window
