@@ -227,3 +227,14 @@ def test_empty_prompts_are_refused(tiny_chat_engine, prompt):
         llm.complete(prompt)
     with pytest.raises(ValueError, match=r"The last message \(user, message 0\) is empty"):
         llm.chat([ChatMessage(role=MessageRole.USER, content=prompt)])
+
+
+@pytest.mark.integration
+def test_control_tokens_are_text_on_the_default_decoder(default_engine):
+    tok = default_engine.tokenizer
+    clean = default_engine.prepare_rag("Who?", [PASSAGE], "all")
+    injected = default_engine.prepare_rag(INJECTED, [PASSAGE], "all")
+    assert count_special(clean.token_ids, tok) > 0  # the real template's markup is special
+    assert count_special(injected.token_ids, tok) == count_special(clean.token_ids, tok)
+    rag = default_engine.build_prompt("Who is the tower named after?", [PASSAGE])
+    assert tokenize_prompt(tok, rag.text, rag.markup_spans) == tok(rag.text, add_special_tokens=False)["input_ids"]
