@@ -20,15 +20,18 @@ Integrity: ``refrag_config.json`` records the sha256 of every other file (``file
 config's training settings (``settings_sha256``: k, pooling, chunk context, dimensions, weight
 fingerprints); :func:`load_checkpoint` checks both when present (checkpoints written before they
 existed still load), refuses any tensor with a NaN or infinite value, and names the damaged file.
-An optional file that was removed (e.g. ``decoder_lora.safetensors``) is loaded without, with a
-warning naming it.
+A file the manifest lists but the directory lacks is refused too (an incomplete copy would
+otherwise load as a different model, e.g. without its decoder LoRA); to drop a part on purpose,
+save the checkpoint again without it. Editing a training setting (k, pooling, chunk context,
+dimensions, weight fingerprints) changes ``settings_sha256`` and is refused; editing the base
+model names is refused at engine construction, where the named models' weight fingerprints
+differ from the recorded ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -42,8 +45,6 @@ from .config import RefragConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import RefragEngine
-
-logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "refrag_config.json"
@@ -193,7 +194,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     Raises:
         ValueError: the directory is missing, incomplete, or of an unknown format version.
         CorruptCheckpointError: a file cannot be read, differs from the sha256 recorded at save,
-            holds a NaN or infinite value, or the config's training settings were edited.
+            is listed in the manifest but missing, holds a NaN or infinite value, or the config's
+            training settings were edited.
     """
     path = Path(path)
     cfg_file = path / CONFIG_FILE
@@ -248,9 +250,11 @@ def _verify_files(path: Path, meta: dict[str, Any]) -> None:
         )
     for name, digest in (meta.get("files") or {}).items():
         f = path / name
-        if not f.is_file():  # optional parts may be removed on purpose (the projector is checked above)
-            logger.warning("%s is missing although %s lists it; loading the checkpoint without it.", f, cfg_file)
-            continue
+        if not f.is_file():
+            raise CorruptCheckpointError(
+                f"{f} is missing although {cfg_file} lists it: the checkpoint is incomplete. Copy the whole "
+                "checkpoint directory again (to drop a part on purpose, save the checkpoint again without it)."
+            )
         if file_sha256(f) != digest:
             raise CorruptCheckpointError(
                 f"{f} is damaged: its sha256 differs from the one recorded when the checkpoint was saved. "
@@ -263,6 +267,8 @@ def _read_json(file: Path) -> Any:
         return json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CorruptCheckpointError(f"{file} is damaged: not valid JSON ({err}).") from err
+    except OSError as err:  # e.g. policy_config.json missing next to policy.safetensors
+        raise CorruptCheckpointError(f"{file} cannot be read ({err.strerror}): the checkpoint is incomplete.") from err
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:

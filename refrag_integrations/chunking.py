@@ -10,6 +10,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from .prompt_text import check_text
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -37,7 +39,12 @@ def passage_id(text: str) -> str:
         >>> passage_id("hello")[:8]
         '2cf24dba'
     """
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        check_text(text, "passage")  # raises the ValueError that names the character
+        raise
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def tokenize_text(text: str, tokenizer: Any) -> tuple[list[int], list[tuple[int, int]] | None]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
+import numbers
 import threading
 import time
 import warnings
@@ -55,6 +57,7 @@ from .policy import (
     load_policy,
     resolve_policy,
 )
+from .prompt_text import check_prompt, check_text, render_chat, tokenize_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -204,11 +207,14 @@ class RagPrompt:
         text: the prompt (chat template applied when the decoder has one).
         spans: the character span of each passage inside it.
         add_special_tokens: whether the tokenizer's special tokens (BOS) must still be added.
+        markup_spans: the character spans of chat-template markup (control tokens stay control
+            tokens there; everywhere else, the question included, they are text).
     """
 
     text: str
     spans: list[tuple[int, int]]
     add_special_tokens: bool
+    markup_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -328,6 +334,45 @@ def default_policy(trained: bool, has_budget: bool, chunk_encoder: ChunkEncoder)
     if trained:
         return ExpandNone()
     return QueryRelevancePolicy(chunk_encoder) if has_budget else ExpandAll()
+
+
+def check_temperature(temperature: Any) -> float:
+    """Return ``temperature`` if it is a finite number >= 0 (0 with sampling = nearly greedy).
+
+    Raises:
+        TypeError: it is not a number.
+        ValueError: it is NaN, infinite or negative.
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a number >= 0, got {type(temperature).__name__} {temperature!r}.")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(
+            f"temperature must be a finite number >= 0, got {temperature!r}; use 0 (or do_sample=False) for "
+            "greedy decoding, about 0.7 for sampling."
+        )
+    return float(temperature)
+
+
+def check_top_p(top_p: Any) -> float:
+    """Return ``top_p`` if it is a number in (0, 1] (1 = sample from the whole distribution).
+
+    Raises:
+        TypeError: it is not a number.
+        ValueError: it is NaN or outside (0, 1].
+    """
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
+        raise TypeError(f"top_p must be a number in (0, 1], got {type(top_p).__name__} {top_p!r}.")
+    if not 0.0 < top_p <= 1.0:  # NaN fails this too
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}; use 1.0 to keep the whole distribution.")
+    return float(top_p)
+
+
+def check_sampling(temperature: Any, top_p: Any) -> None:
+    """Refuse sampling settings that would turn the next-token distribution into NaN or nothing
+    (checked by every generating entry point before any work; see :func:`check_temperature`,
+    :func:`check_top_p`)."""
+    check_temperature(temperature)
+    check_top_p(top_p)
 
 
 def normalise_decisions(decisions: Any, counts: Sequence[int], k: int, what: str = "policy") -> list[list[bool]]:
@@ -747,6 +792,7 @@ class RefragEngine:
             >>> [p.expand for p in engine.register_retrieved("Who wrote Hamlet?", ["Hamlet is ..."], "none")]  # doctest: +SKIP
             [[False, False]]
         """
+        check_text(query, "query")
         unique = list(dict.fromkeys(texts))
         if not unique:
             return []
@@ -767,10 +813,15 @@ class RefragEngine:
         return out
 
     @_locked
-    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def tokenize(
+        self, text: str, add_special_tokens: bool = False, *, markup_spans: Sequence[tuple[int, int]] = ()
+    ) -> list[int]:
         """Decoder token ids of ``text``, under the engine's lock (fast tokenizers carry mutable
-        state shared with chunking, so adapters count tokens through here)."""
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        state shared with chunking, so adapters count tokens through here). Control-token strings
+        (``<|im_end|>``) are text, except inside ``markup_spans`` (see :meth:`prepare_prompt`)."""
+        check_text(text, "text")
+        prefix = self.special_prefix() if add_special_tokens else []
+        return prefix + tokenize_prompt(self.tokenizer, text, markup_spans)
 
     @_locked
     def copy_tokenizer(self) -> Any:
@@ -853,21 +904,21 @@ class RefragEngine:
         :class:`RagPrompt`).
         """
         if not isinstance(question, str) or not question.strip():
-            raise ValueError("question must be a non-empty string.")
-        system = RAG_SYSTEM_PROMPT if system_prompt is None else system_prompt
+            raise ValueError(f"question must be a non-empty string, got {question!r}: give the question text.")
+        check_text(question, "question")
+        system = RAG_SYSTEM_PROMPT if system_prompt is None else check_text(system_prompt, "system_prompt")
         labelled = [f"Passage {i + 1}:\n{p}" for i, p in enumerate(passages)]
         body = "".join(f"{x}\n\n" for x in labelled)
         user = f"{body}Question: {question.strip()}"
         if getattr(self.tokenizer, "chat_template", None):
             messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            add_special = False
+            rendered = render_chat(self.tokenizer, messages)
+            prompt, add_special, markup = rendered.text, False, rendered.markup_spans
         else:
-            prompt = f"{system}\n\n{user}\nAnswer:"
-            add_special = True
+            prompt, add_special, markup = f"{system}\n\n{user}\nAnswer:", True, []
         # Searched with their labels: a short passage (e.g. a few words) may also occur in the instruction.
         spans = [(b - len(p), b) for (_, b), p in zip(self.locate_passages(prompt, labelled), passages)]
-        return RagPrompt(prompt, spans, add_special)
+        return RagPrompt(prompt, spans, add_special, markup)
 
     @staticmethod
     def locate_passages(prompt: str, passages: Sequence[str]) -> list[tuple[int, int]]:
@@ -915,15 +966,25 @@ class RefragEngine:
         expand_fraction: float | None = None,
         max_expanded: int | None = None,
         add_special_tokens: bool = False,
+        markup_spans: Sequence[tuple[int, int]] = (),
         expand: Expand = None,
         budget: Budget = None,
     ) -> PreparedInput:
         """Mixed input for an arbitrary prompt: every registered passage found inside it is
         compressed (per its registered decision, else per ``policy`` / the default policy);
         every other character stays ordinary tokens. A prompt without registered passages is
-        ordinary generation. Used by the LangChain and LlamaIndex adapters. ``expand`` and
-        ``budget`` are deprecated names of ``policy`` and ``expand_fraction`` / ``max_expanded``."""
+        ordinary generation. Used by the LangChain and LlamaIndex adapters.
+
+        The prompt is user text: a control-token string in it (``<|im_end|>``) is tokenised as
+        text, except inside ``markup_spans``, the chat-template markup of a prompt rendered with
+        :func:`~refrag_integrations.prompt_text.render_chat` (its ``markup_spans``). ``expand`` and
+        ``budget`` are deprecated names of ``policy`` and ``expand_fraction`` / ``max_expanded``.
+
+        Raises:
+            ValueError: the prompt is empty or holds a lone surrogate.
+        """
         expand, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
+        check_prompt(prompt)
         spans = self.locate_registered(prompt)
         if expand is None and spans:
             entries = [self._entry(prompt[a:b]) for a, b in spans]
@@ -932,7 +993,10 @@ class RefragEngine:
                 texts = [e.text for e in entries]
                 by_policy = self._resolve_decisions(query, texts, self.policy, budget)[0]
                 expand = [e.expand if e.expand is not None else d for e, d in zip(entries, by_policy)]
-        return self._prepare(prompt, spans, expand, query=query, budget=budget, add_special_tokens=add_special_tokens)
+        return self._prepare(
+            prompt, spans, expand, query=query, budget=budget, add_special_tokens=add_special_tokens,
+            markup_spans=markup_spans,
+        )
 
     @_locked
     def decide(
@@ -963,6 +1027,7 @@ class RefragEngine:
             [[False, False]]
         """
         policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
+        check_text(query, "query")
         return self._resolve_decisions(query, texts, self.policy if policy is None else policy, budget)[0]
 
     @_locked
@@ -1027,6 +1092,7 @@ class RefragEngine:
         max_expanded: int | None = None,
         add_special_tokens: bool = False,
         vectors: Sequence[torch.Tensor] | None = None,
+        markup_spans: Sequence[tuple[int, int]] = (),
         expand: Expand = None,
         budget: Budget = None,
     ) -> PreparedInput:
@@ -1042,11 +1108,18 @@ class RefragEngine:
             add_special_tokens: prepend the tokenizer's BOS (for prompts without a chat template).
             vectors: per-passage pre-projection chunk vectors to use instead of the cache (e.g.
                 computed with gradients during training); not stored.
+            markup_spans: character spans of chat-template markup, where control-token strings
+                become control tokens; everywhere else they are text (see :meth:`prepare_prompt`).
             expand, budget: deprecated names of ``policy`` and ``expand_fraction`` / ``max_expanded``.
+
+        Raises:
+            ValueError: the prompt is empty or holds a lone surrogate, or a span is out of order.
         """
         policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
+        check_prompt(prompt)
         return self._prepare(
-            prompt, spans, policy, query=query, budget=budget, add_special_tokens=add_special_tokens, vectors=vectors
+            prompt, spans, policy, query=query, budget=budget, add_special_tokens=add_special_tokens, vectors=vectors,
+            markup_spans=markup_spans,
         )
 
     @_locked
@@ -1060,6 +1133,7 @@ class RefragEngine:
         budget: ExpansionBudget | None,
         add_special_tokens: bool,
         vectors: Sequence[torch.Tensor] | None = None,
+        markup_spans: Sequence[tuple[int, int]] = (),
     ) -> PreparedInput:
         texts = [prompt[a:b] for a, b in spans]
         for i, t in enumerate(texts):
@@ -1087,7 +1161,7 @@ class RefragEngine:
         for j, (a, b) in enumerate(spans):
             if a < cursor:
                 raise ValueError("passage spans must be in order and must not overlap.")
-            seg = self.tokenizer(prompt[cursor:a], add_special_tokens=False)["input_ids"]
+            seg = tokenize_prompt(self.tokenizer, prompt, markup_spans, cursor, a)
             pending.extend(seg)
             all_ids.extend(seg)
             entry = self._entry(texts[j])
@@ -1108,7 +1182,7 @@ class RefragEngine:
             stats.chunks_expanded += sum(decisions[j])
             stats.expanded.append([i for i, keep in enumerate(decisions[j]) if keep])
             cursor = b
-        tail = self.tokenizer(prompt[cursor:], add_special_tokens=False)["input_ids"]
+        tail = tokenize_prompt(self.tokenizer, prompt, markup_spans, cursor)
         pending.extend(tail)
         all_ids.extend(tail)
         flush()
@@ -1153,10 +1227,11 @@ class RefragEngine:
         for i, p in enumerate(passages):
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"passage {i} is empty or not a string; give non-empty passage texts.")
+            check_text(p, f"passage {i}")
         rag = self.build_prompt(question, passages, system_prompt)
         return self._prepare(
             rag.text, rag.spans, policy, query=question, budget=budget, add_special_tokens=rag.add_special_tokens,
-            vectors=vectors,
+            vectors=vectors, markup_spans=rag.markup_spans,
         )
 
     # ------------------------------------------------------------------ decoding
@@ -1451,8 +1526,13 @@ class RefragEngine:
             stop: strings that end generation (not included in the output).
             system_prompt: replaces the default RAG instruction.
             expand, budget: deprecated names of ``policy`` and ``expand_fraction`` / ``max_expanded``.
+
+        Raises:
+            ValueError: an empty question or passage, a lone surrogate in one, a NaN / infinite /
+                negative temperature, a top_p outside (0, 1], or an input too long for the decoder.
         """
         t0 = time.perf_counter()
+        check_sampling(temperature, top_p)
         policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
         prepared = self._prepare_rag(question, passages, policy, budget, system_prompt=system_prompt)
         return self._run(
@@ -1467,6 +1547,7 @@ class RefragEngine:
         gen.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         for key, default in (("do_sample", False), ("temperature", 1.0), ("top_p", 1.0), ("stop", None), ("seed", None)):
             gen.setdefault(key, default)
+        check_sampling(gen["temperature"], gen["top_p"])
         return self._run(list(prepared), t_start=t_start or time.perf_counter(), **gen)
 
     def generate_batch(self, requests: Sequence[dict[str, Any]], **gen: Any) -> list[GenerationResult]:
@@ -1483,11 +1564,21 @@ class RefragEngine:
             return []
         t0 = time.perf_counter()
         keys = ("policy", "expand_fraction", "max_expanded", "expand", "budget")
+        check_sampling(gen.get("temperature", 1.0), gen.get("top_p", 1.0))
         prepared = []
-        for r in requests:
+        for i, r in enumerate(requests):
+            if not isinstance(r, dict):
+                raise TypeError(
+                    f"request {i} must be a dict like {{'question': ..., 'passages': [...]}}, got {type(r).__name__}."
+                )
             unknown = sorted(set(r) - {"question", "passages", *keys})
             if unknown:
                 raise ValueError(f"Unknown request keys {unknown}; a request has question, passages and {keys}.")
+            if "question" not in r:
+                raise ValueError(
+                    f"request {i} has no \"question\" (its keys: {sorted(r)}); give each request "
+                    "{'question': ..., 'passages': [...]}."
+                )
             policy, budget = expansion_settings(
                 r.get("policy"), r.get("expand_fraction"), r.get("max_expanded"), expand=r.get("expand"),
                 budget=r.get("budget"),
@@ -1514,8 +1605,10 @@ class RefragEngine:
         budget: Budget = None,
     ) -> TokenStream:
         """Like :meth:`generate`, but returns a :class:`TokenStream` that yields text pieces as
-        they are decoded; its ``result`` has the stats once the stream is exhausted."""
+        they are decoded; its ``result`` has the stats once the stream is exhausted. Bad input
+        raises at the call, before iterating (as :meth:`generate`)."""
         t0 = time.perf_counter()
+        check_sampling(temperature, top_p)
         policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
         prepared = self._prepare_rag(question, passages, policy, budget, system_prompt=system_prompt)
         return self.stream_prepared(
@@ -1529,6 +1622,7 @@ class RefragEngine:
 
         q: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         t0 = t_start or time.perf_counter()
+        check_sampling(gen.get("temperature", 1.0), gen.get("top_p", 1.0))
         self.check_context_window([prepared], gen.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))  # fail now, not mid-iteration
 
         def work() -> None:

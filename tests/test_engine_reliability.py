@@ -154,8 +154,26 @@ def test_saved_checkpoint_records_hashes_and_loads(saved):
     assert meta["files"]["policy.safetensors"] == file_sha256(saved / "policy.safetensors")
     assert set(meta["files"]) == {"projector.safetensors", "policy.safetensors", "policy_config.json", "metrics.json"}
     assert load_checkpoint(saved).policy["w"].shape == (8, 4)
-    (saved / "metrics.json").unlink()  # an optional part removed on purpose loads without it
+
+
+@pytest.mark.parametrize("name", ["policy.safetensors", "policy_config.json", "metrics.json"])
+def test_a_file_the_manifest_lists_but_the_directory_lacks_is_refused(saved, name):
+    from refrag_integrations.checkpoint import CorruptCheckpointError, load_checkpoint
+
+    (saved / name).unlink()  # an incomplete copy must not load as another model (e.g. without its policy)
+    with pytest.raises(CorruptCheckpointError, match=rf"{name} is missing although .*refrag_config.json lists it"):
+        load_checkpoint(saved)
+
+
+def test_an_old_checkpoint_without_its_policy_config_names_the_file(saved):
+    from refrag_integrations.checkpoint import CorruptCheckpointError, load_checkpoint
+
+    _drop_hashes(saved)
+    (saved / "metrics.json").unlink()  # without a manifest, optional parts may be absent
     assert load_checkpoint(saved).metrics is None
+    (saved / "policy_config.json").unlink()
+    with pytest.raises(CorruptCheckpointError, match="policy_config.json cannot be read .*incomplete"):
+        load_checkpoint(saved)
 
 
 @pytest.mark.parametrize("hashes", [True, False])
@@ -195,6 +213,37 @@ def test_edited_training_settings_are_refused(saved, tiny_dirs, field, value):
         RefragEngine.from_pretrained(saved, decoder=str(dec), encoder=str(enc), device="cpu")
 
 
+@pytest.mark.parametrize("field, value", [("projector_hidden", 64), ("encoder_fingerprint", "0" * 16)])
+def test_edited_dimensions_and_fingerprints_are_refused_at_load(saved, field, value):
+    import json
+
+    from refrag_integrations.checkpoint import CorruptCheckpointError, load_checkpoint
+
+    meta = json.loads((saved / "refrag_config.json").read_text())
+    meta["config"][field] = value
+    (saved / "refrag_config.json").write_text(json.dumps(meta))
+    with pytest.raises(CorruptCheckpointError, match="refrag_config.json was edited after training"):
+        load_checkpoint(saved)
+
+
+@pytest.mark.parametrize("what", ["encoder", "decoder"])
+def test_an_edited_base_model_name_is_refused(saved, tiny_dirs, tmp_path, what):
+    """The names are not in the settings hash (a model may move); the weights fingerprint is."""
+    import json
+
+    from refrag_integrations.checkpoint import CheckpointMismatchError
+    from tiny import make_tiny_models
+
+    other = dict(zip(("decoder", "encoder"), make_tiny_models(tmp_path / "other", seed=1)))
+    meta = json.loads((saved / "refrag_config.json").read_text())
+    meta["config"][what] = str(other[what])
+    (saved / "refrag_config.json").write_text(json.dumps(meta))
+    dec, enc = tiny_dirs
+    kept = {"encoder": str(enc)} if what == "decoder" else {"decoder": str(dec)}
+    with pytest.raises(CheckpointMismatchError, match=rf"trained for {what} .*fingerprint .*has fingerprint"):
+        RefragEngine.from_pretrained(saved, device="cpu", **kept)
+
+
 @pytest.mark.parametrize("hashes", [True, False])
 def test_truncated_files_and_broken_json_name_the_file(saved, hashes):
     from refrag_integrations.checkpoint import CorruptCheckpointError, load_checkpoint
@@ -215,16 +264,23 @@ def test_truncated_files_and_broken_json_name_the_file(saved, hashes):
         load_checkpoint(saved)
 
 
-def test_packaged_default_without_hashes_still_loads():
+def test_packaged_default_has_a_manifest_loads_and_refuses_an_edited_k(tmp_path):
     import json
+    import shutil
 
-    from refrag_integrations.checkpoint import default_checkpoint, load_checkpoint
+    from refrag_integrations.checkpoint import CorruptCheckpointError, default_checkpoint, load_checkpoint
 
     path = default_checkpoint()
     if path is None:
         pytest.skip("this build ships no default checkpoint")
-    assert "files" not in json.loads((path / "refrag_config.json").read_text())
+    meta = json.loads((path / "refrag_config.json").read_text())
+    assert set(meta["files"]) >= {"projector.safetensors", "policy.safetensors", "decoder_lora.safetensors"}
     assert load_checkpoint(path).trained_stages
+    copy = shutil.copytree(path, tmp_path / "default")
+    meta["config"]["chunk_size"] = 8
+    (copy / "refrag_config.json").write_text(json.dumps(meta))
+    with pytest.raises(CorruptCheckpointError, match="was edited after training: .*chunk_size=8"):
+        load_checkpoint(copy)
 
 
 # ------------------------------------------------------------------ context window

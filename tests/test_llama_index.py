@@ -158,9 +158,9 @@ def node_chunks(nodes) -> int:
 class RecordingLLM(RefragLLM):
     """RefragLLM that remembers every prompt it prepared and the prepared input."""
 
-    def _prepare(self, prompt, add_special, query, decisions):
-        prepared = super()._prepare(prompt, add_special, query, decisions)
-        self.__dict__.setdefault("_seen", []).append((prompt, prepared))
+    def _prepare(self, rendered, query, decisions):
+        prepared = super()._prepare(rendered, query, decisions)
+        self.__dict__.setdefault("_seen", []).append((rendered.text, prepared))
         return prepared
 
     @property

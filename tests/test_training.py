@@ -306,7 +306,9 @@ def test_sft_compressed_share_trains_fully_compressed_examples(tmp_path, tiny_ch
 
 def test_lora_stage_export_loads_and_reproduces_the_trained_model(tmp_path, tiny_dirs):
     from refrag_integrations import RefragEngine
-    from refrag_integrations.checkpoint import DECODER_LORA_FILE, load_checkpoint
+    from refrag_integrations.checkpoint import (
+        DECODER_LORA_FILE, CorruptCheckpointError, load_checkpoint, save_checkpoint,
+    )
 
     trainer = make_trainer(make_cfg(tmp_path, tiny_dirs, stage="cpt", lora_rank=2, max_steps=3))
     metrics = trainer.train()
@@ -323,9 +325,15 @@ def test_lora_stage_export_loads_and_reproduces_the_trained_model(tmp_path, tiny
     want = logits_of(trainer.engine, ctx)  # LoRA wrapped around the decoder's linears
     torch.testing.assert_close(logits_of(loaded, ctx), want, rtol=1e-4, atol=1e-4)  # LoRA merged at load
 
-    no_lora = tmp_path / "no_lora"
-    shutil.copytree(path, no_lora)
-    (no_lora / DECODER_LORA_FILE).unlink()
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(path, incomplete)
+    (incomplete / DECODER_LORA_FILE).unlink()  # a deleted part is refused, never loaded as another model
+    with pytest.raises(CorruptCheckpointError, match=f"{DECODER_LORA_FILE} is missing although"):
+        load_checkpoint(incomplete)
+    no_lora = save_checkpoint(  # dropping a part on purpose = saving again without it
+        tmp_path / "no_lora", ckpt.config, ckpt.projector, encoder_delta=ckpt.encoder_delta,
+        trained_stages=ckpt.trained_stages, metrics=ckpt.metrics,
+    )
     without = RefragEngine.from_pretrained(no_lora, decoder=str(dec), encoder=str(enc), device="cpu")
     assert (logits_of(without, ctx) - want).abs().max() > 1e-3  # the adapters matter
 

@@ -30,7 +30,8 @@ from langchain_core.runnables.config import run_in_executor
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..config import DEFAULT_MAX_NEW_TOKENS
-from ..engine import GenerationResult, PreparedInput, RefragEngine
+from ..engine import GenerationResult, PreparedInput, RefragEngine, check_temperature, check_top_p
+from ..prompt_text import RenderedPrompt, check_prompt, check_text, render_chat
 from ._engine import RefragEngineFields
 from .retrievers import check_expand_fraction, check_max_expanded, check_policy, renamed_settings
 
@@ -69,27 +70,36 @@ def message_text(message: BaseMessage) -> str:
     return "".join(parts)
 
 
-def render_messages(engine: RefragEngine, messages: Sequence[BaseMessage]) -> tuple[str, bool]:
+def render_messages(engine: RefragEngine, messages: Sequence[BaseMessage]) -> RenderedPrompt:
     """Render messages with the decoder's chat template (with the generation prompt).
 
-    Returns the prompt and whether the tokenizer's special tokens (BOS) must still be added: a
-    chat template writes its own; without one, a plain ``role: text`` layout is used and BOS is
-    added.
+    Returns the prompt, its chat-template markup (message texts are user text: a control-token
+    string typed in one stays text) and whether the tokenizer's special tokens (BOS) must still
+    be added: a chat template writes its own; without one, a plain ``role: text`` layout is
+    used, all of it user text, and BOS is added.
+
+    Raises:
+        ValueError: no messages, no text in any of them, an empty last human message, or a lone
+            surrogate in a message.
     """
     if not messages:
         raise ValueError("No messages to answer: give at least one message.")
     chat = []
-    for m in messages:
+    for i, m in enumerate(messages):
         if not isinstance(m, BaseMessage):
             raise TypeError(f"messages must be langchain messages, got {type(m).__name__}.")
         role = m.role if isinstance(m, ChatMessage) else _ROLES.get(m.type)
         if role is None:
             raise ValueError(f"Unsupported message type {m.type!r}; use system, human, ai or tool messages.")
-        chat.append({"role": role, "content": message_text(m)})
+        chat.append({"role": role, "content": check_text(message_text(m), f"message {i} ({m.type})")})
+    if messages[-1].type == "human" and not chat[-1]["content"].strip():
+        raise ValueError(f"The last message (human, message {len(chat) - 1}) is empty: give the question text.")
+    if not any(m["content"].strip() for m in chat):
+        raise ValueError("The messages hold no text: give at least one non-empty message.")
     tokenizer = engine.tokenizer
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), False
-    return "".join(f"{m['role']}: {m['content']}\n\n" for m in chat) + "assistant:", True
+        return render_chat(tokenizer, chat)
+    return RenderedPrompt("".join(f"{m['role']}: {m['content']}\n\n" for m in chat) + "assistant:", [], True)
 
 
 def query_of(engine: RefragEngine, text: str) -> str:
@@ -113,10 +123,10 @@ def check_option(name: str, value: Any) -> Any:
         return check_max_expanded(value)
     if name == "max_tokens" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"max_tokens must be an integer >= 1, got {value!r}.")
-    if name == "temperature" and value is not None and (not isinstance(value, (int, float)) or value < 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 or None = greedy), got {value!r}.")
-    if name == "top_p" and (not isinstance(value, (int, float)) or not 0.0 < value <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {value!r}.")
+    if name == "temperature" and value is not None:
+        check_temperature(value)  # 0 or None = greedy
+    if name == "top_p":
+        check_top_p(value)
     if name == "seed" and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"seed must be an integer or None, got {value!r}.")
     return value
@@ -222,15 +232,16 @@ class RefragGenerationFields(RefragEngineFields):
 
     # ------------------------------------------------------------------ running the engine
 
-    def _prompt(self, engine: RefragEngine, inputs: Any) -> tuple[str, bool, str]:
-        """(prompt text, add special tokens, query) for the subclass's input type."""
+    def _prompt(self, engine: RefragEngine, inputs: Any) -> tuple[RenderedPrompt, str]:
+        """(the rendered prompt, the query) for the subclass's input type."""
         raise NotImplementedError
 
     def _prepare(self, engine: RefragEngine, inputs: Any, options: dict[str, Any]) -> PreparedInput:
-        prompt, add_special, query = self._prompt(engine, inputs)
+        rendered, query = self._prompt(engine, inputs)
         return engine.prepare_prompt(
-            prompt, query=query, policy=options["policy"], expand_fraction=options["expand_fraction"],
-            max_expanded=options["max_expanded"], add_special_tokens=add_special,
+            rendered.text, query=query, policy=options["policy"], expand_fraction=options["expand_fraction"],
+            max_expanded=options["max_expanded"], add_special_tokens=rendered.add_special_tokens,
+            markup_spans=rendered.markup_spans,
         )
 
     def _result_metadata(self, result: GenerationResult) -> tuple[UsageMetadata, dict[str, Any]]:
@@ -344,12 +355,12 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
 
     def render_prompt(self, messages: Sequence[BaseMessage]) -> str:
         """The prompt text the decoder reads for ``messages`` (chat template applied)."""
-        return render_messages(self.get_engine(), messages)[0]
+        return render_messages(self.get_engine(), messages).text
 
-    def _prompt(self, engine: RefragEngine, messages: Sequence[BaseMessage]) -> tuple[str, bool, str]:
-        prompt, add_special = render_messages(engine, messages)
+    def _prompt(self, engine: RefragEngine, messages: Sequence[BaseMessage]) -> tuple[RenderedPrompt, str]:
+        rendered = render_messages(engine, messages)
         human = [m for m in messages if m.type == "human"]
-        return prompt, add_special, query_of(engine, message_text(human[-1])) if human else ""
+        return rendered, query_of(engine, message_text(human[-1])) if human else ""
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` under the decoder's own (local) tokenizer."""
@@ -362,8 +373,8 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
         if tools:
             raise ValueError("ChatRefrag does not support tools, so it cannot count their tokens.")
         engine = self.get_engine()
-        prompt, add_special = render_messages(engine, messages)
-        return len(engine.tokenize(prompt, add_special_tokens=add_special))
+        rendered = render_messages(engine, messages)
+        return len(engine.tokenize(rendered.text, rendered.add_special_tokens, markup_spans=rendered.markup_spans))
 
     # ------------------------------------------------------------------ generation
 
@@ -454,12 +465,9 @@ class RefragLLM(RefragGenerationFields, LLM):
             params["ls_stop"] = list(stop or self.stop or [])
         return params
 
-    def _prompt(self, engine: RefragEngine, prompt: str) -> tuple[str, bool, str]:
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}.")
-        if not prompt:
-            raise ValueError("The prompt is empty.")
-        return prompt, True, query_of(engine, prompt)
+    def _prompt(self, engine: RefragEngine, prompt: str) -> tuple[RenderedPrompt, str]:
+        check_prompt(prompt)  # all of it user text: no chat template here
+        return RenderedPrompt(prompt, [], True), query_of(engine, prompt)
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` under the decoder's own (local) tokenizer."""

@@ -33,6 +33,7 @@ from ..chunking import passage_id
 from ..config import DEFAULT_MAX_NEW_TOKENS, PROMPT_RESERVE_TOKENS
 from ..engine import GenerationResult, GenerationStats, PreparedInput, RefragEngine
 from ..policy import ExpandAll, ExpandNone, ExpansionBudget, ExpansionPolicy, as_budget
+from ..prompt_text import RenderedPrompt, check_prompt, check_text, render_chat
 from ..shared import shared_engine
 from ._request import current_decisions, stats_sink
 
@@ -224,7 +225,8 @@ class RefragLLM(CustomLLM):
         with self._tokenizer_lock:
             if self._tokenizer is None:
                 self._tokenizer = self.engine.copy_tokenizer()
-            return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+            # user text: a control-token string in it is counted as the text it is
+            return list(self._tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def _is_chat(self) -> bool:
         if self.is_chat is not None:
@@ -233,17 +235,31 @@ class RefragLLM(CustomLLM):
 
     # ------------------------------------------------------------------ prompt -> mixed input
 
-    def _render_chat(self, messages: Sequence[ChatMessage]) -> tuple[str, bool]:
-        """Prompt text for chat messages and whether the tokenizer's BOS must still be added."""
+    def _render_chat(self, messages: Sequence[ChatMessage]) -> RenderedPrompt:
+        """The prompt for chat messages: its text, its chat-template markup (message texts are user
+        text: a control-token string in one stays text) and whether BOS must still be added.
+
+        Raises:
+            ValueError: no messages, no text in any, an empty last user message, a lone surrogate.
+        """
+        if not messages:
+            raise ValueError("No messages to answer: give at least one ChatMessage.")
+        for i, m in enumerate(messages):
+            check_text(m.content or "", f"message {i} ({m.role.value})")
+        if messages[-1].role == MessageRole.USER and not (messages[-1].content or "").strip():
+            raise ValueError(f"The last message (user, message {len(messages) - 1}) is empty: give the question text.")
+        if not any((m.content or "").strip() for m in messages):
+            raise ValueError("The messages hold no text: give at least one non-empty message.")
         tokenizer = self.engine.tokenizer
         if self._is_chat() and getattr(tokenizer, "chat_template", None):
             turns = [{"role": _ROLES.get(m.role.value, m.role.value), "content": m.content or ""} for m in messages]
-            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True), False
-        return self.messages_to_prompt(messages), True
+            return render_chat(tokenizer, turns)
+        return RenderedPrompt(self.messages_to_prompt(messages), [], True)
 
-    def _render_completion(self, prompt: str, formatted: bool) -> tuple[str, bool]:
+    def _render_completion(self, prompt: str, formatted: bool) -> RenderedPrompt:
+        check_prompt(prompt)
         if formatted:  # already the exact text to decode (LlamaIndex's predict path for non-chat LLMs)
-            return prompt, True
+            return RenderedPrompt(prompt, [], True)
         if self._is_chat() and getattr(self.engine.tokenizer, "chat_template", None):
             messages = [ChatMessage(role=MessageRole.USER, content=prompt)]
             if self.system_prompt:
@@ -252,12 +268,12 @@ class RefragLLM(CustomLLM):
         text = self.completion_to_prompt(prompt)
         if self.system_prompt:
             text = f"{self.system_prompt}\n\n{text}"
-        return text, True
+        return RenderedPrompt(text, [], True)
 
-    def _prepare(self, prompt: str, add_special: bool, query: str, decisions: dict) -> PreparedInput:
+    def _prepare(self, rendered: RenderedPrompt, query: str, decisions: dict) -> PreparedInput:
         """Compress the registered passages found whole in ``prompt``: with this request's decisions
         (from its postprocessor), else the registered ones, else the engine's default policy."""
-        engine = self.engine
+        engine, prompt = self.engine, rendered.text
         spans = engine.locate_registered(prompt) if self.compress else []
         texts = [prompt[a:b] for a, b in spans]
         expand: list = []
@@ -273,7 +289,8 @@ class RefragLLM(CustomLLM):
             for i, d in zip(missing, engine.decide(query, [texts[i] for i in missing]), strict=True):
                 expand[i] = d
         prepared = engine.prepare(
-            prompt, spans, [list(d) for d in expand], query=query, add_special_tokens=add_special
+            prompt, spans, [list(d) for d in expand], query=query, add_special_tokens=rendered.add_special_tokens,
+            markup_spans=rendered.markup_spans,
         )
         need, window = prepared.stats.positions + self.max_new_tokens, self.decoder_window
         if need > window:
@@ -310,16 +327,16 @@ class RefragLLM(CustomLLM):
 
     # ------------------------------------------------------------------ generation (sync cores)
 
-    def _generate(self, prompt: str, add_special: bool, query: str, overrides: dict) -> tuple[GenerationResult, dict]:
+    def _generate(self, rendered: RenderedPrompt, query: str, overrides: dict) -> tuple[GenerationResult, dict]:
         decisions, sink = current_decisions(), stats_sink()
         gen = self._gen_kwargs(overrides)
         t0 = time.perf_counter()
-        prepared = self._prepare(prompt, add_special, query, decisions)
+        prepared = self._prepare(rendered, query, decisions)
         result = self.engine.generate_prepared([prepared], t_start=t0, **gen)[0]
         return result, self._record(result.stats, sink)
 
     def _stream(
-        self, prompt: str, add_special: bool, query: str, overrides: dict
+        self, rendered: RenderedPrompt, query: str, overrides: dict
     ) -> Iterator[tuple[str, str, dict | None]]:
         """Yields ``(delta, text so far, None)`` per piece, then ``("", text, stats)`` once. The
         request's decisions and stats sink are taken now; the work starts on the first ``next``."""
@@ -328,7 +345,7 @@ class RefragLLM(CustomLLM):
 
         def pieces() -> Iterator[tuple[str, str, dict | None]]:
             t0 = time.perf_counter()
-            prepared = self._prepare(prompt, add_special, query, decisions)
+            prepared = self._prepare(rendered, query, decisions)
             stream = self.engine.stream_prepared(prepared, t_start=t0, **gen)
             text = ""
             for piece in stream:
@@ -339,28 +356,25 @@ class RefragLLM(CustomLLM):
         return pieces()
 
     def _complete_response(self, prompt: str, formatted: bool, overrides: dict) -> CompletionResponse:
-        text, add_special = self._render_completion(prompt, formatted)
-        result, stats = self._generate(text, add_special, prompt, overrides)
+        result, stats = self._generate(self._render_completion(prompt, formatted), prompt, overrides)
         return CompletionResponse(text=result.text, additional_kwargs={STATS_KEY: stats})
 
     def _complete_stream(self, prompt: str, formatted: bool, overrides: dict) -> Iterator[CompletionResponse]:
-        text, add_special = self._render_completion(prompt, formatted)
-        items = self._stream(text, add_special, prompt, overrides)  # takes the request's context now
+        # takes the request's context now
+        items = self._stream(self._render_completion(prompt, formatted), prompt, overrides)
         return (
             CompletionResponse(text=so_far, delta=delta, additional_kwargs={STATS_KEY: stats} if stats else {})
             for delta, so_far, stats in items
         )
 
     def _chat_response(self, messages: Sequence[ChatMessage], overrides: dict) -> ChatResponse:
-        text, add_special = self._render_chat(messages)
-        result, stats = self._generate(text, add_special, _last_user(messages), overrides)
+        result, stats = self._generate(self._render_chat(messages), _last_user(messages), overrides)
         return ChatResponse(
             message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), additional_kwargs={STATS_KEY: stats}
         )
 
     def _chat_stream(self, messages: Sequence[ChatMessage], overrides: dict) -> Iterator[ChatResponse]:
-        text, add_special = self._render_chat(messages)
-        items = self._stream(text, add_special, _last_user(messages), overrides)
+        items = self._stream(self._render_chat(messages), _last_user(messages), overrides)
         return (
             ChatResponse(
                 message=ChatMessage(role=MessageRole.ASSISTANT, content=so_far),
