@@ -203,9 +203,9 @@ class PolicyTrainer(Trainer):
 
     def answer_ids(self, answer: str) -> list[int]:
         """The target: the answer's tokens followed by EOS (as in the sft stage)."""
-        tok = self.engine.tokenizer
-        ids = tok(answer.strip(), add_special_tokens=False)["input_ids"]
-        return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        from .data import answer_ids
+
+        return answer_ids(self.engine.tokenizer, answer)
 
     def make_episode(self, question: str, passages: list[str], answer: str) -> Episode:
         """Chunk vectors c_i (once, no grad; cached by the engine per passage), query vector, T'."""
@@ -312,55 +312,29 @@ class PolicyTrainer(Trainer):
 
         In a multi-rank run ``rollouts`` are this rank's, ``counts`` the number of rollouts per
         variant over all ranks (summed here when not given; every rank must call this), and the
-        step and the returned statistics are those of one process holding every rank's rollouts.
+        step and the returned statistics are those of one process holding every rank's rollouts:
+        each rank's loss is the sum of its rollouts' losses over the step's global count, the
+        gradients are summed over the ranks, then every rank clips and steps alike.
         """
-        if self.dist.enabled:
-            return self._ppo_update_ranks(rollouts, counts if counts is not None else self._global_counts(rollouts))
-        cfg = self.cfg
-        stats: dict[str, float] = {}
-        for _ in range(cfg.ppo_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            total = None
-            for v in VARIANTS:
-                mine = [r for r in rollouts if r.variant == v]
-                if not mine:
-                    continue
-                losses, clips, kls = self._clipped_losses(v, mine)
-                clip = sum(c / len(mine) for c in clips)
-                kl = sum(k / len(mine) for k in kls)
-                loss_v = torch.stack(losses).mean()
-                stats.update({f"loss_{v}": float(loss_v.detach()), f"clip_{v}": clip, f"kl_{v}": kl})
-                total = loss_v if total is None else total + loss_v
-            if total is None:
-                return stats
-            total.backward()
-            for v in VARIANTS:
-                torch.nn.utils.clip_grad_norm_(list(self.policies[v].parameters()), cfg.max_grad_norm)
-            self.optimizer.step()
-        return stats
-
-    def _global_counts(self, rollouts: Sequence[Rollout]) -> dict[str, int]:
-        """Rollouts per variant over all ranks."""
-        local = torch.tensor([float(sum(r.variant == v for r in rollouts)) for v in VARIANTS], dtype=torch.float64)
-        return {v: int(round(x)) for v, x in zip(VARIANTS, self.dist.sum_over_ranks(local).tolist())}
-
-    def _ppo_update_ranks(self, rollouts: Sequence[Rollout], counts: dict[str, int]) -> dict[str, float]:
-        """:meth:`ppo_update` of a multi-rank run: each rank's loss is the sum of its rollouts'
-        losses over the step's global count, the gradients are summed over the ranks, then every
-        rank clips and steps alike. Statistics are summed over the ranks the same way."""
-        cfg = self.cfg
+        cfg, ranks = self.cfg, self.dist.enabled
+        if counts is None:
+            counts = self._global_counts(rollouts)
         live = [v for v in VARIANTS if counts[v] > 0]  # the same list on every rank
-        shares: dict[str, float] = {}
+        stats: dict[str, float] = {}
         for _ in range(cfg.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             total = None
             for v in live:
                 mine = [r for r in rollouts if r.variant == v]
                 losses, clips, kls = self._clipped_losses(v, mine)
-                clip, kl = sum(clips), sum(kls)
-                loss_v = torch.stack(losses).sum() / counts[v] if losses else None  # this rank's share of the mean
-                shares.update({f"loss_{v}": 0.0 if loss_v is None else float(loss_v.detach()),
-                               f"clip_{v}": clip / counts[v], f"kl_{v}": kl / counts[v]})
+                if ranks:  # this rank's share of the mean over all ranks (None: no rollouts of v here)
+                    loss_v = torch.stack(losses).sum() / counts[v] if losses else None
+                    clip, kl = sum(clips) / counts[v], sum(kls) / counts[v]
+                else:
+                    loss_v = torch.stack(losses).mean()
+                    clip, kl = sum(c / len(mine) for c in clips), sum(k / len(mine) for k in kls)
+                stats.update({f"loss_{v}": 0.0 if loss_v is None else float(loss_v.detach()),
+                              f"clip_{v}": clip, f"kl_{v}": kl})
                 if loss_v is not None:
                     total = loss_v if total is None else total + loss_v
             if not live:
@@ -373,9 +347,16 @@ class PolicyTrainer(Trainer):
             for v in VARIANTS:
                 torch.nn.utils.clip_grad_norm_(list(self.policies[v].parameters()), cfg.max_grad_norm)
             self.optimizer.step()
-        keys = sorted(shares)
-        summed = self.dist.sum_over_ranks(torch.tensor([shares[k] for k in keys], dtype=torch.float64))
+        if not ranks:
+            return stats
+        keys = sorted(stats)
+        summed = self.dist.sum_over_ranks(torch.tensor([stats[k] for k in keys], dtype=torch.float64))
         return dict(zip(keys, summed.tolist()))
+
+    def _global_counts(self, rollouts: Sequence[Rollout]) -> dict[str, int]:
+        """Rollouts per variant over all ranks."""
+        local = torch.tensor([float(sum(r.variant == v for r in rollouts)) for v in VARIANTS], dtype=torch.float64)
+        return {v: int(round(x)) for v, x in zip(VARIANTS, self.dist.sum_over_ranks(local).tolist())}
 
     def train_step(self) -> dict[str, float]:
         """One step: this rank's questions rolled out and scored, ``ppo_epochs`` PPO updates with
