@@ -384,9 +384,9 @@ class PolicyTrainer(Trainer):
         self.step += 1
         return m
 
-    def agree_on_step(self, metrics: dict[str, float]) -> tuple[dict[str, float], bool]:
+    def agree_on_step(self, metrics: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]:
         """:meth:`train_step`'s metrics are already over all ranks; only the stop is agreed on."""
-        return metrics, self.dist.any_rank(self._stop)
+        return metrics, self.dist.any_rank(stop)
 
     def progress_postfix(self, metrics: dict[str, float]) -> dict[str, Any]:
         return {f"r_{v}": f"{metrics[f'reward_{v}']:.3f}" for v in VARIANTS if f"reward_{v}" in metrics}

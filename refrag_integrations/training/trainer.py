@@ -342,10 +342,10 @@ class Trainer:
         self.step += 1
         return {"loss": total, **agg}
 
-    def agree_on_step(self, metrics: dict[str, float]) -> tuple[dict[str, float], bool]:
+    def agree_on_step(self, metrics: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]:
         """The step's metrics over all ranks (here: this rank's means averaged), and whether to
-        stop (a signal on any rank): every rank takes the same decision."""
-        return self.dist.mean_metrics(metrics, self._stop)
+        stop (``stop``, a signal, on any rank): every rank takes the same decision."""
+        return self.dist.mean_metrics(metrics, stop)
 
     def progress_postfix(self, metrics: dict[str, float]) -> dict[str, Any]:
         """What the progress bar shows after a step."""
@@ -540,7 +540,7 @@ class Trainer:
                        disable=not main)
             t_last = time.perf_counter()
             while self.step < cfg.max_steps and not stop:
-                m, stop = self.agree_on_step(self.train_step())  # every rank takes the same decision
+                m, stop = self.agree_on_step(self.train_step(), self._stop)  # the same decision on every rank
                 dt = time.perf_counter() - t_last
                 t_last = time.perf_counter()
                 m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], sec=dt)
