@@ -28,12 +28,7 @@ import torch
 
 from ..checkpoint import save_checkpoint
 from ..config import DEFAULT_EXPAND_FRACTION, POLICY_EVAL_SEED
-from ..policy import (
-    ExpansionBudget,
-    ExpansionPolicy,
-    LearnedPolicy,
-    resolve_policy,
-)
+from ..policy import ExpansionBudget, ExpansionPolicy, LearnedPolicy, resolve_policy
 from .config import TrainConfig
 from .rl_objectives import anchored_ppo_loss, group_advantages, sample_sequences, sequence_log_probs
 from .trainer import CHECKPOINT_DIR, Trainer, micro_batch_seed

@@ -540,7 +540,8 @@ class Trainer:
                        disable=not main)
             t_last = time.perf_counter()
             while self.step < cfg.max_steps and not stop:
-                m, stop = self.agree_on_step(self.train_step(), self._stop)  # the same decision on every rank
+                m = self.train_step()
+                m, stop = self.agree_on_step(m, self._stop)  # a signal during the step stops every rank alike
                 dt = time.perf_counter() - t_last
                 t_last = time.perf_counter()
                 m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], sec=dt)
