@@ -122,6 +122,61 @@ def test_distill_stage_exports_a_checkpoint_that_reproduces_the_student(tmp_path
         RefragEngine.from_pretrained(str(tmp_path / "run" / "checkpoint"), decoder=str(dec), chunk_context="chunk")
 
 
+def test_distill_resume_reproduces_the_uninterrupted_run_and_keeps_the_file_formats(tmp_path, tiny_chat_dirs, data_dir):
+    """2 steps, SIGINT, resume to 4 == 4 uninterrupted steps; and the resume state, log and config
+    keep the fields a long run resumes from (a refactor of the loop must not change them)."""
+    import os
+    import signal
+
+    from refrag_integrations.training.data import NQExample, load_nq
+    from refrag_integrations.training.trainer import STATE_FILE
+
+    train = [NQExample(e.question, e.answers, e.passage[:160], e.line) for e in load_nq(data_dir, "train")[:6]]
+
+    def make(out) -> DistillTrainer:
+        cfg = make_cfg(out, tiny_chat_dirs, stage="distill", num_passages=2, batch_size=2, qa_share=0.5, max_chunks=3,
+                       max_steps=4, save_every=100, eval_examples=1, eval_before=False, lora_rank=2,
+                       data_dir=str(data_dir))
+        trainer = DistillTrainer(cfg)
+        trainer._data = train
+        return trainer
+
+    full = make(tmp_path / "full")
+    assert full.train()["steps"] == 4
+    cut = make(tmp_path / "cut")
+    step = cut.train_step
+
+    def step_then_interrupt():
+        m = step()
+        if cut.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled by the trainer: save and stop after this step
+        return m
+
+    cut.train_step = step_then_interrupt
+    assert cut.train() == {"stopped_at": 2}
+    state = torch.load(tmp_path / "cut" / STATE_FILE, weights_only=False)
+    assert set(state) == {"step", "config", "trainable", "optimizer", "scheduler", "rng", "world_size"}
+    assert set(state["trainable"]) == {"projector", "encoder", "decoder"} and set(state["rng"]) == {"torch", "python"}
+    assert state["step"] == 2 and state["config"] == cut.cfg.to_dict()
+    resumed = make(tmp_path / "cut")
+    assert resumed.train()["steps"] == 4
+    want, got = full.trainable_state(), resumed.trainable_state()
+    for part in ("projector", "encoder", "decoder"):
+        assert want[part].keys() == got[part].keys() and want[part]
+        for name in want[part]:
+            torch.testing.assert_close(got[part][name], want[part][name], rtol=1e-5, atol=1e-6)
+
+    def log(path):
+        return [json.loads(x) for x in (path / "train_log.jsonl").read_text().splitlines()]
+
+    rows = log(tmp_path / "cut")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(set(r) == {"loss", "kl", "ce", "acc", "agree", "step", "lr", "sec"} for r in rows)
+    for a, b in zip(rows, log(tmp_path / "full")):
+        assert {k: v for k, v in a.items() if k != "sec"} == pytest.approx({k: v for k, v in b.items() if k != "sec"})
+    assert json.loads((tmp_path / "cut" / "train_config.json").read_text()) == resumed.cfg.to_dict()
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [

@@ -31,7 +31,7 @@ def _worker(rank: int, cfg: dict, ports: list[int], result_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from refrag_integrations.training.trainer import _decoder_layers
+    from refrag_integrations.training.distributed import decoder_layers
 
     result = Path(result_dir)
     reduce_scatters, layers = [], []  # FSDP's gradient reduce-scatters in the first run (STOP_AT steps)
@@ -45,7 +45,7 @@ def _worker(rank: int, cfg: dict, ports: list[int], result_dir: str) -> None:
         assert first.fsdp
         dist.reduce_scatter_single = counting
         dec = first.engine.decoder
-        layers.extend(_decoder_layers(dec))
+        layers.extend(decoder_layers(dec))
         lora = {n: p for n, p in dec.named_parameters() if ".lora_" in n}
         # Sharded for real: the LoRA (and frozen layer) weights are DTensor shards, the embedding is whole.
         assert lora and all(isinstance(p, DTensor) for p in lora.values())

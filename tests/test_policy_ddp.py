@@ -112,7 +112,7 @@ def test_two_gloo_ranks_train_the_policies_of_one_process(tmp_path, tiny_dirs, m
     episodes = [ep for step in range(STEPS) for ep in single.episodes_for_step(step)]
     with torch.no_grad():
         want_logits = {v: [single._logits(v, ep) for ep in episodes] for v in VARIANTS}
-        single._load_trainable(a)
+        single.load_trainable_state(a)
         for v in VARIANTS:
             for ep, w in zip(episodes, want_logits[v]):
                 got = single._logits(v, ep)

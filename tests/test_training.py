@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from refrag_integrations.training.config import STAGE_EXPAND_FRACTION, STAGES, TrainConfig
-from refrag_integrations.training.trainer import CHECKPOINT_DIR, STATE_FILE, Trainer, init_distributed, micro_batch_seed
+from refrag_integrations.training.distributed import init_distributed
+from refrag_integrations.training.trainer import CHECKPOINT_DIR, STATE_FILE, Trainer, micro_batch_seed
 
 # Real text (WikiText-2 test, CC BY-SA 3.0; the first is the tiny tokenizer's own corpus).
 from tiny import CORPUS  # noqa: E402

@@ -253,6 +253,14 @@ class TokenCorpus:
         return [self.window(rng, length) for _ in range(n)]
 
 
+def answer_ids(tokenizer: Any, answer: str) -> list[int]:
+    """The training target of a QA example: the answer's tokens followed by EOS (when the
+    tokenizer has one), as the sft, distill and policy stages score it."""
+    ids = tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return ids + ([eos] if eos is not None else [])
+
+
 def rag_passages(rng: random.Random, examples: list[NQExample], index: int, num_passages: int) -> tuple[list[str], int]:
     """Gold passage of ``examples[index]`` plus ``num_passages - 1`` distractors (other examples'
     gold passages), in random order. Returns (passages, position of the gold passage)."""

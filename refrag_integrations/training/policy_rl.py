@@ -1,47 +1,10 @@
-"""Training the RL selective-expansion policy (stage ``policy``). The policy itself
-(:class:`~refrag_integrations.policy.LearnedPolicy`) and the perplexity-desc baseline live in
-:mod:`refrag_integrations.policy`, so inference never imports this module.
-
-The paper's policy (training recipe, step 6): a 2-layer transformer reads the pre-projection chunk
-vectors c_i of all retrieved chunks and gives one logit per chunk; it picks T' = floor(p L) chunks
-one after another, sampling from a softmax over the logits with the already picked chunks masked
-out (the logits are computed once, not after each pick). It is trained with a GRPO-style group
-baseline: for each question G action sequences are sampled, each is rewarded with the negative
-log-perplexity of the gold answer under the mixed input it produces, advantages are
-(r - mean) / std within the group, and the PPO clipped-ratio objective is averaged over the T'
-steps. The REFRAG model (encoder, projector, decoder) stays frozen; only the policy learns.
-
-Two learned variants are trained side by side on the same questions:
-
-* ``chunks``: the paper's policy, which sees only the chunk vectors.
-* ``query``: our query-conditioned variant: the question, embedded by the same chunk encoder, is an
-  extra input token, and cos(c_i, query) enters each chunk's logit with a learned weight (so it
-  starts close to the training-free relevance heuristic and learns where that heuristic is wrong).
-
-Position information: each chunk gets a learned embedding of its index *inside its passage*
-(capped at ``POLICY_MAX_CHUNK_INDEX``), and no global position. Retrieved passages arrive in an
-arbitrary order (the gold passage sits at a random position in training), so a global position
-would only teach the policy a prior that does not transfer; the index inside a passage does
-carry meaning (chunk 0 holds the title and the opening sentence).
-
-Scale-out. The stage runs data-parallel under ``torchrun --nproc_per_node N`` like the other stages
-(see :mod:`.trainer`: gloo on CPU, nccl on CUDA). Its cost is the frozen decoder's reward forwards,
-so the ranks split the questions of a step: a step has ``N * batch_size * grad_accum`` questions,
-drawn one after another from the step's RNG exactly as a single process with ``N`` times the batch
-draws them, and rank r builds and scores questions ``r * Q ... r * Q + Q - 1`` (``Q =
-batch_size * grad_accum``; it replays the earlier ranks' cheap draws without encoding them). The G
-sampled action sequences of question i are seeded by (seed, step, i) with i the global index, so
-an N-rank run samples the actions, and computes the rewards, of a single process with
-``batch_size * N`` over the same questions. Group advantages are per question (one GRPO group) and
-stay on the rank that scored it. Every PPO epoch each rank backpropagates its questions' clipped
-losses divided by the number of questions of the whole step (per variant), the policy gradients
-are summed over the ranks (one flat all-reduce, through the GPU under nccl: the policy lives on the
-CPU), so every rank holds the single-process gradient of the mean over all questions, and clipping
-and the AdamW step then run identically on every rank (the initial weights are broadcast from rank
-0). Logged metrics are global means. Rank 0 alone writes the resume state, the log and both
-variants' checkpoints, and runs the evaluations while the others wait; every rank resumes from the
-same ``trainer_state.pt``, and a signal on any rank stops all ranks after the same step. ``fsdp``
-does not apply (only the small policy trains).
+"""Training the RL selective-expansion policy (stage ``policy``): both learned variants (the
+paper's, reading chunk vectors only, and the query-conditioned one) trained side by side with a
+GRPO group baseline and the PPO clipped objective (maths in :mod:`.rl_objectives`), the reward
+being minus the gold answer's log-perplexity under the mixed input; the REFRAG model stays frozen.
+The policy itself (:class:`~refrag_integrations.policy.LearnedPolicy`) lives in
+:mod:`refrag_integrations.policy`, so inference never imports this module. The design, and how
+the ranks share a step: docs/training.md, "How the trainer is organised".
 
 Example:
     >>> from refrag_integrations import RefragEngine                          # doctest: +SKIP
@@ -54,32 +17,20 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import save_checkpoint
-from ..config import (
-    DEFAULT_EXPAND_FRACTION,
-    GRPO_STD_EPS,
-    POLICY_EVAL_SEED,
-)
-from ..policy import (
-    ExpansionBudget,
-    ExpansionPolicy,
-    LearnedPolicy,
-    resolve_policy,
-)
+from ..config import DEFAULT_EXPAND_FRACTION, POLICY_EVAL_SEED
+from ..policy import ExpansionBudget, ExpansionPolicy, LearnedPolicy, resolve_policy
 from .config import TrainConfig
+from .rl_objectives import anchored_ppo_loss, group_advantages, sample_sequences, sequence_log_probs
 from .trainer import CHECKPOINT_DIR, Trainer, micro_batch_seed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,104 +40,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("chunks", "query")  # the paper's policy, the query-conditioned one
-
-
-# --------------------------------------------------------------------------- sampling + objective
-
-
-def sample_sequences(logits: torch.Tensor, n: int, group: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample ``group`` action sequences of ``n`` distinct chunks each: at every step, one chunk
-    from the softmax over ``logits`` with the chunks picked earlier in that sequence masked out.
-
-    Args:
-        logits: ``(L,)`` one logit per chunk, computed once.
-        n: picks per sequence (T'), ``0 <= n <= L``.
-        group: number of sequences (G).
-        generator: a CPU ``torch.Generator`` for reproducible draws.
-
-    Returns:
-        ``(G, n)`` chunk indices in pick order.
-
-    Example:
-        >>> a = sample_sequences(torch.zeros(5), 3, group=2, generator=torch.Generator().manual_seed(0))
-        >>> a.shape, all(len(set(row.tolist())) == 3 for row in a)
-        (torch.Size([2, 3]), True)
-    """
-    L = logits.shape[0]
-    if not 0 <= n <= L:
-        raise ValueError(f"cannot pick n={n} distinct chunks out of L={L}.")
-    logits = logits.detach().float().cpu()
-    picked = torch.zeros(group, L, dtype=torch.bool)
-    out = torch.empty(group, n, dtype=torch.long)
-    rows = torch.arange(group)
-    for t in range(n):
-        probs = torch.softmax(logits.expand(group, L).masked_fill(picked, float("-inf")), -1)  # (G, L)
-        a = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (G,)
-        out[:, t] = a
-        picked[rows, a] = True
-    return out
-
-
-def sequence_log_probs(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Per-step log-probabilities of action sequences under sequential masked sampling.
-
-    Step t of a sequence has probability softmax(logits with the sequence's first t picks masked)
-    at its pick. Differentiable in ``logits``.
-
-    Args:
-        logits: ``(L,)`` one logit per chunk.
-        actions: ``(G, n)`` chunk indices in pick order (distinct within a row).
-
-    Returns:
-        ``(G, n)`` log-probabilities.
-    """
-    G, n = actions.shape
-    L = logits.shape[0]
-    actions = actions.to(logits.device)
-    onehot = F.one_hot(actions, L)  # (G, n, L)
-    before = (onehot.cumsum(1) - onehot) > 0  # picked at an earlier step of the same sequence
-    masked = logits.float().expand(G, n, L).masked_fill(before, float("-inf"))  # (G, n, L)
-    return masked.log_softmax(-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (G, n)
-
-
-def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """GRPO advantages: ``(r - mean) / std`` within one group of rewards ``(G,)``."""
-    rewards = rewards.float()
-    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + GRPO_STD_EPS)
-
-
-def ppo_clipped_loss(
-    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, clip: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The PPO clipped-ratio objective, averaged over the T' steps and the group, negated.
-
-    Args:
-        log_probs: ``(G, n)`` per-step log-probabilities under the current policy.
-        old_log_probs: ``(G, n)`` the same under the policy that sampled the actions.
-        advantages: ``(G,)`` one advantage per sequence, shared by its steps.
-        clip: epsilon; the ratio is clipped to ``[1 - clip, 1 + clip]``.
-
-    Returns:
-        (loss to minimise, stats: clipped fraction and approximate KL).
-    """
-    ratio = torch.exp(log_probs - old_log_probs)  # (G, n)
-    adv = advantages.unsqueeze(1).to(ratio.dtype)  # (G, 1)
-    objective = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)  # (G, n)
-    with torch.no_grad():
-        stats = {
-            "clip_frac": float(((ratio - 1.0).abs() > clip).float().mean()),
-            "kl": float((old_log_probs - log_probs).mean()),
-        }
-    return -objective.mean(), stats
-
-
-def reference_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
-    """Per-step KL of the current policy from a reference policy, estimated on actions sampled
-    from the (old) current policy: ``exp(ref - cur) - (ref - cur) - 1`` (the non-negative,
-    unbiased "k3" estimator GRPO uses), averaged over the ``(G, n)`` steps. Zero where the two
-    policies agree."""
-    diff = ref_log_probs.to(log_probs.dtype) - log_probs  # (G, n)
-    return (torch.exp(diff) - diff - 1.0).mean()
 
 
 # --------------------------------------------------------------------------- rewards
@@ -240,7 +93,7 @@ class PolicyTrainer(Trainer):
     both variants with the random, perplexity-desc and relevance policies at the same p.
 
     Under ``torchrun`` each rank scores its share of every step's questions and the policy gradients
-    are summed over the ranks (see the module docstring): N ranks with ``batch_size`` b train the
+    are summed over the ranks (see docs/training.md): N ranks with ``batch_size`` b train the
     policies of one process with ``batch_size`` N * b, to float rounding.
 
     Args:
@@ -252,6 +105,12 @@ class PolicyTrainer(Trainer):
         ...                   output_dir="runs/policy", expand_fraction=0.25, num_passages=10)  # doctest: +SKIP
         >>> metrics = PolicyTrainer(cfg).train()                                               # doctest: +SKIP
     """
+
+    # A step's questions depend only on ``world_size * batch_size * grad_accum``, so, as in
+    # :class:`Trainer`, a run may resume on another number of ranks with ``world_size * grad_accum`` kept.
+    RESUME_KEYS = ("num_passages", "expand_fraction", "group_size", "ppo_epochs", "ppo_clip", "lr", "kl_coef",
+                   *Trainer.RESUME_KEYS)
+    RESUME_DEFAULTS = {"kl_coef": 0.0}  # state files written before the KL anchor existed
 
     def __init__(self, cfg: TrainConfig, engine: "RefragEngine | None" = None) -> None:
         if cfg.stage != "policy":
@@ -278,7 +137,7 @@ class PolicyTrainer(Trainer):
 
     # ------------------------------------------------------------------ parameters
 
-    def _set_trainable(self) -> None:
+    def set_trainable(self) -> None:
         eng, cfg = self.engine, self.cfg
         for p in list(eng.decoder.parameters()) + list(eng.chunk_encoder.parameters()):
             p.requires_grad_(False)
@@ -305,86 +164,21 @@ class PolicyTrainer(Trainer):
                         p.requires_grad_(False)
                     self.ref_policies[v] = ref
 
-    def _modules_params(self):
+    def module_params(self):
         for v in VARIANTS:
             yield from self.policies[v].parameters()
 
     def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
         return {v: self.policies[v].state_dict() for v in VARIANTS}
 
-    def _load_trainable(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    def load_trainable_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         for v in VARIANTS:
             self.policies[v].load_state_dict(state[v])
 
-    # ------------------------------------------------------------------ distributed
-
-    def _broadcast_params(self, params: list[torch.Tensor] | None = None) -> None:
+    def broadcast_initial_weights(self, params: list[torch.nn.Parameter]) -> None:
         """Start every rank from rank 0's policy weights (one flat broadcast; the policies live on
         the CPU, so under nccl the buffer goes through this rank's GPU)."""
-        if not self.dist.enabled:
-            return
-        import torch.distributed as dist
-
-        params = list(self.params if params is None else params)
-        with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1).float() for p in params]).to(self._comm_device())  # (n,)
-            dist.broadcast(flat, src=0)
-            flat = flat.cpu()
-            offset = 0
-            for p in params:
-                p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
-
-    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` summed over the ranks (on every rank; a CPU tensor comes back on the CPU)."""
-        if not self.dist.enabled:
-            return t
-        import torch.distributed as dist
-
-        buf = t.to(self._comm_device())
-        dist.all_reduce(buf)
-        return buf.to(t.device)
-
-    def _sum_policy_grads(self, variants: Sequence[str]) -> None:
-        """Sum the gradients of ``variants``' policies over the ranks (a rank without questions of
-        a variant contributes zeros). Each rank scaled its loss by 1 / (questions of the whole
-        step), so the sum is the single-process gradient of the mean over all questions."""
-        if not self.dist.enabled or not variants:
-            return
-        params = [p for v in variants for p in self.policies[v].parameters() if p.requires_grad]
-        with torch.no_grad():
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            flat = self._sum_over_ranks(torch.cat([p.grad.reshape(-1) for p in params]))  # (n,)
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
-
-    def try_resume(self) -> bool:
-        """Continue from ``output_dir``'s resume state (both variants' weights, optimizer, step) if
-        there is one; in a multi-rank run every rank loads the same file. A step's questions depend
-        only on ``world_size * batch_size * grad_accum``, so, as in :class:`Trainer`, a run may
-        resume on another number of ranks with ``world_size * grad_accum`` kept."""
-        from .trainer import STATE_FILE
-
-        path = self.out / STATE_FILE
-        found = path.is_file()
-        if self.dist.enabled and 0 < self._count_ranks(found) < self.dist.world_size:
-            # Checked before the settings below, so that no rank raises while the others wait.
-            raise ValueError(f"{path} is visible on only some of the {self.dist.world_size} ranks; put output_dir "
-                             "on a filesystem that every rank shares.")
-        if found:
-            saved = torch.load(path, weights_only=False, map_location="cpu")["config"]
-            saved.setdefault("kl_coef", 0.0)  # written before the KL anchor existed
-            for key in ("num_passages", "expand_fraction", "group_size", "ppo_epochs", "ppo_clip", "lr", "kl_coef"):
-                if saved.get(key) != getattr(self.cfg, key):
-                    raise ValueError(
-                        f"{path} was written with {key}={saved.get(key)!r} but this run has "
-                        f"{key}={getattr(self.cfg, key)!r}; use the same settings to resume, or another --output-dir."
-                    )
-        return super().try_resume()
+        self.dist.broadcast_params_flat(params)
 
     # ------------------------------------------------------------------ data
 
@@ -404,9 +198,9 @@ class PolicyTrainer(Trainer):
 
     def answer_ids(self, answer: str) -> list[int]:
         """The target: the answer's tokens followed by EOS (as in the sft stage)."""
-        tok = self.engine.tokenizer
-        ids = tok(answer.strip(), add_special_tokens=False)["input_ids"]
-        return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        from .data import answer_ids
+
+        return answer_ids(self.engine.tokenizer, answer)
 
     def make_episode(self, question: str, passages: list[str], answer: str) -> Episode:
         """Chunk vectors c_i (once, no grad; cached by the engine per passage), query vector, T'."""
@@ -500,9 +294,8 @@ class PolicyTrainer(Trainer):
         losses, clips, kls = [], [], []
         for r in rollouts:
             log_probs = sequence_log_probs(self._logits(variant, r.episode), r.actions)
-            loss, st = ppo_clipped_loss(log_probs, r.old_log_probs, r.advantages, self.cfg.ppo_clip)
-            if r.ref_log_probs is not None:
-                loss = loss + self.cfg.kl_coef * reference_kl(log_probs, r.ref_log_probs)
+            loss, st = anchored_ppo_loss(log_probs, r.old_log_probs, r.advantages, self.cfg.ppo_clip,
+                                         r.ref_log_probs, self.cfg.kl_coef)
             losses.append(loss)
             clips.append(st["clip_frac"])
             kls.append(st["kl"])
@@ -514,68 +307,51 @@ class PolicyTrainer(Trainer):
 
         In a multi-rank run ``rollouts`` are this rank's, ``counts`` the number of rollouts per
         variant over all ranks (summed here when not given; every rank must call this), and the
-        step and the returned statistics are those of one process holding every rank's rollouts.
+        step and the returned statistics are those of one process holding every rank's rollouts:
+        each rank's loss is the sum of its rollouts' losses over the step's global count, the
+        gradients are summed over the ranks, then every rank clips and steps alike.
         """
-        if self.dist.enabled:
-            return self._ppo_update_ranks(rollouts, counts if counts is not None else self._global_counts(rollouts))
-        cfg = self.cfg
-        stats: dict[str, float] = {}
-        for _ in range(cfg.ppo_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            total = None
-            for v in VARIANTS:
-                mine = [r for r in rollouts if r.variant == v]
-                if not mine:
-                    continue
-                losses, clips, kls = self._clipped_losses(v, mine)
-                clip = sum(c / len(mine) for c in clips)
-                kl = sum(k / len(mine) for k in kls)
-                loss_v = torch.stack(losses).mean()
-                stats.update({f"loss_{v}": float(loss_v.detach()), f"clip_{v}": clip, f"kl_{v}": kl})
-                total = loss_v if total is None else total + loss_v
-            if total is None:
-                return stats
-            total.backward()
-            for v in VARIANTS:
-                torch.nn.utils.clip_grad_norm_(list(self.policies[v].parameters()), cfg.max_grad_norm)
-            self.optimizer.step()
-        return stats
-
-    def _global_counts(self, rollouts: Sequence[Rollout]) -> dict[str, int]:
-        """Rollouts per variant over all ranks."""
-        local = torch.tensor([float(sum(r.variant == v for r in rollouts)) for v in VARIANTS], dtype=torch.float64)
-        return {v: int(round(x)) for v, x in zip(VARIANTS, self._sum_over_ranks(local).tolist())}
-
-    def _ppo_update_ranks(self, rollouts: Sequence[Rollout], counts: dict[str, int]) -> dict[str, float]:
-        """:meth:`ppo_update` of a multi-rank run: each rank's loss is the sum of its rollouts'
-        losses over the step's global count, the gradients are summed over the ranks, then every
-        rank clips and steps alike. Statistics are summed over the ranks the same way."""
-        cfg = self.cfg
+        cfg, ranks = self.cfg, self.dist.enabled
+        if counts is None:
+            counts = self._global_counts(rollouts)
         live = [v for v in VARIANTS if counts[v] > 0]  # the same list on every rank
-        shares: dict[str, float] = {}
+        stats: dict[str, float] = {}
         for _ in range(cfg.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             total = None
             for v in live:
                 mine = [r for r in rollouts if r.variant == v]
                 losses, clips, kls = self._clipped_losses(v, mine)
-                clip, kl = sum(clips), sum(kls)
-                loss_v = torch.stack(losses).sum() / counts[v] if losses else None  # this rank's share of the mean
-                shares.update({f"loss_{v}": 0.0 if loss_v is None else float(loss_v.detach()),
-                               f"clip_{v}": clip / counts[v], f"kl_{v}": kl / counts[v]})
+                if ranks:  # this rank's share of the mean over all ranks (None: no rollouts of v here)
+                    loss_v = torch.stack(losses).sum() / counts[v] if losses else None
+                    clip, kl = sum(clips) / counts[v], sum(kls) / counts[v]
+                else:
+                    loss_v = torch.stack(losses).mean()
+                    clip, kl = sum(c / len(mine) for c in clips), sum(k / len(mine) for k in kls)
+                stats.update({f"loss_{v}": 0.0 if loss_v is None else float(loss_v.detach()),
+                              f"clip_{v}": clip, f"kl_{v}": kl})
                 if loss_v is not None:
                     total = loss_v if total is None else total + loss_v
             if not live:
                 return {}
             if total is not None:
                 total.backward()
-            self._sum_policy_grads(live)
+            # Each rank scaled its loss by 1 / (questions of the whole step): the sum over the ranks is
+            # the single-process gradient of the mean over all questions.
+            self.dist.sum_grads([p for v in live for p in self.policies[v].parameters() if p.requires_grad])
             for v in VARIANTS:
                 torch.nn.utils.clip_grad_norm_(list(self.policies[v].parameters()), cfg.max_grad_norm)
             self.optimizer.step()
-        keys = sorted(shares)
-        summed = self._sum_over_ranks(torch.tensor([shares[k] for k in keys], dtype=torch.float64))
+        if not ranks:
+            return stats
+        keys = sorted(stats)
+        summed = self.dist.sum_over_ranks(torch.tensor([stats[k] for k in keys], dtype=torch.float64))
         return dict(zip(keys, summed.tolist()))
+
+    def _global_counts(self, rollouts: Sequence[Rollout]) -> dict[str, int]:
+        """Rollouts per variant over all ranks."""
+        local = torch.tensor([float(sum(r.variant == v for r in rollouts)) for v in VARIANTS], dtype=torch.float64)
+        return {v: int(round(x)) for v, x in zip(VARIANTS, self.dist.sum_over_ranks(local).tolist())}
 
     def train_step(self) -> dict[str, float]:
         """One step: this rank's questions rolled out and scored, ``ppo_epochs`` PPO updates with
@@ -587,7 +363,7 @@ class PolicyTrainer(Trainer):
             for v in VARIANTS:
                 rs = [r.rewards for r in rollouts if r.variant == v]
                 local += [float(len(rs)), sum(float(x.double().sum()) for x in rs), float(sum(x.numel() for x in rs))]
-            tot = self._sum_over_ranks(torch.tensor(local, dtype=torch.float64)).tolist()
+            tot = self.dist.sum_over_ranks(torch.tensor(local, dtype=torch.float64)).tolist()
             m = self.ppo_update(rollouts, {v: int(round(tot[3 * i])) for i, v in enumerate(VARIANTS)})
             for i, v in enumerate(VARIANTS):
                 if tot[3 * i + 2] > 0:
@@ -603,7 +379,19 @@ class PolicyTrainer(Trainer):
         self.step += 1
         return m
 
+    def agree_on_step(self, metrics: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]:
+        """:meth:`train_step`'s metrics are already over all ranks; only the stop is agreed on."""
+        return metrics, self.dist.any_rank(stop)
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, Any]:
+        return {f"r_{v}": f"{metrics[f'reward_{v}']:.3f}" for v in VARIANTS if f"reward_{v}" in metrics}
+
     # ------------------------------------------------------------------ evaluation + export
+
+    def before_training(self) -> None:
+        if self.dist.is_main and not self.engine.trained:
+            logger.warning("the REFRAG projector is untrained: compressed chunks are noise, so rewards mostly "
+                           "reflect which chunks stay tokens; train from an sft checkpoint for real use.")
 
     def eval_policies(self) -> dict[str, Callable[[int], ExpansionPolicy]]:
         """The settings compared at the same p: both learned variants and the baselines, plus
@@ -661,6 +449,14 @@ class PolicyTrainer(Trainer):
             }
         return out
 
+    def export_metrics(self, after: dict[str, Any], final: bool) -> dict[str, Any]:
+        if not final:
+            return {"stage": "policy", "step": self.step, "after": after}
+        metrics = {"stage": "policy", "steps": self.step, "exported_variant": self.cfg.policy_variant, "after": after}
+        if self.prev is not None and self.prev.metrics:
+            metrics["init_checkpoint_metrics"] = self.prev.metrics
+        return metrics
+
     def variant_dir(self, variant: str) -> Path:
         """Where ``variant``'s checkpoint goes: ``output_dir/checkpoint`` for ``cfg.policy_variant``,
         ``output_dir/checkpoint-<variant>`` for the other one (so both can be evaluated)."""
@@ -689,80 +485,9 @@ class PolicyTrainer(Trainer):
             )
         return self.variant_dir(self.cfg.policy_variant)
 
-    def train(self, resume: bool = True) -> dict[str, Any]:
-        """Run (or continue) to ``max_steps``, evaluate, export; returns the metrics (on every rank).
-
-        In a multi-rank run every rank trains; rank 0 alone writes the log, the resume state and the
-        checkpoints and runs the evaluations (the others wait), and the trainer leaves the process
-        group it created when it returns.
-        """
-        from tqdm.auto import tqdm
-
-        cfg = self.cfg
-        main = self.dist.is_main
-        if resume:
-            self.try_resume()
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            if not self.engine.trained:
-                logger.warning("the REFRAG projector is untrained: compressed chunks are noise, so rewards mostly "
-                               "reflect which chunks stay tokens; train from an sft checkpoint for real use.")
-        self._barrier()
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        log = open(self.out / "train_log.jsonl", "a") if main else None
-        stop = False
-        try:
-            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="refrag policy", dynamic_ncols=True,
-                       disable=not main)
-            while self.step < cfg.max_steps and not stop:
-                t0 = time.perf_counter()
-                m = self.train_step()
-                stop = self._any_rank(self._stop)  # every rank takes the same decision
-                m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], sec=time.perf_counter() - t0)
-                if log is not None:
-                    log.write(json.dumps(m) + "\n")
-                    log.flush()
-                bar.set_postfix({f"r_{v}": f"{m[f'reward_{v}']:.3f}" for v in VARIANTS if f"reward_{v}" in m})
-                bar.update(1)
-                if self.step % cfg.save_every == 0 or stop:
-                    self.save_state()
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps and not stop:
-                    if main:
-                        ev = self.evaluate()
-                        log.write(json.dumps({"step": self.step, "eval": ev}) + "\n")
-                        self.save_checkpoint({"stage": "policy", "step": self.step, "after": ev})
-                    self._barrier()
-            bar.close()
-            self.save_state()
-            # A signal that arrived after the last step's agreement still stops every rank alike.
-            stop = self._any_rank(stop or self._stop)
-        finally:
-            if log is not None:
-                log.close()
-            for s, h in old.items():
-                signal.signal(s, h)
-        if stop:
-            logger.warning("stopped at step %d; rerun the same command to resume", self.step)
-            self.close()
-            return {"stopped_at": self.step}
-        metrics: dict[str, Any] | None = None
-        if main:
-            metrics = {"stage": "policy", "steps": self.step, "exported_variant": cfg.policy_variant,
-                       "after": self.evaluate()}
-            if self.prev is not None and self.prev.metrics:
-                metrics["init_checkpoint_metrics"] = self.prev.metrics
-            self.save_checkpoint(metrics)
-        self._barrier()
-        metrics = self._broadcast_object(metrics)
-        self.close()
-        return metrics
-
 
 __all__ = [
+    "Episode",
     "PolicyTrainer",
-    "group_advantages",
-    "ppo_clipped_loss",
-    "sample_sequences",
-    "sequence_log_probs",
+    "Rollout",
 ]

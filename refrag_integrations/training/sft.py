@@ -27,10 +27,10 @@ class SFTTrainer(Trainer):
         return self._data
 
     def answer_ids(self, answer: str) -> list[int]:
-        tok = self.engine.tokenizer
-        ids = tok(answer.strip(), add_special_tokens=False)["input_ids"]
-        eos = tok.eos_token_id
-        return ids + ([eos] if eos is not None else [])
+        """The target: the answer's tokens followed by EOS."""
+        from .data import answer_ids
+
+        return answer_ids(self.engine.tokenizer, answer)
 
     def example_loss(self, question: str, passages: list[str], answer: str, rng: random.Random) -> tuple[torch.Tensor, float]:
         """Answer NLL for one RAG example with random expansion; returns (mean NLL, token acc)."""
