@@ -755,12 +755,17 @@ class RefragEngine:
         with self._lock:
             return self._cache.get(pid)
 
-    def forget_vectors(self, texts: Sequence[str]) -> None:
+    def forget_vectors(self, texts: Sequence[str] | None = None) -> None:
         """Drop the chunk vectors (not the chunking) of ``texts`` from the passage cache, so the
-        next request encodes them at query time (how benchmarks measure the "not cached" cost)."""
+        next request encodes them at query time (how benchmarks measure the "not cached" cost).
+
+        Args:
+            texts: the passages; ``None`` forgets every cached vector (needed after the chunk
+                encoder's weights change, e.g. before an evaluation during training).
+        """
         with self._lock:
-            for t in texts:
-                entry = self._cache.get(passage_id(t))
+            entries = self._cache.values() if texts is None else [self._cache.get(passage_id(t)) for t in texts]
+            for entry in entries:
                 if entry is not None:
                     entry.vectors = None
 

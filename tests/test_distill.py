@@ -190,3 +190,20 @@ def test_distill_resume_reproduces_the_uninterrupted_run_and_keeps_the_file_form
 def test_bad_distill_settings_raise(bad, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(stage="distill", **bad)
+
+
+def test_evaluation_during_training_reads_the_current_encoder_not_cached_vectors(tmp_path, tiny_chat_dirs, data_dir):
+    """The engine caches chunk vectors per passage; an evaluation after the encoder changed must not
+    reuse the vectors an earlier evaluation encoded (it once did: in-run evaluations were stale)."""
+    cfg = make_cfg(tmp_path / "run", tiny_chat_dirs, stage="distill", num_passages=1, batch_size=2, max_chunks=3,
+                   max_steps=2, eval_examples=2, data_dir=str(data_dir), encoder_trainable_layers=1)
+    trainer = DistillTrainer(cfg)
+    first = trainer.evaluate_fresh()
+    with torch.no_grad():
+        for p in trainer.engine.chunk_encoder.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    second = trainer.evaluate_fresh()
+    assert second["kl_p0"] != first["kl_p0"] and second["nll_compressed_p0"] != first["nll_compressed_p0"]
+    assert second["nll_closed_book"] == pytest.approx(first["nll_closed_book"])  # no chunk vectors involved
+    assert trainer.evaluate_fresh()["kl_p0"] == pytest.approx(second["kl_p0"])  # same weights, same result

@@ -148,21 +148,27 @@ def fit_chunk_vectors(
 
 def qa_input(engine: "RefragEngine", question: str, passage: str, vectors: "torch.Tensor") -> "torch.Tensor":
     """The engine's QA prompt for one passage with ``vectors`` (``(L, d)``, decoder input space)
-    at the passage's chunk positions and everything else as tokens. Returns ``(P, d)``."""
+    at the passage's chunk positions and everything else as tokens. Returns ``(P, d)``.
+
+    The prompt is the engine's own (:meth:`RefragEngine.prepare_rag` with every chunk
+    compressed); only its chunk rows are replaced, so chat template, tokenisation and layout are
+    exactly those of generation.
+    """
     import torch
 
-    rag = engine.build_prompt(question, [passage])
-    (a, b), = rag.spans
     chunks = engine.chunk(passage)
     if vectors.shape[0] != len(chunks):
         raise ValueError(f"{vectors.shape[0]} vectors for {len(chunks)} chunks.")
-    embed = engine.decoder.get_input_embeddings()
-    pre = (engine.special_prefix() if rag.add_special_tokens else []) + engine.tokenize(rag.text[:a])
-    post = engine.tokenize(rag.text[b:])
-    dev, dtype = embed.weight.device, embed.weight.dtype
     with torch.no_grad():
-        parts = [embed(torch.tensor(ids, device=dev, dtype=torch.long)) for ids in (pre, post)]
-    return torch.cat([parts[0], vectors.to(dev, dtype), parts[1]], 0)
+        compressed = engine.prepare_rag(question, [passage], "none").embeds  # pre + L + post rows
+        tokens = engine.prepare_rag(question, [passage], "all").embeds  # pre + passage tokens + post rows
+    n = min(compressed.shape[0], tokens.shape[0])
+    differs = (compressed[:n] != tokens[:n]).any(-1).nonzero()
+    pre = int(differs[0]) if len(differs) else n  # the first chunk row
+    post = compressed.shape[0] - pre - len(chunks)
+    if post < 0 or tokens.shape[0] - pre - sum(len(c.token_ids) for c in chunks) != post:
+        raise RuntimeError("could not locate the passage's chunk rows in the engine's prompt.")
+    return torch.cat([compressed[:pre], vectors.to(compressed.device, compressed.dtype), compressed[pre + len(chunks):]], 0)
 
 
 def answer_ids(engine: "RefragEngine", answer: str) -> list[int]:

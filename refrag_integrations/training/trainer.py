@@ -364,9 +364,15 @@ class Trainer:
         if self.fsdp:
             need = self.dist.broadcast_object(need)  # rank 0 decides for all
         if need:
-            before = self.evaluate()
+            before = self.evaluate_fresh()
             if main:
                 (self.out / "metrics_before.json").write_text(json.dumps(before, indent=2))
+
+    def evaluate_fresh(self) -> dict[str, Any]:
+        """:meth:`evaluate` on the current weights: the engine's cached chunk vectors were encoded by
+        an earlier state of the chunk encoder, so they are forgotten first."""
+        self.engine.forget_vectors()
+        return self.evaluate()
 
     def evaluate(self) -> dict[str, Any]:
         """The stage's built-in evaluation (logged, and stored in the exported checkpoint)."""
@@ -554,7 +560,7 @@ class Trainer:
                     self.save_state()
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps and not stop:
                     if evaluates:
-                        ev = self.evaluate()
+                        ev = self.evaluate_fresh()
                         if log is not None:
                             log.write(json.dumps({"step": self.step, "eval": ev}) + "\n")
                         self.save_checkpoint(self.export_metrics(ev, final=False))
@@ -574,7 +580,7 @@ class Trainer:
             return {"stopped_at": self.step}
         metrics = None
         if evaluates:
-            metrics = self.export_metrics(self.evaluate(), final=True)
+            metrics = self.export_metrics(self.evaluate_fresh(), final=True)
             self.save_checkpoint(metrics)
         self.dist.barrier()
         metrics = self.dist.broadcast_object(metrics)
