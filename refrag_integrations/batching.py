@@ -53,9 +53,14 @@ class _Job:
     callback_error: BaseException | None = None  # raised by on_text: the job stops, its caller gets it
 
     @property
+    def alone(self) -> bool:
+        """A sampled job never shares a batch (its draws would depend on the other rows)."""
+        return bool(self.gen.get("do_sample"))
+
+    @property
     def key(self) -> tuple[Any, ...]:
         """Jobs with equal keys may share a batch: greedy, same length limit and stop strings."""
-        if self.gen.get("do_sample"):
+        if self.alone:
             return ("alone", id(self))
         return ("greedy", self.gen.get("max_new_tokens"), tuple(self.gen.get("stop") or ()))
 
@@ -157,7 +162,7 @@ class MicroBatcher:
             first = self._pending[0]
             same = [j for j in self._pending if j.key == first.key]
             remaining = first.arrived + self.window_s - time.monotonic()
-            if len(same) >= self.max_batch_size or remaining <= 0:
+            if first.alone or len(same) >= self.max_batch_size or remaining <= 0:
                 break
             self._cond.wait(remaining)
         batch = same[: self.max_batch_size]

@@ -1556,14 +1556,23 @@ class RefragEngine:
             temperature=temperature, top_p=top_p, stop=stop, seed=seed,
         )
 
-    def stream_prepared(self, prepared: PreparedInput, *, t_start: float | None = None, **gen: Any) -> TokenStream:
-        """Stream the generation of one prepared input (see :meth:`stream`)."""
+    def stream_prepared(
+        self,
+        prepared: PreparedInput,
+        *,
+        t_start: float | None = None,
+        cancel: threading.Event | None = None,
+        **gen: Any,
+    ) -> TokenStream:
+        """Stream the generation of one prepared input (see :meth:`stream`). Closing the stream
+        stops the decoding; so does setting ``cancel``, which any thread may do (e.g. an event
+        loop whose task was cancelled while a worker thread waits for the next piece)."""
         import queue
 
         q: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         t0 = t_start or time.perf_counter()
         self.check_context_window([prepared], gen.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))  # fail now, not mid-iteration
-        cancel = threading.Event()
+        cancel = threading.Event() if cancel is None else cancel
 
         def work() -> None:
             try:
