@@ -16,6 +16,11 @@ What is grouped, and why the answers do not change:
 * A request whose consumer went away (its ``cancel`` event is set, e.g. an abandoned stream)
   stops within one decoder step; the other rows of its batch carry on.
 
+Limits: a batch returns when its longest answer ends (a short answer waits for the longest of
+its batch); rows are not added to a batch that is already decoding (the next batch takes them);
+an error of the whole batch (e.g. out of memory) reaches every caller in it. A request too long
+for the decoder's window is refused in its caller's thread before it joins a batch.
+
 There is no background thread: the first waiting caller leads, collects what arrived within the
 window (at most ``max_batch_size`` rows), runs the batch and hands every caller its result; the
 next waiting caller leads the next batch. Requests that queued while a batch was decoding start
@@ -82,7 +87,7 @@ class MicroBatcher:
 
     Example:
         >>> engine.batcher.window_s, engine.batcher.max_batch_size          # doctest: +SKIP
-        (0.005, 16)
+        (0.002, 16)
     """
 
     def __init__(

@@ -90,8 +90,9 @@ class GenerationStats:
         cached_chunks: chunk vectors that were precomputed (store or cache), not encoded now.
         encode_s: seconds spent encoding chunks at query time ("not cached" cost).
         ttft_s: seconds from the request to the first generated token (assembly, any query-time
-            encoding, prefill, first-token selection; never model loading).
-        total_s: seconds for the whole request.
+            encoding, waiting for the batch (the batching window, or a batch decoding before it),
+            prefill, first-token selection; never model loading).
+        total_s: seconds for the whole request (in a batch: until the batch ends).
         new_tokens: generated tokens.
         trained: whether the chunk projector was trained (False = compressed chunks are noise).
     """
