@@ -187,3 +187,27 @@ async def test_langchain_chat_abatch_shares_a_batch(engine):
     assert calls.prefills == [len(prompts)]
     assert all(m.usage_metadata["output_tokens"] == MAX_NEW or m.response_metadata["finish_reason"] == "stop"
                for m in together)
+
+
+# --------------------------------------------------------------------------- LlamaIndex
+
+
+async def test_llama_index_concurrent_acomplete_share_a_batch(engine):
+    """What an async synthesizer (use_async=True) does: concurrent acomplete calls."""
+    pytest.importorskip("llama_index.core")
+    import asyncio
+
+    from refrag_integrations.llama_index import RefragLLM
+
+    llm = RefragLLM(engine=engine, max_new_tokens=MAX_NEW)
+    prompts = [f"{p}\nQuestion: {q}\nAnswer:" for p, q in zip(PASSAGES, QUESTIONS)]
+    engine.batcher.window_s = 0.0
+    alone = [(await llm.acomplete(p, formatted=True)).text for p in prompts]
+    calls = DecoderCalls(engine)
+    engine.batcher.window_s, engine.batcher.max_batch_size = 60.0, len(prompts)
+    together = await asyncio.gather(*(llm.acomplete(p, formatted=True) for p in prompts))
+    assert [r.text for r in together] == alone
+    assert calls.prefills == [len(prompts)]
+    assert [r.additional_kwargs["refrag_stats"]["positions"] for r in together] == [
+        len(engine.tokenize(p, add_special_tokens=True)) for p in prompts
+    ]
