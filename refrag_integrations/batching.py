@@ -32,7 +32,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from .config import DEFAULT_BATCH_WINDOW_S, DEFAULT_MAX_BATCH_SIZE
 

@@ -36,9 +36,18 @@ MAX_NEW = 8
 
 @pytest.fixture()
 def engine(tiny_dirs):
-    """A private engine: these tests wrap its decoder and change its batcher."""
+    """A private engine: these tests wrap its decoder and change its batcher. Its random decoder's
+    weights are scaled up: at their initial scale every prompt gets the same answer, which could
+    not reveal one request receiving another's tokens."""
+    import torch
+
     dec, enc = tiny_dirs
-    return RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu")
+    engine = RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu")
+    with torch.no_grad():
+        for name, param in engine.decoder.named_parameters():
+            if "norm" not in name:
+                param.mul_(16.0)
+    return engine
 
 
 def _policy(engine, passages, policy):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Generator, Iterator, List, Optional, Sequence
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -430,15 +430,13 @@ def _last_user(messages: Sequence[ChatMessage]) -> str:
     return ""
 
 
-def _closing_map(items: Iterator[tuple], make: Any) -> Iterator[Any]:
+def _closing_map(items: Generator[tuple, None, None], make: Any) -> Iterator[Any]:
     """``make(*item)`` for each item; closing this iterator closes ``items`` (stops the decoding)."""
     try:
         for item in items:
             yield make(*item)
     finally:
-        close = getattr(items, "close", None)
-        if close is not None:
-            close()
+        items.close()
 
 
 async def _in_thread(items: Iterator[Any], cancel: threading.Event):
