@@ -21,10 +21,11 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Generator, Iterator, Sequence, Union
 
 import torch
 
+from .batching import MicroBatcher
 from .chunking import Chunk, chunk_passage, passage_id, special_prefix_ids
 from .checkpoint import (
     Checkpoint,
@@ -35,9 +36,11 @@ from .checkpoint import (
     load_checkpoint,
 )
 from .config import (
+    DEFAULT_BATCH_WINDOW_S,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_DECODER,
     DEFAULT_ENCODER,
+    DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PASSAGE_CACHE_SIZE,
     RAG_SYSTEM_PROMPT,
@@ -77,7 +80,8 @@ Budget = Union[ExpansionBudget, float, int, None]
 def _locked(method: Callable) -> Callable:
     """Run an engine method under the engine's RLock: fast tokenizers carry mutable state
     (``split_special_tokens`` toggles the backend), so tokenising and encoding from several
-    threads at once (LangChain ``batch``/``abatch``) must be serialised like decoding is."""
+    threads at once (LangChain ``batch``/``abatch``) must be serialised. Decoding takes this lock
+    only to turn token ids into text, so requests are prepared while a batch decodes."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -103,8 +107,9 @@ class GenerationStats:
         cached_chunks: chunk vectors that were precomputed (store or cache), not encoded now.
         encode_s: seconds spent encoding chunks at query time ("not cached" cost).
         ttft_s: seconds from the request to the first generated token (assembly, any query-time
-            encoding, prefill, first-token selection; never model loading).
-        total_s: seconds for the whole request.
+            encoding, waiting for the batch (the batching window, or a batch decoding before it),
+            prefill, first-token selection; never model loading).
+        total_s: seconds for the whole request (in a batch: until the batch ends).
         new_tokens: generated tokens.
         trained: whether the chunk projector was trained (False = compressed chunks are noise).
     """
@@ -141,7 +146,13 @@ class GenerationStats:
 
 @dataclass
 class GenerationResult:
-    """The generated text, its token ids, why it stopped (``"stop"`` or ``"length"``) and stats."""
+    """The generated text, its token ids, why it stopped and stats.
+
+    ``finish_reason`` is ``"stop"`` (EOS or a stop string), ``"length"`` (``max_new_tokens``) or
+    ``"cancelled"`` (the consumer closed the stream). The text never ends in half a character:
+    an incomplete UTF-8 sequence at the end (cut by ``max_new_tokens``) is left out of ``text``
+    (its ids stay in ``token_ids``), so a stream's pieces always join to ``text``.
+    """
 
     text: str
     token_ids: list[int]
@@ -448,14 +459,42 @@ def check_finite(vectors: torch.Tensor, what: str) -> torch.Tensor:
 
 
 class TokenStream:
-    """Iterator over generated text pieces; ``result`` holds the full result once exhausted."""
+    """Iterator over generated text pieces; ``result`` holds the full result once exhausted.
 
-    def __init__(self, pieces: Iterator[str]) -> None:
+    Pieces never split a character (an incomplete UTF-8 sequence is held back until it is
+    complete), so they join to ``result.text``. Closing the stream early (``close()``, leaving a
+    ``with`` block, ``break`` in a ``yield from``, or dropping the last reference) stops the
+    decoding within one decoder step, so an abandoned stream does not hold the engine.
+
+    Example:
+        >>> with engine.stream("Who wrote Hamlet?", passages) as stream:      # doctest: +SKIP
+        ...     first = next(stream)                                        # decoding stops here
+    """
+
+    def __init__(self, pieces: Generator[str, None, "GenerationResult"]) -> None:
         self._pieces = pieces
         self.result: GenerationResult | None = None
 
-    def __iter__(self) -> Iterator[str]:
-        return self._pieces
+    def __iter__(self) -> "TokenStream":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except StopIteration as end:
+            if end.value is not None:
+                self.result = end.value
+            raise
+
+    def close(self) -> None:
+        """Stop decoding (if it has not finished) and release the engine."""
+        self._pieces.close()
+
+    def __enter__(self) -> "TokenStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------- engine
@@ -478,6 +517,9 @@ class RefragEngine:
         cache_size: passages kept in the process-local chunk-vector cache.
         expand_fraction: the default expand fraction p for a selective policy.
         max_expanded: the default cap on expanded chunks per request.
+        batch_window_s: how long a request waits for concurrent ones to share its batch
+            (see :mod:`refrag_integrations.batching`; also ``engine.batcher.window_s``).
+        max_batch_size: at most this many concurrent requests in one batch (1 = one at a time).
 
     Example:
         >>> engine = RefragEngine.from_pretrained()                     # doctest: +SKIP
@@ -500,6 +542,8 @@ class RefragEngine:
         *,
         expand_fraction: float | None = None,
         max_expanded: int | None = None,
+        batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     ) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
@@ -522,7 +566,10 @@ class RefragEngine:
         self.autocast_dtype = autocast_dtype
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[str, CachedPassage] = OrderedDict()
-        self._lock = threading.RLock()  # the cache and the model are shared across threads
+        self._lock = threading.RLock()  # the cache and the tokenizer are shared across threads
+        self._decode_lock = threading.Lock()  # one batch decodes at a time
+        # Concurrent single requests (generate, stream, the adapters) are decoded together.
+        self.batcher = MicroBatcher(self._run, window_s=batch_window_s, max_batch_size=max_batch_size)
         # Optional source of precomputed chunk vectors (e.g. the Chroma ChunkStore):
         # called with a list of passage ids, returns {passage_id: Tensor(L, d_enc)} for the hits.
         self.vector_source: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
@@ -1448,23 +1495,27 @@ class RefragEngine:
         top_p: float,
         stop: Sequence[str] | None,
         seed: int | None,
-        t_start: float,
+        t_start: float | Sequence[float],
         on_text: Callable[[int, str], None] | None = None,
+        cancel: Callable[[int], bool] | None = None,
     ) -> list[GenerationResult]:
+        """Decode a batch; ``t_start`` per row (or one for all), ``cancel(row)`` stops a row."""
         stop = [s for s in (stop or []) if s]
         eos = self._eos_ids()
         B = len(prepared)
+        starts = [float(t_start)] * B if isinstance(t_start, (int, float)) else [float(t) for t in t_start]
         ids: list[list[int]] = [[] for _ in range(B)]
         texts = [""] * B
         emitted = [0] * B
         done = [False] * B
+        cut = [False] * B  # ended by a stop string
         reasons = ["length"] * B
-        ttft = 0.0
-        with self._lock, torch.no_grad():
+        ttft = 0.0  # since min(starts)
+        with self._decode_lock, torch.no_grad():
             for step, (nxt, t) in enumerate(
                 self.decode_steps(
                     prepared, max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                    seed=seed, t_start=t_start,
+                    seed=seed, t_start=min(starts),
                 )
             ):
                 if t is not None:
@@ -1476,23 +1527,31 @@ class RefragEngine:
                         done[b], reasons[b] = True, "stop"
                         continue
                     ids[b].append(tok)
-                    texts[b] = self.tokenizer.decode(ids[b], skip_special_tokens=True)
+                    with self._lock:  # the tokenizer is shared with requests being prepared meanwhile
+                        texts[b] = self.tokenizer.decode(ids[b], skip_special_tokens=True)
                     hit = min((texts[b].find(s) for s in stop if s in texts[b]), default=-1)
                     if hit >= 0:
                         texts[b] = texts[b][:hit]
-                        done[b], reasons[b] = True, "stop"
+                        done[b], reasons[b], cut[b] = True, "stop", True
                     safe = len(texts[b]) if done[b] else self._hold_back(texts[b], stop)
                     if on_text is not None and safe > emitted[b]:
                         on_text(b, texts[b][emitted[b] : safe])
                         emitted[b] = safe
+                if cancel is not None:  # checked before the next step: a closed stream costs no more forwards
+                    for b in range(B):
+                        if not done[b] and cancel(b):
+                            done[b], reasons[b] = True, "cancelled"
                 if all(done):
                     break
-        total = time.perf_counter() - t_start
+        end = time.perf_counter()
         results = []
         for b, p in enumerate(prepared):
+            if not cut[b] and texts[b].endswith("\ufffd"):
+                texts[b] = texts[b][:-1]  # half a character at the end (cut by max_new_tokens): never shown
             stats = p.stats
-            stats.ttft_s, stats.total_s, stats.new_tokens = ttft, total, len(ids[b])
-            if on_text is not None and len(texts[b]) > emitted[b]:
+            stats.ttft_s = ttft + min(starts) - starts[b]
+            stats.total_s, stats.new_tokens = end - starts[b], len(ids[b])
+            if on_text is not None and reasons[b] != "cancelled" and len(texts[b]) > emitted[b]:
                 on_text(b, texts[b][emitted[b] :])
             results.append(GenerationResult(texts[b], ids[b], reasons[b], stats))
         return results
@@ -1540,20 +1599,49 @@ class RefragEngine:
         check_sampling(temperature, top_p)
         policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
         prepared = self._prepare_rag(question, passages, policy, budget, system_prompt=system_prompt)
-        return self._run(
-            [prepared], max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-            top_p=top_p, stop=stop, seed=seed, t_start=t0,
+        return self.generate_prepared(
+            [prepared], t_start=t0, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_p=top_p, stop=stop, seed=seed,
         )[0]
 
     def generate_prepared(
-        self, prepared: Sequence[PreparedInput], *, t_start: float | None = None, **gen: Any
+        self,
+        prepared: Sequence[PreparedInput],
+        *,
+        t_start: float | None = None,
+        on_text: Callable[[int, str], None] | None = None,
+        cancel: threading.Event | None = None,
+        **gen: Any,
     ) -> list[GenerationResult]:
-        """Generate for already prepared inputs as one left-padded batch."""
+        """Generate for already prepared inputs as one left-padded batch.
+
+        A single input goes through :attr:`batcher`, so concurrent callers (threads) share one
+        batched prefill and decode (see :mod:`refrag_integrations.batching`); several inputs run
+        as their own batch, as given.
+
+        Args:
+            prepared: the prepared inputs (:meth:`prepare_rag`, :meth:`prepare_prompt`).
+            t_start: when the request started (``time.perf_counter()``), for TTFT; default: now.
+            on_text: called as ``on_text(row, piece)`` with each new piece of text, possibly
+                from another thread; keep it quick and never generate from inside it.
+            cancel: set it (from any thread) to stop decoding within one decoder step; the
+                result then has ``finish_reason == "cancelled"``.
+            **gen: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``stop``, ``seed``.
+        """
+        prepared = list(prepared)
+        if not prepared:
+            raise ValueError("prepared is empty: give at least one prepared input.")
         gen.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         for key, default in (("do_sample", False), ("temperature", 1.0), ("top_p", 1.0), ("stop", None), ("seed", None)):
             gen.setdefault(key, default)
         check_sampling(gen["temperature"], gen["top_p"])
-        return self._run(list(prepared), t_start=t_start or time.perf_counter(), **gen)
+        t0 = t_start or time.perf_counter()
+        if len(prepared) == 1:
+            self.check_context_window(prepared, gen["max_new_tokens"])  # refused alone, never fails a batch
+            piece = None if on_text is None else (lambda text: on_text(0, text))
+            return [self.batcher.submit(prepared[0], t_start=t0, on_text=piece, cancel=cancel, **gen)]
+        stopped = None if cancel is None else (lambda row: cancel.is_set())
+        return self._run(prepared, t_start=t0, on_text=on_text, cancel=stopped, **gen)
 
     def generate_batch(self, requests: Sequence[dict[str, Any]], **gen: Any) -> list[GenerationResult]:
         """Several requests as one left-padded batch. Each request is a dict with ``question``,
@@ -1621,34 +1709,48 @@ class RefragEngine:
             temperature=temperature, top_p=top_p, stop=stop, seed=seed,
         )
 
-    def stream_prepared(self, prepared: PreparedInput, *, t_start: float | None = None, **gen: Any) -> TokenStream:
-        """Stream the generation of one prepared input (see :meth:`stream`)."""
+    def stream_prepared(
+        self,
+        prepared: PreparedInput,
+        *,
+        t_start: float | None = None,
+        cancel: threading.Event | None = None,
+        **gen: Any,
+    ) -> TokenStream:
+        """Stream the generation of one prepared input (see :meth:`stream`). Closing the stream
+        stops the decoding; so does setting ``cancel``, which any thread may do (e.g. an event
+        loop whose task was cancelled while a worker thread waits for the next piece)."""
         import queue
 
         q: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         t0 = t_start or time.perf_counter()
         check_sampling(gen.get("temperature", 1.0), gen.get("top_p", 1.0))
         self.check_context_window([prepared], gen.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))  # fail now, not mid-iteration
+        cancel = threading.Event() if cancel is None else cancel
 
         def work() -> None:
             try:
-                res = self.generate_prepared([prepared], t_start=t0, on_text=lambda b, s: q.put(("text", s)), **gen)
+                res = self.generate_prepared(
+                    [prepared], t_start=t0, on_text=lambda b, s: q.put(("text", s)), cancel=cancel, **gen
+                )
                 q.put(("done", res[0]))
             except BaseException as err:  # handed to the consumer, never lost
                 q.put(("error", err))
 
-        def pieces() -> Iterator[str]:
-            thread = threading.Thread(target=work, daemon=True)
-            thread.start()
-            while True:
-                kind, value = q.get()
-                if kind == "text":
-                    yield value
-                elif kind == "done":
-                    stream.result = value
-                    return
-                else:
-                    raise value
+        def pieces() -> Generator[str, None, GenerationResult]:
+            threading.Thread(target=work, daemon=True).start()
+            try:
+                while True:
+                    kind, value = q.get()
+                    if kind == "text":
+                        yield value
+                    elif kind == "done":
+                        return value
+                    else:
+                        raise value
+            finally:  # the consumer closed or dropped the stream (or it ended): stop decoding
+                cancel.set()
 
-        stream = TokenStream(pieces())  # pieces() runs only when iterated, after this line
-        return stream
+        # pieces() runs only when iterated; it holds no reference to the stream, so dropping the
+        # stream finalises it at once (reference counting) and its finally block cancels.
+        return TokenStream(pieces())

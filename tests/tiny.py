@@ -114,3 +114,46 @@ def make_pdf(lines: list[str]) -> bytes:
     out += "".join(f"{o:010d} 00000 n \n" for o in offsets).encode()
     out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
     return out
+
+
+class DecoderCalls:
+    """Counts an engine's decoder forwards (wraps ``engine.decoder_forward`` on the instance).
+
+    Records each call's batch size (``sizes``; ``prefills`` for the calls that read
+    ``inputs_embeds``). With ``force``, every call's next token is that token id (text whose
+    pieces the test knows); with ``script``, the next token after the i-th decoder step of a request
+    (0 = its prefill) is ``script[i]``. With
+    ``pause_after=n``, call n and later wait until ``resume`` is set (so a test can act between
+    two decoder steps without timing anything).
+    """
+
+    def __init__(self, engine, force: int | None = None, script=None, pause_after: int | None = None) -> None:
+        import threading
+
+        self.sizes: list[int] = []
+        self.prefills: list[int] = []
+        self.force, self.script, self.pause_after = force, script, pause_after
+        self.resume = threading.Event()
+        self._lock = threading.Lock()
+        self._step = 0  # decoder steps since the last prefill
+        self._original = engine.decoder_forward
+        engine.decoder_forward = self
+
+    def __call__(self, cache=None, **inputs):
+        x = inputs["inputs_embeds"] if "inputs_embeds" in inputs else inputs["input_ids"]
+        with self._lock:
+            n = len(self.sizes)
+            self.sizes.append(int(x.shape[0]))
+            if "inputs_embeds" in inputs:
+                self.prefills.append(int(x.shape[0]))
+                self._step = 0
+            step = self._step
+            self._step += 1
+        if self.pause_after is not None and n >= self.pause_after:
+            self.resume.wait(60)
+        out = self._original(cache, **inputs)
+        tok = self.force if self.script is None else self.script[min(step, len(self.script) - 1)]
+        if tok is not None:
+            out.logits[:, -1, :] = -1e4
+            out.logits[:, -1, tok] = 1e4
+        return out

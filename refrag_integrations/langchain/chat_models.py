@@ -17,6 +17,7 @@ trained).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any, AsyncIterator, Iterator, Sequence
 
@@ -265,6 +266,18 @@ class RefragGenerationFields(RefragEngineFields):
         prepared = self._prepare(engine, inputs, options)
         return engine.generate_prepared([prepared], t_start=t0, **options["gen"])[0]
 
+    def _run_many(self, inputs: Sequence[Any], stop: list[str] | None, kwargs: dict[str, Any]) -> list[GenerationResult]:
+        """Several inputs with the same options: greedy ones as one left-padded batch (one
+        prefill, one batched decode); sampled ones one by one, so a seeded sample never depends
+        on the other inputs of its batch."""
+        options = self._options(stop, kwargs)
+        if len(inputs) < 2 or options["gen"]["do_sample"]:
+            return [self._run(x, stop, dict(kwargs)) for x in inputs]
+        engine = self.get_engine()
+        t0 = time.perf_counter()
+        prepared = [self._prepare(engine, x, options) for x in inputs]
+        return engine.generate_prepared(prepared, t_start=t0, **options["gen"])
+
     def _run_stream(self, inputs: Any, stop: list[str] | None, kwargs: dict[str, Any]) -> Iterator[str | GenerationResult]:
         """Yields text pieces, then the :class:`GenerationResult`."""
         options = self._options(stop, kwargs)
@@ -279,10 +292,12 @@ class RefragGenerationFields(RefragEngineFields):
         self, inputs: Any, stop: list[str] | None, kwargs: dict[str, Any]
     ) -> AsyncIterator[str | GenerationResult]:
         """Async twin of :meth:`_run_stream`: loading, assembly and decoding run in a worker
-        thread; text pieces reach the event loop through a queue, so the loop never blocks."""
+        thread; text pieces reach the event loop through a queue, so the loop never blocks. If the
+        consumer stops early (closes the generator, or its task is cancelled), decoding stops."""
         options = self._options(stop, kwargs)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        cancel = threading.Event()
 
         def on_text(_: int, piece: str) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
@@ -291,7 +306,7 @@ class RefragGenerationFields(RefragEngineFields):
             engine = self.get_engine()
             t0 = time.perf_counter()
             prepared = self._prepare(engine, inputs, options)
-            return engine.generate_prepared([prepared], t_start=t0, on_text=on_text, **options["gen"])[0]
+            return engine.generate_prepared([prepared], t_start=t0, on_text=on_text, cancel=cancel, **options["gen"])[0]
 
         task = asyncio.ensure_future(run_in_executor(None, work))
         # Runs on the loop after every piece the worker queued before finishing.
@@ -300,7 +315,8 @@ class RefragGenerationFields(RefragEngineFields):
             while (piece := await pieces.get()) is not None:
                 yield piece
         finally:
-            if not task.done():  # the consumer stopped early: let the worker finish quietly
+            if not task.done():  # the consumer stopped early: stop decoding, let the worker end quietly
+                cancel.set()
                 task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
         yield await task
 
@@ -495,10 +511,11 @@ class RefragLLM(RefragGenerationFields, LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        generations = []
-        for prompt in prompts:
-            result = self._run(prompt, stop, dict(kwargs))
-            generations.append([Generation(text=result.text, generation_info=self._info(result))])
+        # LangChain's batch()/abatch() of an LLM arrive here with all prompts at once.
+        generations = [
+            [Generation(text=result.text, generation_info=self._info(result))]
+            for result in self._run_many(prompts, stop, kwargs)
+        ]
         return LLMResult(generations=generations, llm_output={"model_name": self.resolved_model_name})
 
     async def _agenerate(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Generator, Iterator, List, Optional, Sequence
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -336,21 +336,24 @@ class RefragLLM(CustomLLM):
         return result, self._record(result.stats, sink)
 
     def _stream(
-        self, rendered: RenderedPrompt, query: str, overrides: dict
+        self, rendered: RenderedPrompt, query: str, overrides: dict, cancel: threading.Event | None = None
     ) -> Iterator[tuple[str, str, dict | None]]:
         """Yields ``(delta, text so far, None)`` per piece, then ``("", text, stats)`` once. The
-        request's decisions and stats sink are taken now; the work starts on the first ``next``."""
+        request's decisions and stats sink are taken now; the work starts on the first ``next``.
+        Closing the iterator, or setting ``cancel`` (from any thread), stops the decoding."""
         decisions, sink = current_decisions(), stats_sink()
         gen = self._gen_kwargs(overrides)
 
         def pieces() -> Iterator[tuple[str, str, dict | None]]:
             t0 = time.perf_counter()
             prepared = self._prepare(rendered, query, decisions)
-            stream = self.engine.stream_prepared(prepared, t_start=t0, **gen)
-            text = ""
-            for piece in stream:
-                text += piece
-                yield piece, text, None
+            with self.engine.stream_prepared(prepared, t_start=t0, cancel=cancel, **gen) as stream:
+                text = ""
+                for piece in stream:
+                    text += piece
+                    yield piece, text, None
+            if stream.result is None or stream.result.finish_reason == "cancelled":  # the consumer left
+                return
             yield "", text, self._record(stream.result.stats, sink)
 
         return pieces()
@@ -359,12 +362,15 @@ class RefragLLM(CustomLLM):
         result, stats = self._generate(self._render_completion(prompt, formatted), prompt, overrides)
         return CompletionResponse(text=result.text, additional_kwargs={STATS_KEY: stats})
 
-    def _complete_stream(self, prompt: str, formatted: bool, overrides: dict) -> Iterator[CompletionResponse]:
-        # takes the request's context now
-        items = self._stream(self._render_completion(prompt, formatted), prompt, overrides)
-        return (
-            CompletionResponse(text=so_far, delta=delta, additional_kwargs={STATS_KEY: stats} if stats else {})
-            for delta, so_far, stats in items
+    def _complete_stream(
+        self, prompt: str, formatted: bool, overrides: dict, cancel: threading.Event | None = None
+    ) -> Iterator[CompletionResponse]:
+        items = self._stream(self._render_completion(prompt, formatted), prompt, overrides, cancel)  # takes the request's context now
+        return _closing_map(
+            items,
+            lambda delta, so_far, stats: CompletionResponse(
+                text=so_far, delta=delta, additional_kwargs={STATS_KEY: stats} if stats else {}
+            ),
         )
 
     def _chat_response(self, messages: Sequence[ChatMessage], overrides: dict) -> ChatResponse:
@@ -373,15 +379,17 @@ class RefragLLM(CustomLLM):
             message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), additional_kwargs={STATS_KEY: stats}
         )
 
-    def _chat_stream(self, messages: Sequence[ChatMessage], overrides: dict) -> Iterator[ChatResponse]:
-        items = self._stream(self._render_chat(messages), _last_user(messages), overrides)
-        return (
-            ChatResponse(
+    def _chat_stream(
+        self, messages: Sequence[ChatMessage], overrides: dict, cancel: threading.Event | None = None
+    ) -> Iterator[ChatResponse]:
+        items = self._stream(self._render_chat(messages), _last_user(messages), overrides, cancel)
+        return _closing_map(
+            items,
+            lambda delta, so_far, stats: ChatResponse(
                 message=ChatMessage(role=MessageRole.ASSISTANT, content=so_far),
                 delta=delta,
                 additional_kwargs={STATS_KEY: stats} if stats else {},
-            )
-            for delta, so_far, stats in items
+            ),
         )
 
     # ------------------------------------------------------------------ LlamaIndex API
@@ -414,7 +422,8 @@ class RefragLLM(CustomLLM):
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        return _in_thread(self._complete_stream(prompt, formatted, kwargs))
+        cancel = threading.Event()
+        return _in_thread(self._complete_stream(prompt, formatted, kwargs, cancel), cancel)
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -422,7 +431,8 @@ class RefragLLM(CustomLLM):
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        return _in_thread(self._chat_stream(messages, kwargs))
+        cancel = threading.Event()
+        return _in_thread(self._chat_stream(messages, kwargs, cancel), cancel)
 
 
 def _last_user(messages: Sequence[ChatMessage]) -> str:
@@ -433,11 +443,42 @@ def _last_user(messages: Sequence[ChatMessage]) -> str:
     return ""
 
 
-async def _in_thread(items: Iterator[Any]):
-    """Drive a blocking iterator from a worker thread, one item at a time."""
+def _closing_map(items: Generator[tuple, None, None], make: Any) -> Iterator[Any]:
+    """``make(*item)`` for each item; closing this iterator closes ``items`` (stops the decoding)."""
+    try:
+        for item in items:
+            yield make(*item)
+    finally:
+        items.close()
+
+
+async def _in_thread(items: Iterator[Any], cancel: threading.Event):
+    """Drive a blocking iterator from a worker thread, one item at a time.
+
+    If the consumer stops early (closes this async generator, or its task is cancelled while a
+    worker thread waits for the next item), ``cancel`` stops the decoding at once, and ``items``
+    is closed as soon as no thread runs it any more.
+    """
     end = object()
-    while True:
-        item = await asyncio.to_thread(next, items, end)
-        if item is end:
-            return
-        yield item
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            pending = asyncio.ensure_future(asyncio.to_thread(next, items, end))
+            item = await asyncio.shield(pending)  # a cancelled consumer never interrupts next() mid-way
+            pending = None
+            if item is end:
+                return
+            yield item
+    finally:
+        cancel.set()
+        if pending is None:
+            items.close()
+        else:
+            pending.add_done_callback(lambda done: _close_after(done, items))
+
+
+def _close_after(done: asyncio.Future, items: Iterator[Any]) -> None:
+    """Close ``items`` once the worker's ``next`` returned; its outcome is no longer wanted."""
+    if not done.cancelled():
+        done.exception()  # retrieved, so asyncio does not log it as lost
+    items.close()

@@ -1,0 +1,222 @@
+"""Micro-batching of concurrent requests (issue 17 item 4) on the tiny random models.
+
+Concurrent single requests share one left-padded prefill and a batched decode, and every answer
+equals the one the same request gets alone; per-request stats stay per request; sampled requests
+are never grouped; LangChain ``batch`` / ``abatch`` go through one batched call.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from refrag_integrations import RefragEngine
+from refrag_integrations.batching import MicroBatcher
+from tiny import DecoderCalls
+
+# Real sentences (WikiText-2, CC BY-SA 3.0).
+PASSAGES = [
+    "Robert Boulter is an English film, television and theatre actor.",
+    "He had a guest starring role on the television series The Bill in 2000.",
+    "This was followed by a starring role in the play Herons written by Simon Stephens.",
+    "Gustave Eiffel designed the tower in Paris, France.",
+]
+QUESTIONS = ["Who designed the tower?", "Which play did Simon Stephens write?", "When was Boulter in The Bill?",
+             "Who is Robert Boulter?"]
+POLICIES = ["none", "all", [[True, False] + [False] * 20], "relevance"]
+# 16 different requests: questions x passage subsets x policies (rows of different lengths).
+REQUESTS = [
+    (QUESTIONS[i % 4], PASSAGES[: 1 + (i // 4)] if i % 3 else PASSAGES[i % 4 :], POLICIES[(i // 4) % 4])
+    for i in range(16)
+]
+MAX_NEW = 8
+
+
+@pytest.fixture()
+def engine(tiny_dirs):
+    """A private engine: these tests wrap its decoder and change its batcher. Its random decoder's
+    weights are scaled up: at their initial scale every prompt gets the same answer, which could
+    not reveal one request receiving another's tokens."""
+    import torch
+
+    dec, enc = tiny_dirs
+    engine = RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu")
+    with torch.no_grad():
+        for name, param in engine.decoder.named_parameters():
+            if "norm" not in name:
+                param.mul_(16.0)
+    return engine
+
+
+def _policy(engine, passages, policy):
+    """Explicit decisions sized to the passages (the table above gives a pattern)."""
+    if isinstance(policy, list):
+        return [[i == 0 for i in range(len(engine.chunk(p)))] for p in passages]
+    return policy
+
+
+def _stats(result):
+    s = result.stats
+    return (s.positions, s.prompt_tokens, s.chunks, s.chunks_expanded, s.expanded, s.new_tokens)
+
+
+def test_sixteen_threads_share_one_batch_and_match_one_at_a_time(engine):
+    engine.batcher.window_s = 0.0  # one at a time: nothing else is waiting
+    alone = [
+        engine.generate(q, p, policy=_policy(engine, p, pol), max_new_tokens=MAX_NEW) for q, p, pol in REQUESTS
+    ]
+    calls = DecoderCalls(engine)
+    # A long window and a batch size of exactly 16: the batch starts once all 16 arrived.
+    engine.batcher.window_s, engine.batcher.max_batch_size = 60.0, len(REQUESTS)
+    start = threading.Barrier(len(REQUESTS))
+
+    def ask(i: int):
+        q, p, pol = REQUESTS[i]
+        start.wait()
+        return engine.generate(q, p, policy=_policy(engine, p, pol), max_new_tokens=MAX_NEW)
+
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:
+        together = list(pool.map(ask, range(len(REQUESTS))))
+    assert calls.prefills == [len(REQUESTS)]  # one left-padded prefill for all 16
+    assert len(calls.sizes) <= MAX_NEW  # and one batched decode, not 16
+    assert len({r.stats.positions for r in alone}) > 3  # rows of different lengths: really padded
+    assert len({tuple(r.token_ids) for r in alone}) > 3  # different answers, each compared below
+    for i, (a, t) in enumerate(zip(alone, together)):
+        assert t.token_ids == a.token_ids and t.text == a.text, f"request {i} differs when batched"
+        assert t.finish_reason == a.finish_reason
+        assert _stats(t) == _stats(a), f"request {i}: stats of another request"
+        assert 0 < t.stats.ttft_s <= t.stats.total_s
+
+
+def test_sampled_requests_run_alone_and_keep_their_samples(engine):
+    engine.batcher.window_s = 0.0
+    greedy = [(q, PASSAGES[:2], {}) for q in QUESTIONS]
+    sampled = [(QUESTIONS[0], PASSAGES[:1], {"do_sample": True, "temperature": 1.0, "seed": s}) for s in (1, 2)]
+    requests = greedy + sampled
+    alone = [engine.generate(q, p, policy="none", max_new_tokens=MAX_NEW, **g).token_ids for q, p, g in requests]
+    calls = DecoderCalls(engine)
+    engine.batcher.window_s, engine.batcher.max_batch_size = 60.0, len(greedy)
+    start = threading.Barrier(len(requests))
+
+    def ask(i: int):
+        q, p, g = requests[i]
+        start.wait()
+        return engine.generate(q, p, policy="none", max_new_tokens=MAX_NEW, **g).token_ids
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(ask, range(len(requests))))
+    assert together == alone
+    assert sorted(calls.prefills) == [1, 1, len(greedy)]
+
+
+def test_different_settings_are_not_mixed(engine):
+    """Requests with another max_new_tokens or stop strings get their own batch, and their answers."""
+    engine.batcher.window_s = 0.0
+    settings = [{"max_new_tokens": 4}, {"max_new_tokens": 4}, {"max_new_tokens": 6}, {"max_new_tokens": 4, "stop": ["e"]}]
+    alone = [engine.generate(QUESTIONS[0], PASSAGES[:2], policy="none", **g) for g in settings]
+    calls = DecoderCalls(engine)
+    engine.batcher.window_s, engine.batcher.max_batch_size = 0.5, len(settings)
+    start = threading.Barrier(len(settings))
+
+    def ask(i: int):
+        start.wait()
+        return engine.generate(QUESTIONS[0], PASSAGES[:2], policy="none", **settings[i])
+
+    with ThreadPoolExecutor(len(settings)) as pool:
+        together = list(pool.map(ask, range(len(settings))))
+    assert [(r.text, r.finish_reason) for r in together] == [(r.text, r.finish_reason) for r in alone]
+    assert max(calls.prefills) <= 2 and sum(calls.prefills) == len(settings)
+
+
+def test_a_bad_request_fails_alone(engine):
+    """A request too long for the decoder's window is refused in its own thread; the others of
+    its batch are answered."""
+    engine.batcher.window_s = 0.0
+    ok = engine.generate(QUESTIONS[0], PASSAGES[:1], policy="none", max_new_tokens=4).text
+    engine.batcher.window_s = 0.3
+    start = threading.Barrier(3)
+
+    def ask(i: int):
+        start.wait()
+        return engine.generate(QUESTIONS[0], PASSAGES[:1], policy="none", max_new_tokens=4 if i else 5000).text
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(ask, i) for i in range(3)]
+        with pytest.raises(ValueError, match="context window"):
+            futures[0].result()
+        assert [f.result() for f in futures[1:]] == [ok, ok]
+
+
+@pytest.mark.parametrize(
+    "window, size, error, match",
+    [(-1, 4, ValueError, "window_s must be >= 0"), (float("nan"), 4, ValueError, "window_s"),
+     ("5ms", 4, TypeError, "number of seconds"), (0.01, 0, ValueError, "max_batch_size must be >= 1"),
+     (0.01, 2.5, TypeError, "max_batch_size must be an int")],
+)
+def test_batch_settings_are_checked(window, size, error, match):
+    with pytest.raises(error, match=match):
+        MicroBatcher(lambda *a, **k: [], window_s=window, max_batch_size=size)
+
+
+def test_batch_settings_changed_later_are_checked(engine):
+    engine.batcher.max_batch_size = 0
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
+        engine.generate(QUESTIONS[0], PASSAGES[:1], policy="none", max_new_tokens=2)
+
+
+# --------------------------------------------------------------------------- LangChain
+
+
+def test_langchain_llm_batch_is_one_batched_call(engine):
+    pytest.importorskip("langchain_core")
+    from refrag_integrations.langchain import RefragLLM
+
+    llm = RefragLLM(engine=engine, max_tokens=MAX_NEW)
+    prompts = [f"{p}\nQuestion: {q}\nAnswer:" for p, q in zip(PASSAGES, QUESTIONS)]
+    alone = [llm.invoke(p) for p in prompts]
+    calls = DecoderCalls(engine)
+    assert llm.batch(prompts) == alone
+    assert calls.prefills == [len(prompts)]
+
+
+async def test_langchain_chat_abatch_shares_a_batch(engine):
+    pytest.importorskip("langchain_core")
+    from refrag_integrations.langchain import ChatRefrag
+
+    llm = ChatRefrag(engine=engine, max_tokens=MAX_NEW)
+    prompts = [f"{p}\n\nQuestion: {q}" for p, q in zip(PASSAGES, QUESTIONS)]
+    engine.batcher.window_s = 0.0
+    alone = [(await llm.ainvoke(p)).content for p in prompts]
+    calls = DecoderCalls(engine)
+    engine.batcher.window_s, engine.batcher.max_batch_size = 60.0, len(prompts)
+    together = await llm.abatch(prompts, config={"max_concurrency": len(prompts)})
+    assert [m.content for m in together] == alone
+    assert calls.prefills == [len(prompts)]
+    assert all(m.usage_metadata["output_tokens"] == MAX_NEW or m.response_metadata["finish_reason"] == "stop"
+               for m in together)
+
+
+# --------------------------------------------------------------------------- LlamaIndex
+
+
+async def test_llama_index_concurrent_acomplete_share_a_batch(engine):
+    """What an async synthesizer (use_async=True) does: concurrent acomplete calls."""
+    pytest.importorskip("llama_index.core")
+    import asyncio
+
+    from refrag_integrations.llama_index import RefragLLM
+
+    llm = RefragLLM(engine=engine, max_new_tokens=MAX_NEW)
+    prompts = [f"{p}\nQuestion: {q}\nAnswer:" for p, q in zip(PASSAGES, QUESTIONS)]
+    engine.batcher.window_s = 0.0
+    alone = [(await llm.acomplete(p, formatted=True)).text for p in prompts]
+    calls = DecoderCalls(engine)
+    engine.batcher.window_s, engine.batcher.max_batch_size = 60.0, len(prompts)
+    together = await asyncio.gather(*(llm.acomplete(p, formatted=True) for p in prompts))
+    assert [r.text for r in together] == alone
+    assert calls.prefills == [len(prompts)]
+    assert [r.additional_kwargs["refrag_stats"]["positions"] for r in together] == [
+        len(engine.tokenize(p, add_special_tokens=True)) for p in prompts
+    ]
