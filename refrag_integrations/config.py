@@ -56,6 +56,12 @@ PASSAGE_COLLECTION_HNSW = {"space": "cosine"}
 INDEX_LOCK_TIMEOUT_S = 300.0  # a second writer of an embedded index waits this long for the first
 CHROMA_SERVER_TIMEOUT_S = 30.0  # every call to a Chroma server fails after this long without an answer
 DEFAULT_TOP_K = 8  # passages retrieved per question
+
+# Decoder backends (backends/; `--backend vllm --base-url ...`, adapters' backend= / base_url=).
+DECODER_BACKENDS = ("transformers", "vllm")  # in-process decoder (default), or a vLLM server
+VLLM_CONNECT_TIMEOUT_S = 10.0  # connecting to the vLLM server fails after this long
+VLLM_READ_TIMEOUT_S = 600.0  # waiting for the next streamed piece of an answer fails after this long
+DECODER_FINGERPRINT_FILE = "refrag_decoder.json"  # written by `refrag export decoder` next to the weights
 DEMO_QUESTIONS = 5  # questions `refrag demo` asks
 DEMO_MAX_NEW_TOKENS = 32  # answer length limit in `refrag demo` (short NQ answers)
 

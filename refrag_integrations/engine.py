@@ -19,7 +19,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, Union
 
 import torch
 
@@ -47,6 +47,9 @@ from .policy import (
     load_policy,
     resolve_policy,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backends import DecoderBackend
 
 logger = logging.getLogger(__name__)
 
@@ -401,6 +404,13 @@ class RefragEngine:
         expand_fraction: the default expand fraction p for a selective policy.
         max_expanded: the default cap on expanded chunks per request.
 
+    Attributes:
+        backend: where prepared inputs are decoded: None (default) = this process's decoder; a
+            :class:`~refrag_integrations.backends.DecoderBackend` (e.g. a vLLM server, see
+            :func:`~refrag_integrations.backends.resolve_backend`) takes over :meth:`generate`,
+            :meth:`stream`, :meth:`generate_batch` and the ``*_prepared`` methods. Assembly,
+            policy, chunk vectors and scoring stay in this process.
+
     Example:
         >>> engine = RefragEngine.from_pretrained()                     # doctest: +SKIP
         >>> out = engine.generate("Who wrote Hamlet?", ["Hamlet is a tragedy by William Shakespeare."],
@@ -442,6 +452,9 @@ class RefragEngine:
         # called with {passage_id: Tensor(L, d_enc)} for the passages that had to be encoded.
         self.vector_sink: Callable[[dict[str, torch.Tensor]], None] | None = None
         self._chunk_vector_fingerprint: str | None = None
+        # Where prepared inputs are decoded: None = this process's decoder (below); a
+        # DecoderBackend (e.g. backends.vllm_server.VllmBackend) sends them to a server.
+        self.backend: DecoderBackend | None = None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         # transformers 5 renamed forward(past_key_values=...) to forward(cache=...).
@@ -1122,7 +1135,8 @@ class RefragEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _eos_ids(self) -> set[int]:
+    def eos_ids(self) -> set[int]:
+        """Token ids that end an answer (the generation config's EOS ids and the tokenizer's)."""
         ids: set[int] = set()
         gen_eos = getattr(getattr(self.decoder, "generation_config", None), "eos_token_id", None)
         for x in (gen_eos, self.tokenizer.eos_token_id):
@@ -1318,9 +1332,16 @@ class RefragEngine:
         seed: int | None,
         t_start: float,
         on_text: Callable[[int, str], None] | None = None,
+        backend: DecoderBackend | None = None,
     ) -> list[GenerationResult]:
+        backend = self.backend if backend is None else backend
+        if backend is not None:  # e.g. a vLLM server: decoding leaves this process (and its lock)
+            return backend.generate(
+                self, prepared, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                top_p=top_p, stop=stop, seed=seed, t_start=t_start, on_text=on_text,
+            )
         stop = [s for s in (stop or []) if s]
-        eos = self._eos_ids()
+        eos = self.eos_ids()
         B = len(prepared)
         ids: list[list[int]] = [[] for _ in range(B)]
         texts = [""] * B
@@ -1411,7 +1432,9 @@ class RefragEngine:
     def generate_prepared(
         self, prepared: Sequence[PreparedInput], *, t_start: float | None = None, **gen: Any
     ) -> list[GenerationResult]:
-        """Generate for already prepared inputs as one left-padded batch."""
+        """Generate for already prepared inputs as one left-padded batch (or, with
+        ``backend=`` a :class:`~refrag_integrations.backends.DecoderBackend`, or with
+        :attr:`backend` set, on that backend)."""
         gen.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         for key, default in (("do_sample", False), ("temperature", 1.0), ("top_p", 1.0), ("stop", None), ("seed", None)):
             gen.setdefault(key, default)

@@ -9,11 +9,12 @@ from . import bench as bench_cmd
 from . import eval as eval_cmd
 from . import demo as demo_cmd
 from . import download_defaults as download_defaults_cmd
+from . import export as export_cmd
 from . import index as index_cmd
 
 app = typer.Typer(
     name="refrag",
-    help="REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, download-defaults.",
+    help="REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, export, download-defaults.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -24,11 +25,12 @@ app.add_typer(train.app, name="train")
 app.command("bench")(bench_cmd.bench)
 app.add_typer(eval_cmd.app, name="eval")
 app.command("download-defaults")(download_defaults_cmd.download_defaults)
+app.add_typer(export_cmd.app, name="export")
 
 
 @app.callback()
 def _root() -> None:
-    """REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, download-defaults."""
+    """REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, export, download-defaults."""
 
 
 def main() -> None:
