@@ -62,6 +62,8 @@ DECODER_BACKENDS = ("transformers", "vllm")  # in-process decoder (default), or 
 VLLM_CONNECT_TIMEOUT_S = 10.0  # connecting to the vLLM server fails after this long
 VLLM_READ_TIMEOUT_S = 600.0  # waiting for the next streamed piece of an answer fails after this long
 DECODER_FINGERPRINT_FILE = "refrag_decoder.json"  # written by `refrag export decoder` next to the weights
+SERVE_MAX_REQUEST_BYTES = 4 << 20  # `refrag serve` refuses larger request bodies (HTTP 413)
+SERVE_PORT = 8080  # where `refrag serve` listens by default
 DEMO_QUESTIONS = 5  # questions `refrag demo` asks
 DEMO_MAX_NEW_TOKENS = 32  # answer length limit in `refrag demo` (short NQ answers)
 

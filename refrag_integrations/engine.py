@@ -1336,6 +1336,11 @@ class RefragEngine:
     ) -> list[GenerationResult]:
         backend = self.backend if backend is None else backend
         if backend is not None:  # e.g. a vLLM server: decoding leaves this process (and its lock)
+            if not callable(getattr(backend, "generate", None)):
+                raise TypeError(
+                    f"backend must be a DecoderBackend, got {backend!r}; build one with "
+                    "refrag_integrations.backends.resolve_backend('vllm', base_url)."
+                )
             return backend.generate(
                 self, prepared, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                 top_p=top_p, stop=stop, seed=seed, t_start=t_start, on_text=on_text,

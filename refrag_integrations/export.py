@@ -24,6 +24,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import RefragEngine
 
 EXPORT_FORMAT_VERSION = 1
+SERVED_NAME_PREFIX = "refrag-decoder-"  # a served model name that carries the decoder fingerprint
+
+
+def decoder_fingerprint(engine: "RefragEngine") -> str:
+    """The fingerprint of the engine's decoder weights as they decode (a checkpoint's deltas and
+    LoRA merged): what :func:`write_decoder` records and the vLLM backend compares."""
+    from .models import model_fingerprint
+
+    return model_fingerprint(engine.decoder)
 
 
 def export_decoder(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -61,8 +70,6 @@ def write_decoder(engine: "RefragEngine", out_dir: str | Path, *, checkpoint: st
     """Write ``engine``'s decoder (as it decodes: deltas and LoRA merged) and tokenizer to
     ``out_dir`` as a Hugging Face model directory, with the fingerprint file; atomically (a
     crash never leaves half a model behind)."""
-    from .backends.vllm_server import SERVED_NAME_PREFIX, decoder_fingerprint
-
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +90,9 @@ def write_decoder(engine: "RefragEngine", out_dir: str | Path, *, checkpoint: st
             "dtype": str(next(engine.decoder.parameters()).dtype).replace("torch.", ""),
         }
         (tmp / DECODER_FINGERPRINT_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        tmp.chmod(0o755)  # mkdtemp makes it private; a server often runs as another user
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -105,4 +115,4 @@ def read_fingerprint(model_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{card} is missing or unreadable ({err}); write the directory with `refrag export decoder`.") from err
 
 
-__all__ = ["export_decoder", "read_fingerprint", "write_decoder"]
+__all__ = ["SERVED_NAME_PREFIX", "decoder_fingerprint", "export_decoder", "read_fingerprint", "write_decoder"]

@@ -12,15 +12,9 @@ import torch
 
 from fake_vllm import FakeVllmServer
 from refrag_integrations.backends import resolve_backend, shared_backend
-from refrag_integrations.backends.vllm_server import (
-    SERVED_NAME_PREFIX,
-    ServedModelMismatchError,
-    VllmBackend,
-    VllmBackendError,
-    decoder_fingerprint,
-)
+from refrag_integrations.backends.vllm_server import ServedModelMismatchError, VllmBackend, VllmBackendError
 from refrag_integrations.config import DECODER_FINGERPRINT_FILE
-from refrag_integrations.export import write_decoder
+from refrag_integrations.export import SERVED_NAME_PREFIX, decoder_fingerprint, write_decoder
 
 PASSAGES = [
     "Robert Boulter is an English film, television and theatre actor. He had a guest starring role on the "
@@ -169,6 +163,12 @@ def test_stop_strings_cut_like_the_in_process_engine(engine, backend, server):
     assert server.requests[-1]["stop"] == [stop]
     assert remote.text == local.text and stop not in remote.text and remote.finish_reason == "stop"
     assert len(remote.text) < len(full.text)
+
+
+def test_a_backend_name_where_an_object_belongs_is_refused(engine):
+    prepared = engine.prepare_rag(QUESTION, PASSAGES, "none")
+    with pytest.raises(TypeError, match="resolve_backend"):
+        engine.generate_prepared([prepared], max_new_tokens=4, backend="vllm")
 
 
 def test_the_context_window_is_checked_before_any_request(engine, backend, server):

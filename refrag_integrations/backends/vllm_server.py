@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from ..config import DECODER_FINGERPRINT_FILE, VLLM_CONNECT_TIMEOUT_S, VLLM_READ_TIMEOUT_S
+from ..export import SERVED_NAME_PREFIX, decoder_fingerprint, read_fingerprint
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import GenerationResult, PreparedInput, RefragEngine
 
-SERVED_NAME_PREFIX = "refrag-decoder-"  # a served model name that carries the decoder fingerprint
 _FINGERPRINT_IN_NAME = re.compile(re.escape(SERVED_NAME_PREFIX) + r"([0-9a-f]{16})")
 
 
@@ -66,14 +66,6 @@ def encode_prompt_embeds(embeds: torch.Tensor) -> str:
     buf = io.BytesIO()
     torch.save(embeds.detach().to("cpu", torch.float32).contiguous(), buf)
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def decoder_fingerprint(engine: "RefragEngine") -> str:
-    """The fingerprint of the engine's decoder weights as they decode (a checkpoint's deltas and
-    LoRA merged); what ``refrag export decoder`` writes and the backend compares."""
-    from ..models import model_fingerprint
-
-    return model_fingerprint(engine.decoder)
 
 
 class VllmBackend:
@@ -245,8 +237,6 @@ class VllmBackend:
         for where in (entry.get("root"), entry.get("id")):
             card = Path(str(where)) / DECODER_FINGERPRINT_FILE if where else None
             if card is not None and card.is_file():
-                from ..export import read_fingerprint
-
                 try:
                     got = read_fingerprint(card.parent)["decoder_fingerprint"]
                 except (ValueError, KeyError, TypeError) as err:
@@ -376,10 +366,8 @@ class VllmBackend:
 
 
 __all__ = [
-    "SERVED_NAME_PREFIX",
     "ServedModelMismatchError",
     "VllmBackend",
     "VllmBackendError",
-    "decoder_fingerprint",
     "encode_prompt_embeds",
 ]

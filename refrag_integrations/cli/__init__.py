@@ -10,11 +10,12 @@ from . import eval as eval_cmd
 from . import demo as demo_cmd
 from . import download_defaults as download_defaults_cmd
 from . import export as export_cmd
+from . import serve as serve_cmd
 from . import index as index_cmd
 
 app = typer.Typer(
     name="refrag",
-    help="REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, export, download-defaults.",
+    help="REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, export, serve, download-defaults.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -26,11 +27,12 @@ app.command("bench")(bench_cmd.bench)
 app.add_typer(eval_cmd.app, name="eval")
 app.command("download-defaults")(download_defaults_cmd.download_defaults)
 app.add_typer(export_cmd.app, name="export")
+app.command("serve")(serve_cmd.serve)
 
 
 @app.callback()
 def _root() -> None:
-    """REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, export, download-defaults."""
+    """REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, export, serve, download-defaults."""
 
 
 def main() -> None:
