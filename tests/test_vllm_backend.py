@@ -354,3 +354,17 @@ def test_cli_ask_on_vllm_answers_like_in_process(engine, server, tmp_path):
 def test_shared_backend_is_one_object_per_url(server):
     assert shared_backend("vllm", server.url) is shared_backend("vllm", server.url)
     assert shared_backend("transformers") is None
+
+
+def test_bench_times_a_fixed_length_decode_on_the_backend(engine, backend, server):
+    """`refrag bench --backend vllm` times the same fixed-length decode (EOS ignored), streamed."""
+    from refrag_integrations.evaluation.bench import engine_for_k, timed_request
+
+    engine.backend = backend
+    try:
+        run = timed_request(engine, QUESTION, PASSAGES, "none", None, 6)
+        assert engine_for_k(engine, 8).backend is backend  # every k of a bench run decodes on the server
+    finally:
+        engine.backend = None
+    assert server.requests[-1]["ignore_eos"] is True and server.requests[-1]["max_tokens"] == 6
+    assert 0 < run["ttft_s"] <= run["total_s"] and len(run["steps_s"]) == 5

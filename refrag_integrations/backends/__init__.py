@@ -100,7 +100,9 @@ def resolve_backend(backend: Any = "transformers", base_url: str | None = None, 
             )
         return None
     if not base_url:
-        raise ValueError("backend='vllm' needs base_url, the vLLM server's API root, e.g. 'http://localhost:8000/v1'.")
+        raise ValueError(
+            "backend='vllm' needs base_url (CLI: --base-url), the vLLM server's API root, e.g. 'http://localhost:8000/v1'."
+        )
     from .vllm_server import VllmBackend
 
     return VllmBackend(base_url, **options)
