@@ -4,6 +4,8 @@ in-process engine, streaming, stop strings, the served-model check, and clear er
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import socket
 
@@ -102,7 +104,7 @@ def test_vllm_answers_exactly_like_the_in_process_engine(engine, backend, server
     assert remote.stats.positions == local.stats.positions and remote.stats.chunks_expanded == local.stats.chunks_expanded
     assert remote.stats.new_tokens == local.stats.new_tokens == len(local.token_ids)
     assert 0 < remote.stats.ttft_s <= remote.stats.total_s
-    sent = torch.load(__import__("io").BytesIO(__import__("base64").b64decode(server.requests[-1]["prompt_embeds"])))
+    sent = torch.load(io.BytesIO(base64.b64decode(server.requests[-1]["prompt_embeds"])), weights_only=True)
     assert sent.dtype == torch.float32 and torch.equal(sent, prepared.embeds.float())
     assert server.requests[-1]["temperature"] == 0.0 and server.requests[-1]["max_tokens"] == 12
 
