@@ -66,6 +66,14 @@ MAX_TOP_K = 100  # `--top-k` limit: more passages than this cannot fit a decoder
 # file with more characters of passages in all, is refused (`refrag index` splits such files instead).
 MAX_PASSAGE_CHARS = 1 << 15
 MAX_CONTEXT_CHARS = 1 << 18
+
+# Decoder backends (backends/; `--backend vllm --base-url ...`, adapters' backend= / base_url=).
+DECODER_BACKENDS = ("transformers", "vllm")  # in-process decoder (default), or a vLLM server
+VLLM_CONNECT_TIMEOUT_S = 10.0  # connecting to the vLLM server fails after this long
+VLLM_READ_TIMEOUT_S = 600.0  # waiting for the next streamed piece of an answer fails after this long
+DECODER_FINGERPRINT_FILE = "refrag_decoder.json"  # written by `refrag export decoder` next to the weights
+SERVE_MAX_REQUEST_BYTES = 4 << 20  # `refrag serve` refuses larger request bodies (HTTP 413)
+SERVE_PORT = 8080  # where `refrag serve` listens by default
 DEMO_QUESTIONS = 5  # questions `refrag demo` asks
 DEMO_MAX_NEW_TOKENS = 32  # answer length limit in `refrag demo` (short NQ answers)
 

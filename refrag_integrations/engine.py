@@ -21,7 +21,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, Sequence, Union
 
 import torch
 
@@ -61,6 +61,9 @@ from .policy import (
     resolve_policy,
 )
 from .prompt_text import check_prompt, check_text, render_chat, tokenize_prompt
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backends import DecoderBackend
 
 logger = logging.getLogger(__name__)
 
@@ -521,6 +524,13 @@ class RefragEngine:
             (see :mod:`refrag_integrations.batching`; also ``engine.batcher.window_s``).
         max_batch_size: at most this many concurrent requests in one batch (1 = one at a time).
 
+    Attributes:
+        backend: where prepared inputs are decoded: None (default) = this process's decoder; a
+            :class:`~refrag_integrations.backends.DecoderBackend` (e.g. a vLLM server, see
+            :func:`~refrag_integrations.backends.resolve_backend`) takes over :meth:`generate`,
+            :meth:`stream`, :meth:`generate_batch` and the ``*_prepared`` methods. Assembly,
+            policy, chunk vectors and scoring stay in this process.
+
     Example:
         >>> engine = RefragEngine.from_pretrained()                     # doctest: +SKIP
         >>> out = engine.generate("Who wrote Hamlet?", ["Hamlet is a tragedy by William Shakespeare."],
@@ -577,6 +587,9 @@ class RefragEngine:
         # called with {passage_id: Tensor(L, d_enc)} for the passages that had to be encoded.
         self.vector_sink: Callable[[dict[str, torch.Tensor]], None] | None = None
         self._chunk_vector_fingerprint: str | None = None
+        # Where prepared inputs are decoded: None = this process's decoder (below); a
+        # DecoderBackend (e.g. backends.vllm_server.VllmBackend) sends them to a server.
+        self.backend: DecoderBackend | None = None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         # transformers 5 renamed forward(past_key_values=...) to forward(cache=...).
@@ -1301,7 +1314,8 @@ class RefragEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _eos_ids(self) -> set[int]:
+    def eos_ids(self) -> set[int]:
+        """Token ids that end an answer (the generation config's EOS ids and the tokenizer's)."""
         ids: set[int] = set()
         gen_eos = getattr(getattr(self.decoder, "generation_config", None), "eos_token_id", None)
         for x in (gen_eos, self.tokenizer.eos_token_id):
@@ -1498,10 +1512,23 @@ class RefragEngine:
         t_start: float | Sequence[float],
         on_text: Callable[[int, str], None] | None = None,
         cancel: Callable[[int], bool] | None = None,
+        backend: DecoderBackend | None = None,
     ) -> list[GenerationResult]:
-        """Decode a batch; ``t_start`` per row (or one for all), ``cancel(row)`` stops a row."""
+        """Decode a batch; ``t_start`` per row (or one for all), ``cancel(row)`` stops a row (in
+        process only), ``backend`` (default :attr:`backend`) decodes elsewhere, e.g. on vLLM."""
+        backend = self.backend if backend is None else backend
+        if backend is not None:  # e.g. a vLLM server: decoding leaves this process (and its lock)
+            if not callable(getattr(backend, "generate", None)):
+                raise TypeError(
+                    f"backend must be a DecoderBackend, got {backend!r}; build one with "
+                    "refrag_integrations.backends.resolve_backend('vllm', base_url)."
+                )
+            return backend.generate(
+                self, prepared, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                top_p=top_p, stop=stop, seed=seed, t_start=t_start, on_text=on_text,
+            )
         stop = [s for s in (stop or []) if s]
-        eos = self._eos_ids()
+        eos = self.eos_ids()
         B = len(prepared)
         starts = [float(t_start)] * B if isinstance(t_start, (int, float)) else [float(t) for t in t_start]
         ids: list[list[int]] = [[] for _ in range(B)]
@@ -1626,7 +1653,10 @@ class RefragEngine:
                 from another thread; keep it quick and never generate from inside it.
             cancel: set it (from any thread) to stop decoding within one decoder step; the
                 result then has ``finish_reason == "cancelled"``.
-            **gen: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``stop``, ``seed``.
+            **gen: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``stop``, ``seed``,
+                and ``backend``: a :class:`~refrag_integrations.backends.DecoderBackend` for this
+                call (default :attr:`backend`; ``None`` = the in-process decoder). A remote backend
+                batches on its server, so requests go to it as given, not through the batcher.
         """
         prepared = list(prepared)
         if not prepared:
@@ -1636,11 +1666,15 @@ class RefragEngine:
             gen.setdefault(key, default)
         check_sampling(gen["temperature"], gen["top_p"])
         t0 = t_start or time.perf_counter()
+        stopped = None if cancel is None else (lambda row: cancel.is_set())
+        if gen.get("backend") is not None or self.backend is not None:
+            self.check_context_window(prepared, gen["max_new_tokens"])
+            return self._run(prepared, t_start=t0, on_text=on_text, cancel=stopped, **gen)
+        gen.pop("backend", None)
         if len(prepared) == 1:
             self.check_context_window(prepared, gen["max_new_tokens"])  # refused alone, never fails a batch
             piece = None if on_text is None else (lambda text: on_text(0, text))
             return [self.batcher.submit(prepared[0], t_start=t0, on_text=piece, cancel=cancel, **gen)]
-        stopped = None if cancel is None else (lambda row: cancel.is_set())
         return self._run(prepared, t_start=t0, on_text=on_text, cancel=stopped, **gen)
 
     def generate_batch(self, requests: Sequence[dict[str, Any]], **gen: Any) -> list[GenerationResult]:

@@ -82,7 +82,7 @@ def test_kv_cache_generation_matches_uncached(tiny_engine):
     # reference: greedy decoding that re-runs the full sequence every step, no cache
     emb = prepared.embeds.detach()
     embed = tiny_engine.decoder.get_input_embeddings()
-    eos = tiny_engine._eos_ids()
+    eos = tiny_engine.eos_ids()
     ref = []
     with torch.no_grad():
         for _ in range(8):
@@ -238,7 +238,7 @@ def test_half_precision_decoder(tiny_dirs, tiny_engine):
     with torch.no_grad():
         for _ in range(6):
             tok = int(engine.decoder(inputs_embeds=emb.unsqueeze(0), use_cache=False).logits[0, -1].argmax())
-            if tok in engine._eos_ids():
+            if tok in engine.eos_ids():
                 break
             ref_ids.append(tok)
             emb = torch.cat([emb, embed(torch.tensor([tok]))], 0)

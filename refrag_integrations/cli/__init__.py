@@ -9,12 +9,14 @@ from . import bench as bench_cmd
 from . import eval as eval_cmd
 from . import demo as demo_cmd
 from . import download_defaults as download_defaults_cmd
+from . import export as export_cmd
+from . import serve as serve_cmd
 from . import index as index_cmd
 from .errors import RefragGroup
 
 app = typer.Typer(
     name="refrag",
-    help="REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, download-defaults.",
+    help="REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, export, serve, download-defaults.",
     no_args_is_help=True,
     add_completion=False,
     cls=RefragGroup,  # one-line errors, exit 2 for bad values; --debug shows tracebacks
@@ -26,6 +28,8 @@ app.add_typer(train.app, name="train")
 app.command("bench")(bench_cmd.bench)
 app.add_typer(eval_cmd.app, name="eval")
 app.command("download-defaults")(download_defaults_cmd.download_defaults)
+app.add_typer(export_cmd.app, name="export")
+app.command("serve")(serve_cmd.serve)
 
 
 @app.callback()
@@ -34,7 +38,7 @@ def _root(
         False, "--debug", help="Show full tracebacks instead of one-line errors (also accepted after the command)."
     ),
 ) -> None:
-    """REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, download-defaults."""
+    """REFRAG compressed RAG decoding: index, ask, demo, bench, eval, train, export, serve, download-defaults."""
 
 
 def main() -> None:

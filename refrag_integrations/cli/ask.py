@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from ..config import DEFAULT_COLLECTION, DEFAULT_EXPAND_FRACTION, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TOP_K
-from .common import DECODER_DTYPE_HELP, check_decoder_dtype
+from .common import BACKEND_HELP, BASE_URL_HELP, DECODER_DTYPE_HELP, check_decoder_dtype
 from .validation import (
     check_checkpoint,
     check_expand_fraction,
@@ -89,9 +89,11 @@ def ask(
     bf16: bool = typer.Option(False, help="Run the decoder under bfloat16 autocast."),
     decoder_dtype: str = typer.Option("float32", "--decoder-dtype", help=DECODER_DTYPE_HELP, callback=check_decoder_dtype),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+    backend: str = typer.Option("transformers", "--backend", help=BACKEND_HELP),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help=BASE_URL_HELP),
 ) -> None:
     """Answer QUESTION from passages retrieved from an index (or given with --passages)."""
-    from .common import load_engine, read_passage_texts, stats_line, untrained_note
+    from .common import check_backend, connect_backend, load_engine, read_passage_texts, stats_line, untrained_note
 
     if mode not in ("refrag", "rag"):
         raise typer.BadParameter(f"--mode must be 'refrag' or 'rag', got {mode!r}.")
@@ -100,8 +102,10 @@ def ask(
 
     from ..store import EmbedderMismatchError, FingerprintMismatchError
 
+    decoder_backend = check_backend(backend, base_url)
     texts = read_passage_texts(passages) if passages is not None else None
     engine = load_engine(checkpoint, autocast_dtype=torch.bfloat16 if bf16 else None, decoder_dtype=decoder_dtype)
+    connect_backend(engine, decoder_backend)
     retrieve_s = 0.0
     if texts is not None:
         sources = [{"rank": i + 1, "source": str(passages), "text": t} for i, t in enumerate(texts)]

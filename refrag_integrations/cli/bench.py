@@ -17,7 +17,16 @@ from ..evaluation.config import (
     DEFAULT_PPL_DIR,
     DEFAULT_QA_DIR,
 )
-from .common import DECODER_DTYPE_HELP, DEPRECATED_P_HELP, check_decoder_dtype, renamed_option
+from .common import (
+    BACKEND_HELP,
+    BASE_URL_HELP,
+    DECODER_DTYPE_HELP,
+    DEPRECATED_P_HELP,
+    check_backend,
+    check_decoder_dtype,
+    connect_backend,
+    renamed_option,
+)
 
 T = TypeVar("T")
 
@@ -83,6 +92,8 @@ def bench(
     overwrite: bool = typer.Option(False, help="Discard results in --out made with other settings."),
     docs: Optional[Path] = typer.Option(None, help=f"Also rewrite this Markdown page from the results (e.g. {DEFAULT_DOC})."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    backend: str = typer.Option("transformers", "--backend", help=BACKEND_HELP + " Memory columns are this process's."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help=BASE_URL_HELP),
 ) -> None:
     """Measure REFRAG's speed and memory against full-context RAG on the same decoder."""
     from ..evaluation.bench import BenchSettings, bench_contexts, run_bench
@@ -112,12 +123,15 @@ def bench(
             repeats=repeats if repeats is not None else base["repeats"],
             output_tokens=output_tokens if output_tokens is not None else base["output_tokens"],
             policy=policy,
-            extra={"corpus": corpus},
+            # The backend joins the signature only when it is not the default (older results stay valid).
+            extra={"corpus": corpus, **({"backend": backend, "base_url": base_url} if backend != "transformers" else {})},
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
+    decoder_backend = check_backend(backend, base_url)
     warn_if_busy()
     engine = load_engine(checkpoint, bf16, threads, device, decoder_dtype)
+    connect_backend(engine, decoder_backend)
     from ..evaluation.bench import learned_policy
 
     if policy == "learned" and learned_policy(engine) is None:

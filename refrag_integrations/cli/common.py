@@ -126,3 +126,33 @@ def stats_line(stats: dict[str, Any]) -> str:
         f"chunks expanded {stats['chunks_expanded']}/{stats['chunks']}, "
         f"TTFT {stats['ttft_s'] * 1000:.0f} ms, total {stats['total_s']:.2f} s"
     )
+
+
+BACKEND_HELP = "Decoder backend: transformers (in-process) or vllm (a vLLM server at --base-url)."
+BASE_URL_HELP = "The vLLM server's API root, e.g. http://localhost:8000/v1 (with --backend vllm)."
+
+
+def check_backend(backend: str, base_url: Optional[str]) -> Any:
+    """``--backend`` / ``--base-url`` as a decoder backend (None: in-process), checked before any
+    model loads; a usage error names the bad value."""
+    from ..backends import resolve_backend
+
+    try:
+        return resolve_backend(backend, base_url)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+
+
+def connect_backend(engine: Any, backend: Any) -> None:
+    """Make ``backend`` the engine's decoder and check the server now (reachable, serving this
+    engine's decoder), so a run stops with the server's problem before any work is done."""
+    from ..backends.vllm_server import VllmBackendError
+
+    engine.backend = backend
+    if backend is None:
+        return
+    try:
+        backend.served_model(engine)
+    except VllmBackendError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err

@@ -22,7 +22,17 @@ from ..evaluation.config import (
     QA_SEED,
 )
 from .bench import load_engine, parse_list
-from .common import DECODER_DTYPE_HELP, DEPRECATED_P_HELP, EXPAND_FRACTIONS_HELP, check_decoder_dtype, renamed_option
+from .common import (
+    BACKEND_HELP,
+    BASE_URL_HELP,
+    DECODER_DTYPE_HELP,
+    DEPRECATED_P_HELP,
+    EXPAND_FRACTIONS_HELP,
+    check_backend,
+    check_decoder_dtype,
+    connect_backend,
+    renamed_option,
+)
 
 app = typer.Typer(help="Evaluate answer quality (qa), perplexity (ppl), chunk-vector capacity (capacity), and write the "
                        "benchmark page (report).",
@@ -65,6 +75,8 @@ def qa(
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Start over even if --out holds a run with other settings."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    backend: str = typer.Option("transformers", "--backend", help=BACKEND_HELP),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help=BASE_URL_HELP),
 ) -> None:
     """QA with N passages: closed-book, full-context RAG, REFRAG per policy and p.
 
@@ -80,6 +92,7 @@ def qa(
 
     if retrieval not in ("distractors", "chroma"):
         raise typer.BadParameter(f"--retrieval must be 'distractors' or 'chroma', got {retrieval!r}.")
+    decoder_backend = check_backend(backend, base_url)
     try:  # before any model loads
         controls = check_controls([control] if control is not None else [])
     except ValueError as err:
@@ -91,6 +104,7 @@ def qa(
         ns = parse_list(n, int, "--n")
         names = [x.strip() for x in policies.split(",") if x.strip()]
         engine = load_engine(checkpoint, bf16, threads, device, decoder_dtype)
+        connect_backend(engine, decoder_backend)
         if learned_policy(engine) is not None and "learned" not in names:
             names.append("learned")
         extra = {}

@@ -280,6 +280,7 @@ def engine_for_k(base: "RefragEngine", k: int) -> "RefragEngine":
         policy=base.policy, trained=False, autocast_dtype=base.autocast_dtype,
     )
     engine.budget = base.budget
+    engine.backend = base.backend
     return engine
 
 
@@ -304,6 +305,17 @@ def timed_request(
     prepared = engine.prepare_rag(question, passages, expand, expand_fraction=budget)
     stamps: list[float] = []
     ttft = None
+    if engine.backend is not None:  # a decoder server: the same fixed-length decode, streamed back
+        for step in engine.backend.stream_steps(
+            engine, prepared, t_start=t0, ignore_eos=True, max_new_tokens=output_tokens, do_sample=False,
+            temperature=1.0, top_p=1.0, stop=None, seed=None,
+        ):
+            if step["ttft"] is not None:
+                ttft = step["ttft"]
+            if step["text"] or step["token_ids"]:
+                stamps.append(time.perf_counter())
+        steps = [b - a for a, b in zip(stamps, stamps[1:])]
+        return {"ttft_s": ttft, "steps_s": steps, "total_s": stamps[-1] - t0, "stats": prepared.stats}
     with torch.no_grad():
         # The engine's decode loop (prefill from inputs_embeds, first token from the prefill
         # logits, KV cache); unlike generate() it does not stop at EOS, so the length is fixed.

@@ -168,6 +168,21 @@ class RefragGenerationFields(RefragEngineFields):
     stop: list[str] | None = Field(
         default=None, description="Stop sequences (generation ends before them); a call's stop replaces these."
     )
+    backend: str = Field(
+        default="transformers",
+        description="Decoder backend: 'transformers' (the engine's in-process decoder) or 'vllm' (a vLLM server "
+        "at base_url serving the directory `refrag export decoder` wrote; REFRAG's assembly stays here).",
+    )
+    base_url: str | None = Field(
+        default=None, description="The vLLM server's API root, e.g. 'http://localhost:8000/v1' (backend='vllm')."
+    )
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> "RefragGenerationFields":
+        from ..backends import shared_backend
+
+        shared_backend(self.backend, self.base_url)  # an unknown name or a missing URL fails here, not mid-chain
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -214,8 +229,16 @@ class RefragGenerationFields(RefragEngineFields):
                 "top_p": opts["top_p"],
                 "stop": stops,
                 "seed": opts["seed"],
+                "backend": self.decoder_backend(),
             },
         }
+
+    def decoder_backend(self) -> Any:
+        """Where this model's prompts are decoded: None (the engine's own choice, by default its
+        in-process decoder) or the shared vLLM backend for ``base_url``."""
+        from ..backends import shared_backend
+
+        return shared_backend(self.backend, self.base_url)
 
     def _identifying(self) -> dict[str, Any]:
         return {
@@ -229,6 +252,8 @@ class RefragGenerationFields(RefragEngineFields):
             "temperature": self.temperature,
             "top_p": self.top_p,
             "seed": self.seed,
+            "backend": self.backend,
+            "base_url": self.base_url,
         }
 
     # ------------------------------------------------------------------ running the engine

@@ -146,6 +146,14 @@ class RefragLLM(CustomLLM):
         description="REFRAG checkpoint directory for the shared engine when no engine is given "
         "(None: the packaged default, if any).",
     )
+    backend: str = Field(
+        default="transformers",
+        description="Decoder backend: 'transformers' (the engine's in-process decoder) or 'vllm' (a vLLM server "
+        "at base_url serving the directory `refrag export decoder` wrote; REFRAG's assembly stays here).",
+    )
+    base_url: Optional[str] = Field(
+        default=None, description="The vLLM server's API root, e.g. 'http://localhost:8000/v1' (backend='vllm')."
+    )
 
     _engine: Optional[RefragEngine] = PrivateAttr(default=None)
     _last_stats: Optional[GenerationStats] = PrivateAttr(default=None)
@@ -157,6 +165,7 @@ class RefragLLM(CustomLLM):
         if engine is not None and not isinstance(engine, RefragEngine):
             raise TypeError(f"engine must be a RefragEngine, got {type(engine).__name__}.")
         super().__init__(**kwargs)
+        self.decoder_backend()  # an unknown backend or a missing base_url fails here, not mid-query
         self._engine = engine
 
     @classmethod
@@ -173,6 +182,13 @@ class RefragLLM(CustomLLM):
                 if self._engine is None:
                     self._engine = shared_engine(self.checkpoint)
         return self._engine
+
+    def decoder_backend(self) -> Any:
+        """Where prompts are decoded: None (the engine's own choice, by default its in-process
+        decoder) or the shared vLLM backend for ``base_url``."""
+        from ..backends import shared_backend
+
+        return shared_backend(self.backend, self.base_url)
 
     @property
     def last_stats(self) -> Optional[GenerationStats]:
@@ -317,6 +333,7 @@ class RefragLLM(CustomLLM):
         }
         gen["do_sample"] = gen["temperature"] > 0
         gen["temperature"] = gen["temperature"] or 1.0
+        gen["backend"] = self.decoder_backend()
         return gen
 
     def _record(self, stats: GenerationStats, sink: list | None) -> dict:
