@@ -197,6 +197,7 @@ def test_cache_is_bounded(tiny_dirs):
 def test_prepare_prompt_compresses_only_registered(tiny_chat_engine):
     eng = tiny_chat_engine
     reg, unreg = PASSAGES
+    unreg += " Nothing registers this sentence."  # the session-wide engine may hold other tests' registrations
     eng.register_passage(reg, expand=[False] * len(eng.chunk(reg)))
     prompt = f"Context:\n{reg}\n\n{unreg}\n\nAgain:\n{reg}\nQuestion: who?"
     prepared = eng.prepare_prompt(prompt)
