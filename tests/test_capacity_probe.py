@@ -57,7 +57,8 @@ def test_run_capacity_summarises_and_resumes(tiny_chat_engine, tmp_path, monkeyp
     assert doc["examples"] == 2
     assert [r["setting"] for r in doc["rows"]] == list(capacity.SETTINGS)
     lines = (tmp_path / capacity.EXAMPLES_FILE).read_text().splitlines()
-    assert len(lines) == 2 and {"nll_fitted_p0", "match_full", "recon_acc"} <= set(json.loads(lines[0]))
+    assert len(lines) == 2 and {"nll_fitted_p0", "match_full", "recon_acc", "recon_nll_none"} <= set(json.loads(lines[0]))
+    assert doc["recon_nll_none"] > 0 and 0 <= doc["recon_acc_none"] <= 1
     assert "| fitted_p0 |" in (tmp_path / capacity.TABLE_FILE).read_text()
 
     def boom(*a, **k):

@@ -146,6 +146,20 @@ def fit_chunk_vectors(
     return FittedVectors(vectors=vec.detach().cpu(), token_acc=acc, nll=float(loss), nll_start=float(nll_start))
 
 
+def reconstruction_baseline(engine: "RefragEngine", chunks: Sequence["Chunk"]) -> tuple[float, float]:
+    """The reconstruction score with no vectors at all (``[start]`` + the passage tokens,
+    teacher-forced): what the decoder predicts of the passage from its own earlier tokens. The
+    fitted vectors carry the passage only as far as they beat it. Returns ``(nll, token_acc)``."""
+    import torch
+    import torch.nn.functional as F
+
+    target = torch.tensor([t for c in chunks for t in c.token_ids], device=engine.device)
+    ids = torch.cat([torch.tensor(start_ids(engine), device=engine.device), target[:-1]])[None]
+    with torch.no_grad(), engine.autocast():
+        logits = engine.decoder_forward(input_ids=ids, use_cache=False, logits_to_keep=target.shape[0]).logits[0].float()
+    return float(F.cross_entropy(logits, target)), float((logits.argmax(-1) == target).float().mean())
+
+
 def qa_input(engine: "RefragEngine", question: str, passage: str, vectors: "torch.Tensor") -> "torch.Tensor":
     """The engine's QA prompt for one passage with ``vectors`` (``(L, d)``, decoder input space)
     at the passage's chunk positions and everything else as tokens. Returns ``(P, d)``.
@@ -201,6 +215,7 @@ def probe_example(
         "chunks": len(chunks), "passage_tokens": sum(len(c.token_ids) for c in chunks),
         "recon_acc": fit.token_acc, "recon_nll": fit.nll, "recon_nll_start": fit.nll_start,
     }
+    record["recon_nll_none"], record["recon_acc_none"] = reconstruction_baseline(engine, chunks)
     answers = engine.generate_prepared(
         [PreparedInput(embeds=x, token_ids=[], stats=GenerationStats()) for x in prefixes.values()],
         max_new_tokens=max_new_tokens)
@@ -271,8 +286,16 @@ def summarize_capacity(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "recon_acc": statistics.fmean(r["recon_acc"] for r in records),
         "recon_nll": statistics.fmean(r["recon_nll"] for r in records),
         "recon_nll_start": statistics.fmean(r["recon_nll_start"] for r in records),
+        "recon_nll_none": _mean_of(records, "recon_nll_none"),
+        "recon_acc_none": _mean_of(records, "recon_acc_none"),
         "rows": rows,
     }
+
+
+def _mean_of(records: Sequence[dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` over the records that have it (older runs lack the no-vector baseline)."""
+    values = [r[key] for r in records if key in r]
+    return statistics.fmean(values) if values else None
 
 
 def capacity_markdown(doc: dict[str, Any]) -> str:
@@ -282,7 +305,10 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
     run = doc.get("run", {})
     head = (f"{doc['examples']} questions, gold passage only; fitted vectors: {run.get('steps')} Adam steps, "
             f"lr {run.get('lr')}, init {run.get('init')}; reconstruction token acc "
-            f"{doc['recon_acc']:.3f}, NLL {doc['recon_nll_start']:.3f} -> {doc['recon_nll']:.3f}\n\n")
+            f"{doc['recon_acc']:.3f}, NLL {doc['recon_nll_start']:.3f} -> {doc['recon_nll']:.3f}"
+            + ("" if doc.get("recon_nll_none") is None else
+               f" (no vectors: token acc {doc['recon_acc_none']:.3f}, NLL {doc['recon_nll_none']:.3f})")
+            + "\n\n")
     lines = ["| setting | answer NLL [95% CI] | gap closed | Match [95% CI] |", "|---|---|---:|---|"]
     for r in doc["rows"]:
         gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"
