@@ -318,17 +318,24 @@ class VllmBackend:
     ) -> "GenerationResult":
         from ..engine import GenerationResult
 
-        text, ids, finish, usage, ttft = "", [], None, None, 0.0
+        text, ids, finish, usage, ttft, emitted = "", [], None, None, 0.0, 0
         for step in self.stream_steps(engine, prepared, t_start=t_start, **gen):
             if step["ttft"] is not None:
                 ttft = step["ttft"]
             if step["text"]:
                 text += step["text"]
-                if on_text is not None:
-                    on_text(b, step["text"])
+                # as in process: a piece never ends in half a multi-byte character (U+FFFD)
+                safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
+                if on_text is not None and safe > emitted:
+                    on_text(b, text[emitted:safe])
+                    emitted = safe
             ids.extend(step["token_ids"])
             finish = step["finish_reason"] or finish
             usage = step["usage"] or usage
+        if text.endswith("\ufffd"):
+            text = text[:-1]  # half a character at the end (cut by max_tokens): never shown, as in process
+        if on_text is not None and len(text) > emitted:
+            on_text(b, text[emitted:])
         eos = engine.eos_ids()
         if ids and ids[-1] in eos:
             ids = ids[:-1]  # the engine's token_ids never include the EOS that ended the answer
