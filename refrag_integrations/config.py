@@ -23,6 +23,7 @@ DEFAULT_DATA_DIR = "../shared/data"  # the shared real data (training, evaluatio
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_EXPAND_FRACTION = 0.25  # p used by `refrag ask` with a selective policy
 DEFAULT_PASSAGE_CACHE_SIZE = 4096  # passages kept in the engine's process-local cache
+REGISTRATIONS_KEPT = 256  # per engine, the latest retrievals whose passages an LLM adapter may compress
 # Tokens that stay uncompressed in any prompt (template, question, chat markup; the answer is
 # counted separately) when a framework adapter reports the decoder's context window scaled by the
 # compression rate (LlamaIndex's PromptHelper packs retrieved passages into what is left).

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -29,10 +30,12 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables.config import run_in_executor
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from ..adapter_arguments import renamed_settings
 from ..config import DEFAULT_MAX_NEW_TOKENS
 from ..engine import GenerationResult, PreparedInput, RefragEngine
+from ..registrations import cut_passages, engines_with_registrations, match_prompt
 from ._engine import RefragEngineFields
-from .retrievers import check_expand_fraction, check_max_expanded, check_policy, renamed_settings
+from .retrievers import check_expand_fraction, check_max_expanded, check_policy
 
 # Options a single call may override, e.g. ``llm.invoke(msgs, max_tokens=16)`` or ``.bind(...)``
 # (``expand`` / ``budget``: deprecated names of policy / expand_fraction, max_expanded).
@@ -92,17 +95,6 @@ def render_messages(engine: RefragEngine, messages: Sequence[BaseMessage]) -> tu
     return "".join(f"{m['role']}: {m['content']}\n\n" for m in chat) + "assistant:", True
 
 
-def query_of(engine: RefragEngine, text: str) -> str:
-    """The question inside a prompt: ``text`` with every registered passage cut out (what a
-    query-aware expansion policy should compare chunks with)."""
-    pieces, cursor = [], 0
-    for a, b in engine.locate_registered(text):
-        pieces.append(text[cursor:a])
-        cursor = b
-    pieces.append(text[cursor:])
-    return " ".join(" ".join(pieces).split())
-
-
 def check_option(name: str, value: Any) -> Any:
     """Validate one generation option (at construction and per call); returns it unchanged."""
     if name == "policy":
@@ -131,9 +123,6 @@ class RefragGenerationFields(RefragEngineFields):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    model_name: str | None = Field(
-        default=None, alias="model", description="Name reported in traces and metadata (None: the decoder's name)."
-    )
     policy: Any = Field(
         default=None,
         description="Expansion policy for the passages found in the prompt. None: the decisions "
@@ -158,11 +147,6 @@ class RefragGenerationFields(RefragEngineFields):
         default=None, description="Stop sequences (generation ends before them); a call's stop replaces these."
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, values: Any) -> Any:
-        return renamed_settings(values) if isinstance(values, dict) else values
-
     @field_validator(*CALL_OPTIONS)
     @classmethod
     def _check_option(cls, value: Any, info: Any) -> Any:
@@ -172,8 +156,8 @@ class RefragGenerationFields(RefragEngineFields):
 
     @property
     def resolved_model_name(self) -> str:
-        """The name reported in metadata and traces."""
-        return self.model_name or self._decoder_name()
+        """The name reported in metadata and traces: the decoder's."""
+        return self._decoder_name()
 
     def _options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Merge call-time options over the instance's; refuse unknown ones."""
@@ -223,50 +207,99 @@ class RefragGenerationFields(RefragEngineFields):
     # ------------------------------------------------------------------ running the engine
 
     def _prompt(self, engine: RefragEngine, inputs: Any) -> tuple[str, bool, str]:
-        """(prompt text, add special tokens, query) for the subclass's input type."""
+        """(prompt text, add special tokens, question) for the subclass's input type; the
+        question is the text being answered (registrations whose query it contains are this
+        request's)."""
         raise NotImplementedError
 
-    def _prepare(self, engine: RefragEngine, inputs: Any, options: dict[str, Any]) -> PreparedInput:
-        prompt, add_special, query = self._prompt(engine, inputs)
-        return engine.prepare_prompt(
-            prompt, query=query, policy=options["policy"], expand_fraction=options["expand_fraction"],
-            max_expanded=options["max_expanded"], add_special_tokens=add_special,
+    def _input_text(self, inputs: Any) -> str:
+        """The user's text in ``inputs``, before any template (to find registered passages)."""
+        raise NotImplementedError
+
+    def _engine_for(self, inputs: Any) -> RefragEngine:
+        """The engine for this request. Without ``engine=`` and without settings, that is the
+        engine a retriever registered this prompt's passages on (so ``RefragRetriever(engine=e)``
+        and a plain ``ChatRefrag()`` share ``e``), else the shared default engine. A prompt whose
+        passages were registered only on another engine than the one named here is refused:
+        decoding it would load a second engine and compress nothing."""
+        ours = self.loaded_engine()
+        text = self._input_text(inputs)
+        holders = [e for e in engines_with_registrations() if match_prompt(e, text, text).found]
+        if self.engine is not None or not holders or ours in holders:
+            return ours if ours is not None else self.get_engine()
+        if not self.named_settings() and len(holders) == 1:
+            return holders[0]
+        named = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.named_settings()) or "no settings"
+        raise ValueError(
+            f"The passages in this prompt were registered on {len(holders)} other RefragEngine(s) (by a "
+            f"retriever given engine=... or other settings), not on the engine of this "
+            f"{type(self).__name__} ({named}); it would compress none of them. Give the retriever and "
+            f"{type(self).__name__} the same engine=, or the same settings."
         )
 
-    def _result_metadata(self, result: GenerationResult) -> tuple[UsageMetadata, dict[str, Any]]:
+    def _prepare(
+        self, engine: RefragEngine, inputs: Any, options: dict[str, Any]
+    ) -> tuple[PreparedInput, dict[str, int]]:
+        """The mixed input, and the ``refrag_passages`` counts for response metadata."""
+        prompt, add_special, question = self._prompt(engine, inputs)
+        match = match_prompt(engine, prompt, question)
+        if match.registered and not match.found:
+            warnings.warn(
+                f"{match.registered} passage(s) were registered for this question but none was found in "
+                f"the prompt, so nothing is compressed. Keep each document's page_content intact in "
+                f"format_docs (whitespace may change; words may not).",
+                UserWarning,
+                stacklevel=2,
+            )
+        query = cut_passages(question, match)
+        policy = options["policy"]
+        prepared = engine.prepare(
+            prompt, match.spans, match.decisions(engine, prompt) if policy is None else policy, query=query,
+            expand_fraction=options["expand_fraction"], max_expanded=options["max_expanded"],
+            add_special_tokens=add_special,
+        )
+        chunks = [len(engine.chunk(prompt[a:b])) for a, b in match.spans]
+        return prepared, match.summary(prepared.stats.expanded, chunks)
+
+    def _result_metadata(
+        self, engine: RefragEngine, result: GenerationResult, passages: dict[str, int]
+    ) -> tuple[UsageMetadata, dict[str, Any]]:
         s = result.stats
         usage = UsageMetadata(
             input_tokens=s.positions, output_tokens=s.new_tokens, total_tokens=s.positions + s.new_tokens
         )
         meta = {
-            "model_name": self.resolved_model_name,
+            "model_name": str(engine.config.decoder),
             "finish_reason": result.finish_reason,
             "prompt_tokens": s.prompt_tokens,
             "ttft_s": s.ttft_s,
             "refrag": s.to_dict(),
+            "refrag_passages": passages,
         }
         return usage, meta
 
-    def _run(self, inputs: Any, stop: list[str] | None, kwargs: dict[str, Any]) -> GenerationResult:
+    def _run(self, inputs: Any, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[UsageMetadata, dict[str, Any], GenerationResult]:
+        """Generate for one input; returns (usage, response metadata, result)."""
         options = self._options(stop, kwargs)
-        engine = self.get_engine()
+        engine = self._engine_for(inputs)
         t0 = time.perf_counter()  # after loading: TTFT never includes model loading
-        prepared = self._prepare(engine, inputs, options)
-        return engine.generate_prepared([prepared], t_start=t0, **options["gen"])[0]
+        prepared, passages = self._prepare(engine, inputs, options)
+        result = engine.generate_prepared([prepared], t_start=t0, **options["gen"])[0]
+        return (*self._result_metadata(engine, result, passages), result)
 
-    def _run_stream(self, inputs: Any, stop: list[str] | None, kwargs: dict[str, Any]) -> Iterator[str | GenerationResult]:
-        """Yields text pieces, then the :class:`GenerationResult`."""
+    def _run_stream(self, inputs: Any, stop: list[str] | None, kwargs: dict[str, Any]) -> Iterator[str | tuple]:
+        """Yields text pieces, then (usage, response metadata, result)."""
         options = self._options(stop, kwargs)
-        engine = self.get_engine()
+        engine = self._engine_for(inputs)
         t0 = time.perf_counter()
-        prepared = self._prepare(engine, inputs, options)
+        prepared, passages = self._prepare(engine, inputs, options)
         stream = engine.stream_prepared(prepared, t_start=t0, **options["gen"])
         yield from stream
-        yield stream.result
+        yield (*self._result_metadata(engine, stream.result, passages), stream.result)
 
     async def _arun_stream(
         self, inputs: Any, stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> AsyncIterator[str | GenerationResult]:
+    ) -> AsyncIterator[str | tuple]:
         """Async twin of :meth:`_run_stream`: loading, assembly and decoding run in a worker
         thread; text pieces reach the event loop through a queue, so the loop never blocks."""
         options = self._options(stop, kwargs)
@@ -276,11 +309,12 @@ class RefragGenerationFields(RefragEngineFields):
         def on_text(_: int, piece: str) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
-        def work() -> GenerationResult:
-            engine = self.get_engine()
+        def work() -> tuple:
+            engine = self._engine_for(inputs)
             t0 = time.perf_counter()
-            prepared = self._prepare(engine, inputs, options)
-            return engine.generate_prepared([prepared], t_start=t0, on_text=on_text, **options["gen"])[0]
+            prepared, passages = self._prepare(engine, inputs, options)
+            result = engine.generate_prepared([prepared], t_start=t0, on_text=on_text, **options["gen"])[0]
+            return (*self._result_metadata(engine, result, passages), result)
 
         task = asyncio.ensure_future(run_in_executor(None, work))
         # Runs on the loop after every piece the worker queued before finishing.
@@ -349,7 +383,18 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
     def _prompt(self, engine: RefragEngine, messages: Sequence[BaseMessage]) -> tuple[str, bool, str]:
         prompt, add_special = render_messages(engine, messages)
         human = [m for m in messages if m.type == "human"]
-        return prompt, add_special, query_of(engine, message_text(human[-1])) if human else ""
+        return prompt, add_special, message_text(human[-1]) if human else ""
+
+    def _input_text(self, messages: Sequence[BaseMessage]) -> str:
+        if not messages:
+            raise ValueError("No messages to answer: give at least one message.")
+        texts = [message_text(m) if isinstance(m, BaseMessage) else "" for m in messages]
+        if all(isinstance(m, BaseMessage) for m in messages) and not any(t.strip() for t in texts):
+            raise ValueError(
+                f"The prompt is empty: every message has empty text. Give {type(self).__name__} a "
+                "message with some text to answer."
+            )
+        return "\n\n".join(texts)
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` under the decoder's own (local) tokenizer."""
@@ -367,8 +412,7 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
 
     # ------------------------------------------------------------------ generation
 
-    def _message_chunk(self, result: GenerationResult) -> ChatGenerationChunk:
-        usage, meta = self._result_metadata(result)
+    def _message_chunk(self, usage: UsageMetadata, meta: dict[str, Any], result: GenerationResult) -> ChatGenerationChunk:
         return ChatGenerationChunk(
             message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta, chunk_position="last"),
             generation_info={"finish_reason": result.finish_reason},
@@ -381,8 +425,7 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        result = self._run(messages, stop, kwargs)
-        usage, meta = self._result_metadata(result)
+        usage, meta, result = self._run(messages, stop, kwargs)
         message = AIMessage(content=result.text, usage_metadata=usage, response_metadata=meta)
         generation = ChatGeneration(message=message, generation_info={"finish_reason": result.finish_reason})
         return ChatResult(generations=[generation], llm_output={"model_name": self.resolved_model_name})
@@ -395,8 +438,8 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         for item in self._run_stream(messages, stop, kwargs):
-            if isinstance(item, GenerationResult):
-                yield self._message_chunk(item)
+            if isinstance(item, tuple):
+                yield self._message_chunk(*item)
                 return
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
             if run_manager is not None:
@@ -411,8 +454,8 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         async for item in self._arun_stream(messages, stop, kwargs):
-            if isinstance(item, GenerationResult):
-                yield self._message_chunk(item)
+            if isinstance(item, tuple):
+                yield self._message_chunk(*item)
                 return
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
             if run_manager is not None:
@@ -455,11 +498,14 @@ class RefragLLM(RefragGenerationFields, LLM):
         return params
 
     def _prompt(self, engine: RefragEngine, prompt: str) -> tuple[str, bool, str]:
+        return prompt, True, self._input_text(prompt)
+
+    def _input_text(self, prompt: str) -> str:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}.")
-        if not prompt:
-            raise ValueError("The prompt is empty.")
-        return prompt, True, query_of(engine, prompt)
+        if not prompt.strip():
+            raise ValueError("The prompt is empty: give RefragLLM some text to complete.")
+        return prompt
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` under the decoder's own (local) tokenizer."""
@@ -467,8 +513,8 @@ class RefragLLM(RefragGenerationFields, LLM):
             return self.custom_get_token_ids(text)
         return self.get_engine().tokenize(text, add_special_tokens=False)
 
-    def _info(self, result: GenerationResult) -> dict[str, Any]:
-        usage, meta = self._result_metadata(result)
+    @staticmethod
+    def _info(usage: UsageMetadata, meta: dict[str, Any], result: GenerationResult) -> dict[str, Any]:
         return {**meta, "usage": dict(usage)}
 
     def _call(
@@ -478,7 +524,7 @@ class RefragLLM(RefragGenerationFields, LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> str:
-        return self._run(prompt, stop, kwargs).text
+        return self._run(prompt, stop, kwargs)[2].text
 
     def _generate(
         self,
@@ -489,8 +535,8 @@ class RefragLLM(RefragGenerationFields, LLM):
     ) -> LLMResult:
         generations = []
         for prompt in prompts:
-            result = self._run(prompt, stop, dict(kwargs))
-            generations.append([Generation(text=result.text, generation_info=self._info(result))])
+            usage, meta, result = self._run(prompt, stop, dict(kwargs))
+            generations.append([Generation(text=result.text, generation_info=self._info(usage, meta, result))])
         return LLMResult(generations=generations, llm_output={"model_name": self.resolved_model_name})
 
     async def _agenerate(
@@ -512,8 +558,8 @@ class RefragLLM(RefragGenerationFields, LLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         for item in self._run_stream(prompt, stop, kwargs):
-            if isinstance(item, GenerationResult):
-                yield GenerationChunk(text="", generation_info=self._info(item))
+            if isinstance(item, tuple):
+                yield GenerationChunk(text="", generation_info=self._info(*item))
                 return
             if run_manager is not None:
                 run_manager.on_llm_new_token(item)
@@ -527,8 +573,8 @@ class RefragLLM(RefragGenerationFields, LLM):
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
         async for item in self._arun_stream(prompt, stop, kwargs):
-            if isinstance(item, GenerationResult):
-                yield GenerationChunk(text="", generation_info=self._info(item))
+            if isinstance(item, tuple):
+                yield GenerationChunk(text="", generation_info=self._info(*item))
                 return
             if run_manager is not None:
                 await run_manager.on_llm_new_token(item)
