@@ -178,8 +178,8 @@ def match_prompt(
         q = normalise(r.query)
         return len(q) if q and q in asked else 0
 
-    if only is not None:
-        request = candidates or regs
+    if only is not None:  # given: stale only if neither its passages nor its query are in this prompt
+        request = candidates or [r for r in regs if query_length(r)]
     elif any(query_length(r) for r in candidates):
         request = [r for r in candidates if query_length(r)]
     elif candidates:
