@@ -7,11 +7,12 @@ passages, their decisions). The LLM adapter only receives a prompt string; :func
 finds in it the passages of the registrations that belong to *this* request, and only those are
 compressed, with this request's decisions:
 
-- A registration belongs to the request whose question contains its query (the retriever's
+- A registration belongs to the request whose current turn contains its query (the retriever's
   query is the user's question, which the prompt template repeats). When no registration's
-  query occurs in the question (a rewritten query, a hand-written prompt), the latest
-  registration whose passages occur in the prompt is the request's (with any registration of
-  the same query).
+  query occurs there (a rewritten query, a hand-written prompt), the latest registration whose
+  passages occur in the current turn is the request's (with any registration of the same
+  query). The current turn is the text being answered now: for a chat, the system messages and
+  the messages after the last assistant message, never the earlier history.
 - So two concurrent requests that share a passage each get their own decision, and a passage
   registered for an earlier turn that reappears in the chat history of a later turn stays tokens.
 - Passages are found after whitespace normalisation: a ``format_docs`` that collapses newlines
@@ -61,12 +62,14 @@ class PromptMatch:
             prompt's in whitespace only).
         registered: passages registered for this request (distinct texts).
         found: how many of them occur in the prompt.
+        latest: the serial of the newest registration of this request with a passage found (0: none).
     """
 
     spans: list[tuple[int, int]] = field(default_factory=list)
     passages: list[RegisteredPassage] = field(default_factory=list)
     registered: int = 0
     found: int = 0
+    latest: int = 0
 
     def decisions(self, engine: RefragEngine, prompt: str) -> list[list[bool]]:
         """The registered decision of each span, fitted to the text found there: a passage
@@ -157,8 +160,8 @@ def match_prompt(
     Args:
         engine: the engine the registrations were made on.
         prompt: the full prompt the LLM adapter will decode.
-        question: the text of the question being answered (the last human turn, or the prompt);
-            a registration whose query occurs in it belongs to this request.
+        question: the current turn (see the module docstring; the whole prompt for a text
+            completion): a registration whose query occurs in it belongs to this request.
         only: the registrations known to be this request's (LlamaIndex passes its context's);
             None = recognise them among all of ``engine``'s (see the module docstring).
 
@@ -182,9 +185,9 @@ def match_prompt(
         request = candidates or [r for r in regs if query_length(r)]
     elif any(query_length(r) for r in candidates):
         request = [r for r in candidates if query_length(r)]
-    elif candidates:
-        newest = max(candidates, key=lambda r: r.serial)
-        request = [r for r in candidates if normalise(r.query) == normalise(newest.query)]
+    elif current := [r for r in candidates if any(find_spans(question, p.text) for p in r.passages)]:
+        newest = max(current, key=lambda r: r.serial)
+        request = [r for r in current if normalise(r.query) == normalise(newest.query)]
     else:  # nothing found: the latest registration for this question, if any, is what went missing
         asked_for = [r for r in regs if query_length(r)]
         request = [max(asked_for, key=lambda r: r.serial)] if asked_for else []
@@ -198,7 +201,11 @@ def match_prompt(
     hits = sorted(
         ((a, b, best[text][1]) for text in best for a, b in spans_of[text]), key=lambda h: (h[0], -(h[1] - h[0]))
     )
-    match = PromptMatch(registered=len(best), found=sum(1 for text in best if spans_of[text]))
+    match = PromptMatch(
+        registered=len(best),
+        found=sum(1 for text in best if spans_of[text]),
+        latest=max((r.serial for r in request if any(spans_of[p.text] for p in r.passages)), default=0),
+    )
     for a, b, passage in hits:  # where occurrences overlap, the first (then the longer) wins
         if not match.spans or a >= match.spans[-1][1]:
             match.spans.append((a, b))

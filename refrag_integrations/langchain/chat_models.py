@@ -206,10 +206,11 @@ class RefragGenerationFields(RefragEngineFields):
 
     # ------------------------------------------------------------------ running the engine
 
-    def _prompt(self, engine: RefragEngine, inputs: Any) -> tuple[str, bool, str]:
-        """(prompt text, add special tokens, question) for the subclass's input type; the
-        question is the text being answered (registrations whose query it contains are this
-        request's)."""
+    def _prompt(self, engine: RefragEngine, inputs: Any) -> tuple[str, bool, str, str]:
+        """(prompt text, add special tokens, current turn, question) for the subclass's input
+        type: the current turn is where this request's registrations are recognised (see
+        :func:`~refrag_integrations.registrations.match_prompt`); the question is what a
+        query-aware policy compares chunks with."""
         raise NotImplementedError
 
     def _input_text(self, inputs: Any) -> str:
@@ -222,13 +223,18 @@ class RefragGenerationFields(RefragEngineFields):
         and a plain ``ChatRefrag()`` share ``e``), else the shared default engine. A prompt whose
         passages were registered only on another engine than the one named here is refused:
         decoding it would load a second engine and compress nothing."""
+        text = self._input_text(inputs)  # refuses empty input before anything is loaded
+        if self.engine is not None:
+            return self.engine
         ours = self.loaded_engine()
-        text = self._input_text(inputs)
-        holders = [e for e in engines_with_registrations() if match_prompt(e, text, text).found]
-        if self.engine is not None or not holders or ours in holders:
+        holders = {}
+        for e in engines_with_registrations():
+            if (latest := match_prompt(e, text, text).latest) > 0:
+                holders[e] = latest
+        if not holders or ours in holders:
             return ours if ours is not None else self.get_engine()
-        if not self.named_settings() and len(holders) == 1:
-            return holders[0]
+        if not self.named_settings():  # the engine of the latest retrieval for this prompt
+            return max(holders, key=holders.__getitem__)
         named = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.named_settings()) or "no settings"
         raise ValueError(
             f"The passages in this prompt were registered on {len(holders)} other RefragEngine(s) (by a "
@@ -241,8 +247,8 @@ class RefragGenerationFields(RefragEngineFields):
         self, engine: RefragEngine, inputs: Any, options: dict[str, Any]
     ) -> tuple[PreparedInput, dict[str, int]]:
         """The mixed input, and the ``refrag_passages`` counts for response metadata."""
-        prompt, add_special, question = self._prompt(engine, inputs)
-        match = match_prompt(engine, prompt, question)
+        prompt, add_special, current, question = self._prompt(engine, inputs)
+        match = match_prompt(engine, prompt, current)
         if match.registered and not match.found:
             warnings.warn(
                 f"{match.registered} passage(s) were registered for this question but none was found in "
@@ -380,10 +386,12 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
         """The prompt text the decoder reads for ``messages`` (chat template applied)."""
         return render_messages(self.get_engine(), messages)[0]
 
-    def _prompt(self, engine: RefragEngine, messages: Sequence[BaseMessage]) -> tuple[str, bool, str]:
+    def _prompt(self, engine: RefragEngine, messages: Sequence[BaseMessage]) -> tuple[str, bool, str, str]:
         prompt, add_special = render_messages(engine, messages)
         human = [m for m in messages if m.type == "human"]
-        return prompt, add_special, message_text(human[-1]) if human else ""
+        last_ai = max((i for i, m in enumerate(messages) if m.type == "ai"), default=-1)
+        current = [m for i, m in enumerate(messages) if m.type == "system" or i > last_ai]
+        return prompt, add_special, "\n\n".join(map(message_text, current)), message_text(human[-1]) if human else ""
 
     def _input_text(self, messages: Sequence[BaseMessage]) -> str:
         if not messages:
@@ -497,8 +505,8 @@ class RefragLLM(RefragGenerationFields, LLM):
             params["ls_stop"] = list(stop or self.stop or [])
         return params
 
-    def _prompt(self, engine: RefragEngine, prompt: str) -> tuple[str, bool, str]:
-        return prompt, True, self._input_text(prompt)
+    def _prompt(self, engine: RefragEngine, prompt: str) -> tuple[str, bool, str, str]:
+        return prompt, True, self._input_text(prompt), prompt
 
     def _input_text(self, prompt: str) -> str:
         if not isinstance(prompt, str):
