@@ -60,7 +60,8 @@ def format_docs(docs: list[Document]) -> str:
 
 def chain_of(retriever, llm, fmt=format_docs):
     prompt = ChatPromptTemplate.from_template(TEMPLATE)
-    return {"context": retriever | RunnableLambda(fmt), "question": RunnablePassthrough()} | prompt | llm | StrOutputParser()
+    inputs = {"context": retriever | RunnableLambda(fmt), "question": RunnablePassthrough()}
+    return inputs | prompt | llm | StrOutputParser()
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +131,12 @@ def test_empty_prompts_are_refused(engine):
 @pytest.mark.parametrize("chat_first", [True, False])
 def test_retriever_engine_is_shared_with_a_chat_model_without_one(engine, monkeypatch, chat_first):
     monkeypatch.setattr(shared, "_ENGINES", {})
+    base = ListRetriever(docs=[Document(PASSAGES[2])])
     if chat_first:
         llm = ChatRefrag(max_tokens=2)
-        retriever = RefragRetriever(base_retriever=ListRetriever(docs=[Document(PASSAGES[2])]), engine=engine, policy="none")
+        retriever = RefragRetriever(base_retriever=base, engine=engine, policy="none")
     else:
-        retriever = RefragRetriever(base_retriever=ListRetriever(docs=[Document(PASSAGES[2])]), engine=engine, policy="none")
+        retriever = RefragRetriever(base_retriever=base, engine=engine, policy="none")
         llm = ChatRefrag(max_tokens=2)
     handler = LastMessage()
     question = f"Which play did Simon Stephens write ({chat_first})?"
@@ -147,7 +149,8 @@ def test_retriever_engine_is_shared_with_a_chat_model_without_one(engine, monkey
 
 def test_chat_model_naming_another_engine_is_refused(engine, monkeypatch):
     monkeypatch.setattr(shared, "_ENGINES", {})
-    retriever = RefragRetriever(base_retriever=ListRetriever(docs=[Document(PASSAGES[2])]), engine=engine, policy="none")
+    base = ListRetriever(docs=[Document(PASSAGES[2])])
+    retriever = RefragRetriever(base_retriever=base, engine=engine, policy="none")
     llm = ChatRefrag(decoder="some-other-decoder", max_tokens=2)
     with pytest.raises(ValueError, match="registered on 1 other RefragEngine"):
         chain_of(retriever, llm).invoke("Who wrote Herons, asked of another engine?")

@@ -134,7 +134,10 @@ def chat_five_turns(llm: RefragLLM, index) -> list:
     chat = ContextChatEngine.from_defaults(
         retriever=index.as_retriever(similarity_top_k=2), llm=llm, node_postprocessors=[pp], memory=memory
     )
-    ask = "please tell me more about the television and theatre roles of Robert Boulter and the play Herons. "
+    ask = (
+        "please tell me more about the television and theatre roles of Robert Boulter and the play Herons "
+        "by Simon Stephens, in detail. "
+    )
     stats = []
     for turn in range(5):
         chat.chat(f"Turn {turn}: {ask * 3}")

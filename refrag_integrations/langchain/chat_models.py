@@ -28,7 +28,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Chat
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation, GenerationChunk, LLMResult
 from langchain_core.runnables.config import run_in_executor
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from ..adapter_arguments import renamed_settings
 from ..config import DEFAULT_MAX_NEW_TOKENS
@@ -284,7 +284,9 @@ class RefragGenerationFields(RefragEngineFields):
         }
         return usage, meta
 
-    def _run(self, inputs: Any, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[UsageMetadata, dict[str, Any], GenerationResult]:
+    def _run(
+        self, inputs: Any, stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[UsageMetadata, dict[str, Any], GenerationResult]:
         """Generate for one input; returns (usage, response metadata, result)."""
         options = self._options(stop, kwargs)
         engine = self._engine_for(inputs)
@@ -420,7 +422,9 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
 
     # ------------------------------------------------------------------ generation
 
-    def _message_chunk(self, usage: UsageMetadata, meta: dict[str, Any], result: GenerationResult) -> ChatGenerationChunk:
+    def _message_chunk(
+        self, usage: UsageMetadata, meta: dict[str, Any], result: GenerationResult
+    ) -> ChatGenerationChunk:
         return ChatGenerationChunk(
             message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta, chunk_position="last"),
             generation_info={"finish_reason": result.finish_reason},

@@ -243,7 +243,9 @@ class RefragLLM(EngineSettings, CustomLLM):
     def _render_chat(self, messages: Sequence[ChatMessage]) -> tuple[str, bool]:
         """Prompt text for chat messages and whether the tokenizer's BOS must still be added."""
         if not messages or not any((m.content or "").strip() for m in messages):
-            raise ValueError("The prompt is empty: every message has empty text. Give RefragLLM a message with some text.")
+            raise ValueError(
+                "The prompt is empty: every message has empty text. Give RefragLLM a message with some text."
+            )
         tokenizer = self.engine.tokenizer
         if self._is_chat() and getattr(tokenizer, "chat_template", None):
             turns = [{"role": _ROLES.get(m.role.value, m.role.value), "content": m.content or ""} for m in messages]

@@ -119,7 +119,9 @@ class RefragNodePostprocessor(EngineSettings, BaseNodePostprocessor):
 
     # ------------------------------------------------------------------ work
 
-    def _plan(self, nodes: List[NodeWithScore], query: str) -> tuple[list[tuple[NodeWithScore, Any, str | None, Any]], Any]:
+    def _plan(
+        self, nodes: List[NodeWithScore], query: str
+    ) -> tuple[list[tuple[NodeWithScore, Any, str | None, Any]], Any]:
         """Copy the nodes with our metadata keys excluded, render their prompt text, decide the
         expansion of all their chunks in one policy call and register the passages with the
         engine. Heavy part (may run in a thread)."""
