@@ -11,7 +11,12 @@ Usage is reported honestly: ``usage_metadata.input_tokens`` counts the decoder p
 prompt actually used (what the KV cache holds); ``response_metadata["prompt_tokens"]`` is the
 token count of the same prompt uncompressed; ``response_metadata["refrag"]`` has the engine's
 full stats (chunks compressed / expanded, TTFT, query-time encoding, whether the projector was
-trained).
+trained); ``response_metadata["refrag_passages"]`` says how many passages were registered for this
+request, found in the prompt (whitespace may differ) and compressed.
+
+Only this request's registrations are compressed (see :mod:`refrag_integrations.registrations`):
+concurrent requests that share a passage keep their own decisions, and a passage of an earlier
+turn in the chat history stays tokens.
 """
 
 from __future__ import annotations
@@ -343,8 +348,11 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
     """A LangChain chat model that decodes with REFRAG.
 
     Construction is cheap: the engine is the one given (``engine=``), or the process-wide shared
-    engine for the named settings, loaded on first use. Give the retriever and the chat model the
-    same engine (or the same settings, or none) so they share the passage cache.
+    engine for the named settings (``model=`` is ``decoder=``), loaded on first use. Without
+    either, it is the engine the retriever registered the prompt's passages on, so
+    ``RefragRetriever(engine=e)`` and ``ChatRefrag()`` share ``e``; a chat model naming other
+    settings than that engine is refused. Unknown arguments raise a TypeError that names the
+    right one (``max_new_tokens=`` -> ``max_tokens=``).
 
     Example:
         >>> from refrag_integrations.langchain import ChatRefrag, RefragRetriever
