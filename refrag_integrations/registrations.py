@@ -133,21 +133,37 @@ def normalise(text: str) -> str:
     return " ".join(text.split())
 
 
+@functools.lru_cache(maxsize=4 * REGISTRATIONS_KEPT * 8)
+def _flat(text: str) -> str:  # normalise() of a registered passage, computed once per text
+    return normalise(text)
+
+
+@functools.lru_cache(maxsize=4 * REGISTRATIONS_KEPT * 8)
+def _anchors(text: str) -> tuple[tuple[str, str], ...]:
+    """Two word pairs from inside ``text`` (not its first or last word, which a prompt may glue
+    to its own characters); a prompt without both cannot contain the passage."""
+    words = text.split()
+    return ((words[1], words[2]), (words[-3], words[-2])) if len(words) >= 5 else ()
+
+
 @functools.lru_cache(maxsize=4096)
 def _loose_pattern(text: str) -> re.Pattern[str] | None:
     words = text.split()
     return re.compile(r"\s+".join(re.escape(w) for w in words)) if words else None
 
 
-def find_spans(prompt: str, text: str) -> list[tuple[int, int]]:
+def find_spans(prompt: str, text: str, flat_prompt: str | None = None) -> list[tuple[int, int]]:
     """Every non-overlapping occurrence of ``text`` in ``prompt``: verbatim, else with any
-    whitespace in place of the passage's whitespace (a newline for spaces, one space for many)."""
+    whitespace in place of the passage's whitespace (a newline for spaces, one space for many).
+    ``flat_prompt``, ``normalise(prompt)`` if known, saves the search when the text is absent."""
     spans, start = [], prompt.find(text) if text else -1
     while start >= 0:
         spans.append((start, start + len(text)))
         start = prompt.find(text, start + len(text))
     if spans:
         return spans
+    if _flat(text) not in (normalise(prompt) if flat_prompt is None else flat_prompt):
+        return []
     pattern = _loose_pattern(text)
     return [m.span() for m in pattern.finditer(prompt)] if pattern is not None else []
 
@@ -169,11 +185,15 @@ def match_prompt(
         A :class:`PromptMatch`; an empty one when no registered passage of this request occurs.
     """
     regs = list(only) if only is not None else registrations(engine)
+    flat = normalise(prompt)
+    words = flat.split(" ")
+    pairs = set(zip(words, words[1:]))
     spans_of: dict[str, list[tuple[int, int]]] = {}
     for r in regs:
         for p in r.passages:
             if p.text not in spans_of:
-                spans_of[p.text] = find_spans(prompt, p.text)
+                absent = any(a not in pairs for a in _anchors(p.text))  # most passages: no search at all
+                spans_of[p.text] = [] if absent else find_spans(prompt, p.text, flat)
     candidates = [r for r in regs if any(spans_of[p.text] for p in r.passages)]
     asked = normalise(question)
 
@@ -185,7 +205,7 @@ def match_prompt(
         request = candidates or [r for r in regs if query_length(r)]
     elif any(query_length(r) for r in candidates):
         request = [r for r in candidates if query_length(r)]
-    elif current := [r for r in candidates if any(find_spans(question, p.text) for p in r.passages)]:
+    elif current := [r for r in candidates if any(_flat(p.text) in asked for p in r.passages)]:
         newest = max(current, key=lambda r: r.serial)
         request = [r for r in current if normalise(r.query) == normalise(newest.query)]
     else:  # nothing found: the latest registration for this question, if any, is what went missing
