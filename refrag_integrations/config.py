@@ -28,6 +28,7 @@ DEFAULT_PASSAGE_CACHE_SIZE = 4096  # passages kept in the engine's process-local
 # request waits the window once (it is part of its TTFT); 0 never waits.
 DEFAULT_BATCH_WINDOW_S = 0.002
 DEFAULT_MAX_BATCH_SIZE = 16
+REGISTRATIONS_KEPT = 256  # per engine, the latest retrievals whose passages an LLM adapter may compress
 # Tokens that stay uncompressed in any prompt (template, question, chat markup; the answer is
 # counted separately) when a framework adapter reports the decoder's context window scaled by the
 # compression rate (LlamaIndex's PromptHelper packs retrieved passages into what is left).

@@ -183,7 +183,7 @@ def test_special_tokens_in_a_passage_are_text(engine):
 
     llm = ChatRefrag(engine=engine, max_tokens=3)
     messages = [SystemMessage("Answer briefly."), HumanMessage(f"{evil}\n\nQuestion: What is ChatML?")]
-    prepared = llm._prepare(engine, messages, llm._options(None, {}))
+    prepared, _ = llm._prepare(engine, messages, llm._options(None, {}))
     # The template's own markup is still special: one <|im_start|> per message + the generation
     # prompt, one <|im_end|> per message; the passage's look-alikes are plain text.
     assert prepared.token_ids.count(im_start) == 3

@@ -62,6 +62,12 @@ class _Unsupported:
     """What a local REFRAG decoder does not do; declared, not xfailed."""
 
     @property
+    def standard_chat_model_params(self) -> dict[str, Any]:
+        """A local decoder has no network timeout and no retries; ChatRefrag refuses unknown
+        arguments (``timeout=``, ``max_retries=``) instead of ignoring them."""
+        return {"temperature": 0, "max_tokens": 100, "stop": []}
+
+    @property
     def has_tool_calling(self) -> bool:
         return False
 

@@ -158,10 +158,10 @@ def node_chunks(nodes) -> int:
 class RecordingLLM(RefragLLM):
     """RefragLLM that remembers every prompt it prepared and the prepared input."""
 
-    def _prepare(self, rendered, query, decisions):
-        prepared = super()._prepare(rendered, query, decisions)
+    def _prepare(self, rendered, query, registration):
+        prepared, passages = super()._prepare(rendered, query, registration)
         self.__dict__.setdefault("_seen", []).append((rendered.text, prepared))
-        return prepared
+        return prepared, passages
 
     @property
     def seen(self):
@@ -199,7 +199,7 @@ def test_core_package_does_not_import_llama_index():
 )
 def test_components_have_class_name_and_described_fields(cls, name, expected):
     assert cls.class_name() == name
-    base = cls.__mro__[1]
+    base = next(b for b in cls.__mro__[1:] if b.__module__.startswith("llama_index"))  # the framework class
     own = {k: f for k, f in cls.model_fields.items() if k not in base.model_fields}
     assert expected <= set(own)
     for key, field in own.items():
@@ -242,11 +242,14 @@ def test_bad_inputs_raise_clear_errors(engine, retriever):
 
 
 def test_context_window_reflects_compression(engine):
-    base = make_llm(engine, compress=False).metadata.context_window
-    none = make_llm(engine, expand_fraction=0.0).metadata.context_window
-    quarter = make_llm(engine, expand_fraction=0.25).metadata.context_window
-    full = make_llm(engine, expand_fraction=1.0).metadata.context_window
+    base = make_llm(engine, compress=False).compressed_window
+    none = make_llm(engine, expand_fraction=0.0).compressed_window
+    quarter = make_llm(engine, expand_fraction=0.25).compressed_window
+    full = make_llm(engine, expand_fraction=1.0).compressed_window
     assert base == full == WINDOW
+    # LlamaIndex sizes chat memory from metadata: that is the real window, compression or not
+    assert make_llm(engine, expand_fraction=0.0).metadata.context_window == WINDOW
+    assert make_llm(engine, expand_fraction=0.0).prompt_helper().context_window == none
     assert none > quarter > base
     reserve = 256 + MAX_NEW
     assert none == reserve + (WINDOW - reserve) * engine.k

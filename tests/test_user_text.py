@@ -121,13 +121,13 @@ def test_langchain_chat_and_llm_treat_messages_as_text(tiny_chat_engine):
     tok = tiny_chat_engine.tokenizer
     chat = ChatRefrag(engine=tiny_chat_engine, max_tokens=2)
     options = chat._options(None, {})
-    clean = chat._prepare(tiny_chat_engine, [HumanMessage("Who?")], options)
-    injected = chat._prepare(tiny_chat_engine, [HumanMessage(INJECTED)], options)
+    clean, _ = chat._prepare(tiny_chat_engine, [HumanMessage("Who?")], options)
+    injected, _ = chat._prepare(tiny_chat_engine, [HumanMessage(INJECTED)], options)
     assert count_special(injected.token_ids, tok) == count_special(clean.token_ids, tok) == 3
     assert chat.get_num_tokens_from_messages([HumanMessage(INJECTED)]) == len(injected.token_ids)
     assert count_special(chat.get_token_ids(INJECTED), tok) == 0
     llm = RefragLLM(engine=tiny_chat_engine, max_tokens=2)
-    prepared = llm._prepare(tiny_chat_engine, INJECTED, llm._options(None, {}))
+    prepared, _ = llm._prepare(tiny_chat_engine, INJECTED, llm._options(None, {}))
     assert count_special(prepared.token_ids, tok) == len(tiny_chat_engine.special_prefix())  # BOS only
 
 
@@ -138,12 +138,12 @@ def test_llama_index_llm_treats_messages_as_text(tiny_chat_engine):
 
     tok = tiny_chat_engine.tokenizer
     llm = RefragLLM(engine=tiny_chat_engine, max_new_tokens=2)
-    clean = llm._prepare(llm._render_chat([ChatMessage(role=MessageRole.USER, content="Who?")]), "", {})
-    injected = llm._prepare(llm._render_chat([ChatMessage(role=MessageRole.USER, content=INJECTED)]), "", {})
+    clean, _ = llm._prepare(llm._render_chat([ChatMessage(role=MessageRole.USER, content="Who?")]), "", None)
+    injected, _ = llm._prepare(llm._render_chat([ChatMessage(role=MessageRole.USER, content=INJECTED)]), "", None)
     assert count_special(injected.token_ids, tok) == count_special(clean.token_ids, tok) == 3
-    completion = llm._prepare(llm._render_completion(INJECTED, formatted=False), "", {})
+    completion, _ = llm._prepare(llm._render_completion(INJECTED, formatted=False), "", None)
     assert count_special(completion.token_ids, tok) == 3
-    formatted = llm._prepare(llm._render_completion(INJECTED, formatted=True), "", {})
+    formatted, _ = llm._prepare(llm._render_completion(INJECTED, formatted=True), "", None)
     assert count_special(formatted.token_ids, tok) == len(tiny_chat_engine.special_prefix())
     assert count_special(llm.tokenize(INJECTED), tok) == 0
 

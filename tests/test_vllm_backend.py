@@ -17,6 +17,7 @@ from refrag_integrations.backends import resolve_backend, shared_backend
 from refrag_integrations.backends.vllm_server import ServedModelMismatchError, VllmBackend, VllmBackendError
 from refrag_integrations.config import DECODER_FINGERPRINT_FILE
 from refrag_integrations.export import SERVED_NAME_PREFIX, decoder_fingerprint, write_decoder
+from refrag_integrations.registrations import record_registration
 
 PASSAGES = [
     "Robert Boulter is an English film, television and theatre actor. He had a guest starring role on the "
@@ -297,7 +298,8 @@ def test_langchain_chat_model_on_vllm_answers_like_in_process(engine, server):
 
     from refrag_integrations.langchain import ChatRefrag
 
-    engine.register_retrieved(QUESTION, PASSAGES, "none")
+    # the passages of this request (what a retriever / postprocessor records for the adapters)
+    record_registration(engine, QUESTION, engine.register_retrieved(QUESTION, PASSAGES, "none"))
     messages = [HumanMessage(content="\n\n".join(PASSAGES) + f"\n\nQuestion: {QUESTION}")]
     local = ChatRefrag(engine=engine, max_tokens=10).invoke(messages)
     chat = ChatRefrag(engine=engine, max_tokens=10, backend="vllm", base_url=server.url)
@@ -322,7 +324,8 @@ def test_adapters_refuse_an_unknown_backend_at_construction(engine):
 def test_llama_index_llm_on_vllm_answers_like_in_process(engine, server):
     from refrag_integrations.llama_index import RefragLLM
 
-    engine.register_retrieved(QUESTION, PASSAGES, "none")
+    # the passages of this request (what a retriever / postprocessor records for the adapters)
+    record_registration(engine, QUESTION, engine.register_retrieved(QUESTION, PASSAGES, "none"))
     prompt = "\n\n".join(PASSAGES) + f"\n\nQuestion: {QUESTION}"
     local = RefragLLM(engine=engine, max_new_tokens=10).complete(prompt)
     llm = RefragLLM(engine=engine, max_new_tokens=10, backend="vllm", base_url=server.url)

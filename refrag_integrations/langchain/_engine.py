@@ -9,8 +9,19 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from ..adapter_arguments import LANGCHAIN_HINTS, refuse_unknown_arguments, renamed_settings
 from ..engine import RefragEngine
 from ..shared import loaded_shared_engine, shared_engine
+
+SETTINGS = ("checkpoint", "decoder", "encoder", "chunk_size", "device")
+# Accepted although not fields: LangChain's own deprecated name, moved by its validators.
+_ACCEPTED = {"callback_manager"}
+
+
+def refuse_unknown(cls: type[BaseModel], values: dict[str, Any]) -> None:
+    """Raise a TypeError naming every keyword ``cls`` has no field (or alias) for."""
+    known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias} | _ACCEPTED
+    refuse_unknown_arguments(cls.__name__, values, known, LANGCHAIN_HINTS)
 
 
 class RefragEngineFields(BaseModel):
@@ -26,10 +37,29 @@ class RefragEngineFields(BaseModel):
     checkpoint: str | None = Field(
         default=None, description="REFRAG checkpoint directory (None: the packaged default, if any)."
     )
-    decoder: str | None = Field(default=None, description="Decoder: HF id, local path or default name.")
+    decoder: str | None = Field(
+        default=None,
+        description="Decoder: HF id, local path or default name (``model=`` is the same setting). With "
+        "engine=, only the engine's own decoder is accepted.",
+    )
     encoder: str | None = Field(default=None, description="Chunk encoder: HF id, local path or default name.")
     chunk_size: int | None = Field(default=None, description="k, decoder tokens per chunk (None: the default).")
     device: str | None = Field(default=None, description="Device for the models (None: cuda if available).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _arguments(cls, values: Any) -> Any:
+        """Deprecated names (with a warning), ``model`` as the decoder, unknown names refused."""
+        if not isinstance(values, dict):
+            return values
+        values = renamed_settings(values) if "policy" in cls.model_fields else dict(values)
+        if "model" in values:
+            model = values.pop("model")
+            if values.get("decoder") is not None and model is not None and values["decoder"] != model:
+                raise ValueError(f"model={model!r} and decoder={values['decoder']!r} disagree; give one of them.")
+            values["decoder"] = values.get("decoder") or model
+        refuse_unknown(cls, values)
+        return values
 
     @field_validator("engine")
     @classmethod
@@ -40,12 +70,33 @@ class RefragEngineFields(BaseModel):
 
     @model_validator(mode="after")
     def _engine_or_settings(self) -> "RefragEngineFields":
-        named = [n for n in ("checkpoint", "decoder", "encoder", "chunk_size", "device") if getattr(self, n) is not None]
+        if self.engine is not None and self.decoder is not None:
+            own = str(self.engine.config.decoder)
+            if self.decoder != own:
+                raise ValueError(
+                    f"decoder/model={self.decoder!r} names another decoder than the engine's ({own!r}). Give "
+                    "either engine= or the settings to load one (decoder=...), not both."
+                )
+            self.decoder = None  # the engine's own decoder: nothing to load
+        named = self.named_settings()
         if self.engine is not None and named:
             raise ValueError(
                 f"Give either engine= or the settings to load one ({', '.join(named)}), not both."
             )
         return self
+
+    def named_settings(self) -> list[str]:
+        """The engine settings given (besides engine=)."""
+        return [n for n in SETTINGS if getattr(self, n) is not None]
+
+    def loaded_engine(self) -> RefragEngine | None:
+        """The engine if it is at hand without loading: the one given, or the shared one for
+        these settings once loaded."""
+        if self.engine is not None:
+            return self.engine
+        return loaded_shared_engine(
+            self.checkpoint, decoder=self.decoder, encoder=self.encoder, chunk_size=self.chunk_size, device=self.device
+        )
 
     def get_engine(self) -> RefragEngine:
         """The engine: the one given, else the shared one for these settings (loaded now if needed)."""
@@ -64,9 +115,7 @@ class RefragEngineFields(BaseModel):
             return str(self.engine.config.decoder)
         if self.decoder is not None:
             return self.decoder
-        loaded = loaded_shared_engine(
-            self.checkpoint, decoder=self.decoder, encoder=self.encoder, chunk_size=self.chunk_size, device=self.device
-        )
+        loaded = self.loaded_engine()
         if loaded is not None:
             return str(loaded.config.decoder)
         if self.checkpoint is not None:  # the checkpoint names its decoder in its small json file

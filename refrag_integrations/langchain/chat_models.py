@@ -11,7 +11,12 @@ Usage is reported honestly: ``usage_metadata.input_tokens`` counts the decoder p
 prompt actually used (what the KV cache holds); ``response_metadata["prompt_tokens"]`` is the
 token count of the same prompt uncompressed; ``response_metadata["refrag"]`` has the engine's
 full stats (chunks compressed / expanded, TTFT, query-time encoding, whether the projector was
-trained).
+trained); ``response_metadata["refrag_passages"]`` says how many passages were registered for this
+request, found in the prompt (whitespace may differ) and compressed.
+
+Only this request's registrations are compressed (see :mod:`refrag_integrations.registrations`):
+concurrent requests that share a passage keep their own decisions, and a passage of an earlier
+turn in the chat history stays tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import warnings
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -30,11 +36,13 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables.config import run_in_executor
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from ..adapter_arguments import renamed_settings
 from ..config import DEFAULT_MAX_NEW_TOKENS
 from ..engine import GenerationResult, PreparedInput, RefragEngine, check_temperature, check_top_p
 from ..prompt_text import RenderedPrompt, check_prompt, check_text, render_chat
+from ..registrations import cut_passages, engines_with_registrations, match_prompt
 from ._engine import RefragEngineFields
-from .retrievers import check_expand_fraction, check_max_expanded, check_policy, renamed_settings
+from .retrievers import check_expand_fraction, check_max_expanded, check_policy
 
 # Options a single call may override, e.g. ``llm.invoke(msgs, max_tokens=16)`` or ``.bind(...)``
 # (``expand`` / ``budget``: deprecated names of policy / expand_fraction, max_expanded).
@@ -94,24 +102,15 @@ def render_messages(engine: RefragEngine, messages: Sequence[BaseMessage]) -> Re
             raise ValueError(f"Unsupported message type {m.type!r}; use system, human, ai or tool messages.")
         chat.append({"role": role, "content": check_text(message_text(m), f"message {i} ({m.type})")})
     if messages[-1].type == "human" and not chat[-1]["content"].strip():
-        raise ValueError(f"The last message (human, message {len(chat) - 1}) is empty: give the question text.")
+        raise ValueError(
+            f"The last message (human, message {len(chat) - 1}) is empty, so the prompt is empty: give the question text."
+        )
     if not any(m["content"].strip() for m in chat):
-        raise ValueError("The messages hold no text: give at least one non-empty message.")
+        raise ValueError("The messages hold no text, so the prompt is empty: give at least one non-empty message.")
     tokenizer = engine.tokenizer
     if getattr(tokenizer, "chat_template", None):
         return render_chat(tokenizer, chat)
     return RenderedPrompt("".join(f"{m['role']}: {m['content']}\n\n" for m in chat) + "assistant:", [], True)
-
-
-def query_of(engine: RefragEngine, text: str) -> str:
-    """The question inside a prompt: ``text`` with every registered passage cut out (what a
-    query-aware expansion policy should compare chunks with)."""
-    pieces, cursor = [], 0
-    for a, b in engine.locate_registered(text):
-        pieces.append(text[cursor:a])
-        cursor = b
-    pieces.append(text[cursor:])
-    return " ".join(" ".join(pieces).split())
 
 
 def check_option(name: str, value: Any) -> Any:
@@ -142,9 +141,6 @@ class RefragGenerationFields(RefragEngineFields):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    model_name: str | None = Field(
-        default=None, alias="model", description="Name reported in traces and metadata (None: the decoder's name)."
-    )
     policy: Any = Field(
         default=None,
         description="Expansion policy for the passages found in the prompt. None: the decisions "
@@ -184,11 +180,6 @@ class RefragGenerationFields(RefragEngineFields):
         shared_backend(self.backend, self.base_url)  # an unknown name or a missing URL fails here, not mid-chain
         return self
 
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, values: Any) -> Any:
-        return renamed_settings(values) if isinstance(values, dict) else values
-
     @field_validator(*CALL_OPTIONS)
     @classmethod
     def _check_option(cls, value: Any, info: Any) -> Any:
@@ -198,8 +189,8 @@ class RefragGenerationFields(RefragEngineFields):
 
     @property
     def resolved_model_name(self) -> str:
-        """The name reported in metadata and traces."""
-        return self.model_name or self._decoder_name()
+        """The name reported in metadata and traces: the decoder's."""
+        return self._decoder_name()
 
     def _options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Merge call-time options over the instance's; refuse unknown ones."""
@@ -258,64 +249,127 @@ class RefragGenerationFields(RefragEngineFields):
 
     # ------------------------------------------------------------------ running the engine
 
-    def _prompt(self, engine: RefragEngine, inputs: Any) -> tuple[RenderedPrompt, str]:
-        """(the rendered prompt, the query) for the subclass's input type."""
+    def _prompt(self, engine: RefragEngine, inputs: Any) -> tuple[RenderedPrompt, str, str]:
+        """(the rendered prompt, the current turn, the question) for the subclass's input type: the current turn is where this request's registrations are recognised (see
+        :func:`~refrag_integrations.registrations.match_prompt`); the question is what a
+        query-aware policy compares chunks with."""
         raise NotImplementedError
 
-    def _prepare(self, engine: RefragEngine, inputs: Any, options: dict[str, Any]) -> PreparedInput:
-        rendered, query = self._prompt(engine, inputs)
-        return engine.prepare_prompt(
-            rendered.text, query=query, policy=options["policy"], expand_fraction=options["expand_fraction"],
-            max_expanded=options["max_expanded"], add_special_tokens=rendered.add_special_tokens,
-            markup_spans=rendered.markup_spans,
+    def _input_text(self, inputs: Any) -> str:
+        """The user's text in ``inputs``, before any template (to find registered passages)."""
+        raise NotImplementedError
+
+    def _engine_for(self, inputs: Any) -> RefragEngine:
+        """The engine for this request. Without ``engine=`` and without settings, that is the
+        engine a retriever registered this prompt's passages on (so ``RefragRetriever(engine=e)``
+        and a plain ``ChatRefrag()`` share ``e``), else the shared default engine. A prompt whose
+        passages were registered only on another engine than the one named here is refused:
+        decoding it would load a second engine and compress nothing."""
+        text = self._input_text(inputs)  # refuses empty input before anything is loaded
+        if self.engine is not None:
+            return self.engine
+        ours = self.loaded_engine()
+        holders = {}
+        for e in engines_with_registrations():
+            if (latest := match_prompt(e, text, text).latest) > 0:
+                holders[e] = latest
+        if not holders or ours in holders:
+            return ours if ours is not None else self.get_engine()
+        if not self.named_settings():  # the engine of the latest retrieval for this prompt
+            return max(holders, key=holders.__getitem__)
+        named = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.named_settings()) or "no settings"
+        raise ValueError(
+            f"The passages in this prompt were registered on {len(holders)} other RefragEngine(s) (by a "
+            f"retriever given engine=... or other settings), not on the engine of this "
+            f"{type(self).__name__} ({named}); it would compress none of them. Give the retriever and "
+            f"{type(self).__name__} the same engine=, or the same settings."
         )
 
-    def _result_metadata(self, result: GenerationResult) -> tuple[UsageMetadata, dict[str, Any]]:
+    def _prepare(
+        self, engine: RefragEngine, inputs: Any, options: dict[str, Any]
+    ) -> tuple[PreparedInput, dict[str, int]]:
+        """The mixed input, and the ``refrag_passages`` counts for response metadata."""
+        rendered, current, question = self._prompt(engine, inputs)
+        prompt = rendered.text
+        match = match_prompt(engine, prompt, current)
+        if match.registered and not match.found:
+            warnings.warn(
+                f"{match.registered} passage(s) were registered for this question but none was found in "
+                f"the prompt, so nothing is compressed. Keep each document's page_content intact in "
+                f"format_docs (whitespace may change; words may not).",
+                UserWarning,
+                stacklevel=2,
+            )
+        query = cut_passages(question, match)
+        policy = options["policy"]
+        prepared = engine.prepare(
+            prompt, match.spans, match.decisions(engine, prompt) if policy is None else policy, query=query,
+            expand_fraction=options["expand_fraction"], max_expanded=options["max_expanded"],
+            add_special_tokens=rendered.add_special_tokens, markup_spans=rendered.markup_spans,
+        )
+        chunks = [len(engine.chunk(prompt[a:b])) for a, b in match.spans]
+        return prepared, match.summary(prepared.stats.expanded, chunks)
+
+    def _result_metadata(
+        self, engine: RefragEngine, result: GenerationResult, passages: dict[str, int]
+    ) -> tuple[UsageMetadata, dict[str, Any]]:
         s = result.stats
         usage = UsageMetadata(
             input_tokens=s.positions, output_tokens=s.new_tokens, total_tokens=s.positions + s.new_tokens
         )
         meta = {
-            "model_name": self.resolved_model_name,
+            "model_name": str(engine.config.decoder),
             "finish_reason": result.finish_reason,
             "prompt_tokens": s.prompt_tokens,
             "ttft_s": s.ttft_s,
             "refrag": s.to_dict(),
+            "refrag_passages": passages,
         }
         return usage, meta
 
-    def _run(self, inputs: Any, stop: list[str] | None, kwargs: dict[str, Any]) -> GenerationResult:
+    def _run(
+        self, inputs: Any, stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[UsageMetadata, dict[str, Any], GenerationResult]:
+        """Generate for one input; returns (usage, response metadata, result)."""
         options = self._options(stop, kwargs)
-        engine = self.get_engine()
+        engine = self._engine_for(inputs)
         t0 = time.perf_counter()  # after loading: TTFT never includes model loading
-        prepared = self._prepare(engine, inputs, options)
-        return engine.generate_prepared([prepared], t_start=t0, **options["gen"])[0]
+        prepared, passages = self._prepare(engine, inputs, options)
+        result = engine.generate_prepared([prepared], t_start=t0, **options["gen"])[0]
+        return (*self._result_metadata(engine, result, passages), result)
 
-    def _run_many(self, inputs: Sequence[Any], stop: list[str] | None, kwargs: dict[str, Any]) -> list[GenerationResult]:
-        """Several inputs with the same options: greedy ones as one left-padded batch (one
-        prefill, one batched decode); sampled ones one by one, so a seeded sample never depends
-        on the other inputs of its batch."""
+    def _run_many(
+        self, inputs: Sequence[Any], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> list[tuple[UsageMetadata, dict[str, Any], GenerationResult]]:
+        """Several inputs with the same options, each as (usage, response metadata, result):
+        greedy ones on one engine as one left-padded batch (one prefill, one batched decode);
+        sampled ones one by one, so a seeded sample never depends on the other inputs of its
+        batch."""
         options = self._options(stop, kwargs)
         if len(inputs) < 2 or options["gen"]["do_sample"]:
             return [self._run(x, stop, dict(kwargs)) for x in inputs]
-        engine = self.get_engine()
+        engines = [self._engine_for(x) for x in inputs]
+        if any(e is not engines[0] for e in engines):  # prompts registered on different engines
+            return [self._run(x, stop, dict(kwargs)) for x in inputs]
+        engine = engines[0]
         t0 = time.perf_counter()
-        prepared = [self._prepare(engine, x, options) for x in inputs]
-        return engine.generate_prepared(prepared, t_start=t0, **options["gen"])
+        ready = [self._prepare(engine, x, options) for x in inputs]
+        results = engine.generate_prepared([prepared for prepared, _ in ready], t_start=t0, **options["gen"])
+        return [(*self._result_metadata(engine, r, passages), r) for r, (_, passages) in zip(results, ready)]
 
-    def _run_stream(self, inputs: Any, stop: list[str] | None, kwargs: dict[str, Any]) -> Iterator[str | GenerationResult]:
-        """Yields text pieces, then the :class:`GenerationResult`."""
+    def _run_stream(self, inputs: Any, stop: list[str] | None, kwargs: dict[str, Any]) -> Iterator[str | tuple]:
+        """Yields text pieces, then (usage, response metadata, result)."""
         options = self._options(stop, kwargs)
-        engine = self.get_engine()
+        engine = self._engine_for(inputs)
         t0 = time.perf_counter()
-        prepared = self._prepare(engine, inputs, options)
+        prepared, passages = self._prepare(engine, inputs, options)
         stream = engine.stream_prepared(prepared, t_start=t0, **options["gen"])
         yield from stream
-        yield stream.result
+        yield (*self._result_metadata(engine, stream.result, passages), stream.result)
 
     async def _arun_stream(
         self, inputs: Any, stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> AsyncIterator[str | GenerationResult]:
+    ) -> AsyncIterator[str | tuple]:
         """Async twin of :meth:`_run_stream`: loading, assembly and decoding run in a worker
         thread; text pieces reach the event loop through a queue, so the loop never blocks. If the
         consumer stops early (closes the generator, or its task is cancelled), decoding stops."""
@@ -327,11 +381,12 @@ class RefragGenerationFields(RefragEngineFields):
         def on_text(_: int, piece: str) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
-        def work() -> GenerationResult:
-            engine = self.get_engine()
+        def work() -> tuple:
+            engine = self._engine_for(inputs)
             t0 = time.perf_counter()
-            prepared = self._prepare(engine, inputs, options)
-            return engine.generate_prepared([prepared], t_start=t0, on_text=on_text, cancel=cancel, **options["gen"])[0]
+            prepared, passages = self._prepare(engine, inputs, options)
+            result = engine.generate_prepared([prepared], t_start=t0, on_text=on_text, cancel=cancel, **options["gen"])[0]
+            return (*self._result_metadata(engine, result, passages), result)
 
         task = asyncio.ensure_future(run_in_executor(None, work))
         # Runs on the loop after every piece the worker queued before finishing.
@@ -353,8 +408,11 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
     """A LangChain chat model that decodes with REFRAG.
 
     Construction is cheap: the engine is the one given (``engine=``), or the process-wide shared
-    engine for the named settings, loaded on first use. Give the retriever and the chat model the
-    same engine (or the same settings, or none) so they share the passage cache.
+    engine for the named settings (``model=`` is ``decoder=``), loaded on first use. Without
+    either, it is the engine the retriever registered the prompt's passages on, so
+    ``RefragRetriever(engine=e)`` and ``ChatRefrag()`` share ``e``; a chat model naming other
+    settings than that engine is refused. Unknown arguments raise a TypeError that names the
+    right one (``max_new_tokens=`` -> ``max_tokens=``).
 
     Example:
         >>> from refrag_integrations.langchain import ChatRefrag, RefragRetriever
@@ -398,10 +456,29 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
         """The prompt text the decoder reads for ``messages`` (chat template applied)."""
         return render_messages(self.get_engine(), messages).text
 
-    def _prompt(self, engine: RefragEngine, messages: Sequence[BaseMessage]) -> tuple[RenderedPrompt, str]:
+    def _prompt(self, engine: RefragEngine, messages: Sequence[BaseMessage]) -> tuple[RenderedPrompt, str, str]:
         rendered = render_messages(engine, messages)
         human = [m for m in messages if m.type == "human"]
-        return rendered, query_of(engine, message_text(human[-1])) if human else ""
+        last_ai = max((i for i, m in enumerate(messages) if m.type == "ai"), default=-1)
+        current = [m for i, m in enumerate(messages) if m.type == "system" or i > last_ai]
+        return rendered, "\n\n".join(map(message_text, current)), message_text(human[-1]) if human else ""
+
+    def _input_text(self, messages: Sequence[BaseMessage]) -> str:
+        if not messages:
+            raise ValueError("No messages to answer: give at least one message.")
+        texts = [message_text(m) if isinstance(m, BaseMessage) else "" for m in messages]
+        if all(isinstance(m, BaseMessage) for m in messages):
+            if messages[-1].type == "human" and not texts[-1].strip():
+                raise ValueError(
+                    f"The last message (human, message {len(messages) - 1}) is empty, so the prompt is empty: "
+                    "give the question text."
+                )
+            if not any(t.strip() for t in texts):
+                raise ValueError(
+                    f"The messages hold no text, so the prompt is empty: give {type(self).__name__} at least "
+                    "one message with some text to answer."
+                )
+        return "\n\n".join(texts)
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` under the decoder's own (local) tokenizer."""
@@ -419,8 +496,9 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
 
     # ------------------------------------------------------------------ generation
 
-    def _message_chunk(self, result: GenerationResult) -> ChatGenerationChunk:
-        usage, meta = self._result_metadata(result)
+    def _message_chunk(
+        self, usage: UsageMetadata, meta: dict[str, Any], result: GenerationResult
+    ) -> ChatGenerationChunk:
         return ChatGenerationChunk(
             message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta, chunk_position="last"),
             generation_info={"finish_reason": result.finish_reason},
@@ -433,8 +511,7 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        result = self._run(messages, stop, kwargs)
-        usage, meta = self._result_metadata(result)
+        usage, meta, result = self._run(messages, stop, kwargs)
         message = AIMessage(content=result.text, usage_metadata=usage, response_metadata=meta)
         generation = ChatGeneration(message=message, generation_info={"finish_reason": result.finish_reason})
         return ChatResult(generations=[generation], llm_output={"model_name": self.resolved_model_name})
@@ -447,8 +524,8 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         for item in self._run_stream(messages, stop, kwargs):
-            if isinstance(item, GenerationResult):
-                yield self._message_chunk(item)
+            if isinstance(item, tuple):
+                yield self._message_chunk(*item)
                 return
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
             if run_manager is not None:
@@ -463,8 +540,8 @@ class ChatRefrag(RefragGenerationFields, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         async for item in self._arun_stream(messages, stop, kwargs):
-            if isinstance(item, GenerationResult):
-                yield self._message_chunk(item)
+            if isinstance(item, tuple):
+                yield self._message_chunk(*item)
                 return
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
             if run_manager is not None:
@@ -506,9 +583,16 @@ class RefragLLM(RefragGenerationFields, LLM):
             params["ls_stop"] = list(stop or self.stop or [])
         return params
 
-    def _prompt(self, engine: RefragEngine, prompt: str) -> tuple[RenderedPrompt, str]:
+    def _prompt(self, engine: RefragEngine, prompt: str) -> tuple[RenderedPrompt, str, str]:
         check_prompt(prompt)  # all of it user text: no chat template here
-        return RenderedPrompt(prompt, [], True), query_of(engine, prompt)
+        return RenderedPrompt(prompt, [], True), self._input_text(prompt), prompt
+
+    def _input_text(self, prompt: str) -> str:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}.")
+        if not prompt.strip():
+            raise ValueError("The prompt is empty: give RefragLLM some text to complete.")
+        return prompt
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` under the decoder's own (local) tokenizer."""
@@ -516,8 +600,8 @@ class RefragLLM(RefragGenerationFields, LLM):
             return self.custom_get_token_ids(text)
         return self.get_engine().tokenize(text, add_special_tokens=False)
 
-    def _info(self, result: GenerationResult) -> dict[str, Any]:
-        usage, meta = self._result_metadata(result)
+    @staticmethod
+    def _info(usage: UsageMetadata, meta: dict[str, Any], result: GenerationResult) -> dict[str, Any]:
         return {**meta, "usage": dict(usage)}
 
     def _call(
@@ -527,7 +611,7 @@ class RefragLLM(RefragGenerationFields, LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> str:
-        return self._run(prompt, stop, kwargs).text
+        return self._run(prompt, stop, kwargs)[2].text
 
     def _generate(
         self,
@@ -538,8 +622,8 @@ class RefragLLM(RefragGenerationFields, LLM):
     ) -> LLMResult:
         # LangChain's batch()/abatch() of an LLM arrive here with all prompts at once.
         generations = [
-            [Generation(text=result.text, generation_info=self._info(result))]
-            for result in self._run_many(prompts, stop, kwargs)
+            [Generation(text=result.text, generation_info=self._info(usage, meta, result))]
+            for usage, meta, result in self._run_many(prompts, stop, kwargs)
         ]
         return LLMResult(generations=generations, llm_output={"model_name": self.resolved_model_name})
 
@@ -562,8 +646,8 @@ class RefragLLM(RefragGenerationFields, LLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         for item in self._run_stream(prompt, stop, kwargs):
-            if isinstance(item, GenerationResult):
-                yield GenerationChunk(text="", generation_info=self._info(item))
+            if isinstance(item, tuple):
+                yield GenerationChunk(text="", generation_info=self._info(*item))
                 return
             if run_manager is not None:
                 run_manager.on_llm_new_token(item)
@@ -577,8 +661,8 @@ class RefragLLM(RefragGenerationFields, LLM):
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
         async for item in self._arun_stream(prompt, stop, kwargs):
-            if isinstance(item, GenerationResult):
-                yield GenerationChunk(text="", generation_info=self._info(item))
+            if isinstance(item, tuple):
+                yield GenerationChunk(text="", generation_info=self._info(*item))
                 return
             if run_manager is not None:
                 await run_manager.on_llm_new_token(item)

@@ -12,13 +12,14 @@ Chunk vectors precomputed at indexing time are used when the engine has a vector
 the project's Chroma chunk store with ``ChunkStore.for_engine(engine, path).attach(engine)``;
 :class:`ChunkStoreRetriever` also makes that store's passages a LangChain retriever.
 
-Registration is per passage text, so when two concurrent queries retrieve the same passage the
-decision registered last applies to both prompts.
+Registrations belong to the request (:mod:`refrag_integrations.registrations`): the chat model
+compresses the passages registered for the question it is answering, with that request's
+decisions, so concurrent queries that share a passage keep their own decisions, and a passage of
+an earlier turn that reappears in the chat history stays tokens.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Sequence
 
 from langchain_core.callbacks import (
@@ -29,11 +30,12 @@ from langchain_core.callbacks import (
 from langchain_core.documents import BaseDocumentCompressor, Document
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables.config import run_in_executor
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator
 
 from ..config import DEFAULT_TOP_K
 from ..engine import RefragEngine
-from ..policy import POLICY_NAMES, ExpansionPolicy, as_budget
+from ..policy import POLICY_NAMES, ExpansionPolicy
+from ..registrations import record_registration
 from ._engine import RefragEngineFields
 
 # Metadata keys the adapters add to each Document (small values only).
@@ -68,27 +70,6 @@ def check_max_expanded(value: Any) -> Any:
     return value
 
 
-def renamed_settings(values: dict[str, Any]) -> dict[str, Any]:
-    """Map the deprecated names ``expand`` and ``budget`` onto ``policy`` and ``expand_fraction``
-    / ``max_expanded`` (with a DeprecationWarning); other keys pass through."""
-    values = dict(values)
-    if "expand" in values:
-        warnings.warn("expand= is deprecated; use policy=.", DeprecationWarning, stacklevel=4)
-        expand = values.pop("expand")
-        if values.get("policy") is not None:
-            raise ValueError("Give policy= only; expand= is its deprecated name.")
-        values["policy"] = expand
-    if "budget" in values:
-        warnings.warn("budget= is deprecated; use expand_fraction= and/or max_expanded=.", DeprecationWarning, stacklevel=4)
-        budget = values.pop("budget")
-        if budget is not None:
-            if values.get("expand_fraction") is not None or values.get("max_expanded") is not None:
-                raise ValueError("Give expand_fraction= / max_expanded= only; budget= is their deprecated name.")
-            b = as_budget(budget)  # raises TypeError / ValueError naming the problem
-            values["expand_fraction"], values["max_expanded"] = b.fraction, b.max_count
-    return values
-
-
 class ExpansionFields(BaseModel):
     """The expansion settings of the retrieval side (mixed into the LangChain classes):
     the expansion policy, the expand fraction p and a cap on expanded chunks."""
@@ -104,11 +85,6 @@ class ExpansionFields(BaseModel):
     max_expanded: int | None = Field(
         default=None, description="At most this many chunks kept as tokens. None = the engine's default."
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, values: Any) -> Any:
-        return renamed_settings(values) if isinstance(values, dict) else values
 
     @field_validator("policy")
     @classmethod
@@ -181,6 +157,7 @@ def register_documents(
     )
     if not registered:
         return docs
+    record_registration(engine, query, registered)  # what the chat model compresses, for this request only
     info = {
         p.text: {
             PASSAGE_ID_KEY: p.passage_id,

@@ -1,11 +1,12 @@
 """Per-request state shared by the postprocessor and the LLM, without touching prompts.
 
-The engine's passage cache keys expansion decisions by passage text only, so two concurrent
-queries that retrieve the same passage with a query-aware policy would overwrite each other's
-decision. The postprocessor therefore also puts its decisions in a :mod:`contextvars` variable:
-LlamaIndex runs retrieval, postprocessing and synthesis of one query in one context (one thread
-for ``query``, one task for ``aquery``), so the LLM call of that query sees exactly its own
-decisions; the registered decision is the fallback. The same mechanism carries a sink for
+The postprocessor records each retrieval's passages and decisions as a
+:class:`~refrag_integrations.registrations.Registration` and also puts it in a :mod:`contextvars`
+variable: LlamaIndex runs retrieval, postprocessing and synthesis of one query in one context
+(one thread for ``query``, one task for ``aquery``), so the LLM calls of that query compress
+exactly that query's passages with its own decisions, even when concurrent queries share a
+passage. Outside such a context the LLM recognises the request among the engine's registrations
+(:func:`~refrag_integrations.registrations.match_prompt`). The same mechanism carries a sink for
 generation stats (:func:`collect_generation_stats`).
 """
 
@@ -13,23 +14,25 @@ from __future__ import annotations
 
 import contextlib
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import GenerationStats
+    from ..registrations import Registration
 
-# passage id -> per-chunk decisions (True = expand), from the latest postprocessing in this context
-_DECISIONS: ContextVar[Mapping[str, tuple[bool, ...]] | None] = ContextVar("refrag_decisions", default=None)
+# the registration of the latest postprocessing in this context
+_REGISTRATION: ContextVar["Registration | None"] = ContextVar("refrag_registration", default=None)
 # where RefragLLM appends the stats of every generation made in this context
 _STATS_SINK: ContextVar[list | None] = ContextVar("refrag_stats_sink", default=None)
 
-def set_decisions(decisions: Mapping[str, tuple[bool, ...]]) -> None:
-    """Make ``decisions`` (passage id -> per-chunk expand flags) the current request's."""
-    _DECISIONS.set(dict(decisions))
+
+def set_registration(registration: "Registration | None") -> None:
+    """Make ``registration`` the current request's (None: the request registered nothing)."""
+    _REGISTRATION.set(registration)
 
 
-def current_decisions() -> Mapping[str, tuple[bool, ...]]:
-    return _DECISIONS.get() or {}
+def current_registration() -> "Registration | None":
+    return _REGISTRATION.get()
 
 
 def stats_sink() -> list | None:

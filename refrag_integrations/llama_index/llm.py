@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import warnings
 from typing import Any, Generator, Iterator, List, Optional, Sequence
 
 from llama_index.core.base.llms.types import (
@@ -26,18 +27,20 @@ from llama_index.core.base.llms.types import (
     MessageRole,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.indices.prompt_helper import PromptHelper
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from ..chunking import passage_id
 from ..config import DEFAULT_MAX_NEW_TOKENS, PROMPT_RESERVE_TOKENS
 from ..engine import GenerationResult, GenerationStats, PreparedInput, RefragEngine
 from ..policy import ExpandAll, ExpandNone, ExpansionBudget, ExpansionPolicy, as_budget
 from ..prompt_text import RenderedPrompt, check_prompt, check_text, render_chat
-from ..shared import shared_engine
-from ._request import current_decisions, stats_sink
+from ..registrations import PromptMatch, Registration, cut_passages, match_prompt
+from ._engine import EngineSettings, checked_arguments
+from ._request import current_registration, stats_sink
 
 STATS_KEY = "refrag_stats"  # key of the stats dict in every response's additional_kwargs
+PASSAGES_KEY = "refrag_passages"  # key of {"registered", "found", "compressed"} in additional_kwargs
 
 # LlamaIndex roles that chat templates do not know, mapped onto ones they do.
 _ROLES = {"chatbot": "assistant", "model": "assistant", "developer": "system"}
@@ -93,20 +96,27 @@ def expected_expand_fraction(policy: "ExpansionPolicy | str", budget: "Expansion
     return float(fraction)
 
 
-class RefragLLM(CustomLLM):
+class RefragLLM(EngineSettings, CustomLLM):
     """A LlamaIndex LLM over a :class:`~refrag_integrations.RefragEngine`.
 
     Use it with :class:`RefragNodePostprocessor` on the same engine (or let
-    :class:`RefragQueryEngine` wire both). ``metadata.context_window`` is the decoder's window
-    scaled by the expected compression, so COMPACT synthesis packs all retrieved nodes into one
-    call; every response carries its :class:`~refrag_integrations.GenerationStats` as a dict in
-    ``additional_kwargs["refrag_stats"]`` (see also :attr:`last_stats` and
+    :class:`RefragQueryEngine` wire both). ``metadata.context_window`` is the decoder's real
+    window, so chat memory and everything else LlamaIndex sizes from it keep what the decoder can
+    read as tokens; only retrieved text that will be compressed may use more:
+    :meth:`prompt_helper` (used by :class:`RefragQueryEngine`) packs nodes into
+    :attr:`compressed_window`, the window scaled by the expected compression, so COMPACT
+    synthesis puts all retrieved nodes into one call. Every response carries its
+    :class:`~refrag_integrations.GenerationStats` as a dict in ``additional_kwargs["refrag_stats"]``
+    and ``additional_kwargs["refrag_passages"]`` = how many passages were registered for the
+    request, found in the prompt and compressed (see also :attr:`last_stats` and
     :func:`collect_generation_stats`).
 
     Args:
         engine: the engine shared with the postprocessor (default: the process-wide
-            :func:`shared_engine`, loaded on first use).
-        **kwargs: the fields below.
+            :func:`shared_engine` for ``checkpoint``/``decoder``/``encoder``/``chunk_size``/``device``,
+            loaded on first use).
+        **kwargs: the fields below. Unknown arguments raise a TypeError that names the right one
+            (e.g. ``max_tokens=`` -> ``max_new_tokens=``).
 
     Example:
         >>> llm = RefragLLM(engine=engine, max_new_tokens=32)                  # doctest: +SKIP
@@ -141,11 +151,6 @@ class RefragLLM(CustomLLM):
         description="Report a chat model (messages rendered with the decoder's chat template); "
         "None = whether the tokenizer has a chat template.",
     )
-    checkpoint: Optional[str] = Field(
-        default=None,
-        description="REFRAG checkpoint directory for the shared engine when no engine is given "
-        "(None: the packaged default, if any).",
-    )
     backend: str = Field(
         default="transformers",
         description="Decoder backend: 'transformers' (the engine's in-process decoder) or 'vllm' (a vLLM server "
@@ -155,16 +160,12 @@ class RefragLLM(CustomLLM):
         default=None, description="The vLLM server's API root, e.g. 'http://localhost:8000/v1' (backend='vllm')."
     )
 
-    _engine: Optional[RefragEngine] = PrivateAttr(default=None)
     _last_stats: Optional[GenerationStats] = PrivateAttr(default=None)
-    _engine_lock: Any = PrivateAttr(default_factory=threading.Lock)
     _tokenizer: Any = PrivateAttr(default=None)
     _tokenizer_lock: Any = PrivateAttr(default_factory=threading.Lock)
 
     def __init__(self, engine: Optional[RefragEngine] = None, **kwargs: Any) -> None:
-        if engine is not None and not isinstance(engine, RefragEngine):
-            raise TypeError(f"engine must be a RefragEngine, got {type(engine).__name__}.")
-        super().__init__(**kwargs)
+        super().__init__(**checked_arguments(type(self), engine, kwargs))
         self.decoder_backend()  # an unknown backend or a missing base_url fails here, not mid-query
         self._engine = engine
 
@@ -173,15 +174,6 @@ class RefragLLM(CustomLLM):
         return "RefragLLM"
 
     # ------------------------------------------------------------------ properties
-
-    @property
-    def engine(self) -> RefragEngine:
-        """The engine (loaded on first use when none was given)."""
-        if self._engine is None:
-            with self._engine_lock:
-                if self._engine is None:
-                    self._engine = shared_engine(self.checkpoint)
-        return self._engine
 
     def decoder_backend(self) -> Any:
         """Where prompts are decoded: None (the engine's own choice, by default its in-process
@@ -218,14 +210,30 @@ class RefragLLM(CustomLLM):
         return expected_expand_fraction(self.engine.policy, self.engine.budget)
 
     @property
-    def metadata(self) -> LLMMetadata:
+    def compressed_window(self) -> int:
+        """The window retrieved nodes may be packed into: the decoder's window scaled by the
+        expected compression (see :func:`compressed_context_window`); the real window when
+        ``compress=False``. Only for packing nodes that the postprocessor registers; everything
+        else (chat history, templates) must fit the real window, ``metadata.context_window``."""
         window = self.decoder_window
-        if self.compress:
-            window = compressed_context_window(
-                window, self.engine.k, self.expected_expand_fraction(), PROMPT_RESERVE_TOKENS + self.max_new_tokens
-            )
+        if not self.compress:
+            return window
+        return compressed_context_window(
+            window, self.engine.k, self.expected_expand_fraction(), PROMPT_RESERVE_TOKENS + self.max_new_tokens
+        )
+
+    def prompt_helper(self, **kwargs: Any) -> PromptHelper:
+        """A PromptHelper that packs retrieved nodes into :attr:`compressed_window` and counts
+        decoder tokens; give it to a response synthesizer, e.g.
+        ``get_response_synthesizer(llm=llm, prompt_helper=llm.prompt_helper())`` (what
+        :class:`RefragQueryEngine` does). ``kwargs`` go to ``PromptHelper.from_llm_metadata``."""
+        window = LLMMetadata(context_window=self.compressed_window, num_output=self.max_new_tokens)
+        return PromptHelper.from_llm_metadata(window, tokenizer=self.tokenize, **kwargs)
+
+    @property
+    def metadata(self) -> LLMMetadata:
         return LLMMetadata(
-            context_window=window,
+            context_window=self.decoder_window,
             num_output=self.max_new_tokens,
             is_chat_model=self._is_chat(),
             model_name=self.model_name or self.engine.config.decoder,
@@ -256,16 +264,22 @@ class RefragLLM(CustomLLM):
         text: a control-token string in one stays text) and whether BOS must still be added.
 
         Raises:
-            ValueError: no messages, no text in any, an empty last user message, a lone surrogate.
+            ValueError: the prompt is empty (no messages, no text in any, an empty last user
+                message), or a message holds a lone surrogate.
         """
         if not messages:
-            raise ValueError("No messages to answer: give at least one ChatMessage.")
+            raise ValueError("No messages to answer, so the prompt is empty: give at least one ChatMessage.")
         for i, m in enumerate(messages):
             check_text(m.content or "", f"message {i} ({m.role.value})")
         if messages[-1].role == MessageRole.USER and not (messages[-1].content or "").strip():
-            raise ValueError(f"The last message (user, message {len(messages) - 1}) is empty: give the question text.")
+            raise ValueError(
+                f"The last message (user, message {len(messages) - 1}) is empty, so the prompt is empty: "
+                "give the question text."
+            )
         if not any((m.content or "").strip() for m in messages):
-            raise ValueError("The messages hold no text: give at least one non-empty message.")
+            raise ValueError(
+                "The messages hold no text, so the prompt is empty: give RefragLLM at least one non-empty message."
+            )
         tokenizer = self.engine.tokenizer
         if self._is_chat() and getattr(tokenizer, "chat_template", None):
             turns = [{"role": _ROLES.get(m.role.value, m.role.value), "content": m.content or ""} for m in messages]
@@ -286,28 +300,31 @@ class RefragLLM(CustomLLM):
             text = f"{self.system_prompt}\n\n{text}"
         return RenderedPrompt(text, [], True)
 
-    def _prepare(self, rendered: RenderedPrompt, query: str, decisions: dict) -> PreparedInput:
-        """Compress the registered passages found whole in ``prompt``: with this request's decisions
-        (from its postprocessor), else the registered ones, else the engine's default policy."""
+    def _prepare(
+        self, rendered: RenderedPrompt, query: str, registration: Optional[Registration]
+    ) -> tuple[PreparedInput, dict]:
+        """Compress the passages of this request found in the prompt (those of ``registration``,
+        the postprocessing of this query; without one, recognised among the engine's
+        registrations by ``query``) with their decisions; the prompt's chat markup stays markup
+        and every other character user text. Returns the input and the ``refrag_passages`` counts."""
         engine, prompt = self.engine, rendered.text
-        spans = engine.locate_registered(prompt) if self.compress else []
-        texts = [prompt[a:b] for a, b in spans]
-        expand: list = []
-        for text in texts:
-            pid = passage_id(text)
-            decision = decisions.get(pid)
-            if decision is None:
-                entry = engine.lookup_passage(pid)
-                decision = entry.expand if entry is not None else None
-            expand.append(decision)
-        missing = [i for i, d in enumerate(expand) if d is None]
-        if missing:
-            for i, d in zip(missing, engine.decide(query, [texts[i] for i in missing]), strict=True):
-                expand[i] = d
+        if self.compress:
+            match = match_prompt(engine, prompt, query, only=None if registration is None else [registration])
+        else:  # the full-context baseline: nothing is looked for
+            match = PromptMatch()
+        if match.registered and not match.found:
+            warnings.warn(
+                f"{match.registered} passage(s) were registered for this query but none was found in the "
+                "prompt, so nothing is compressed (a node that LlamaIndex split across calls stays tokens; "
+                "a custom template must keep node text intact).",
+                UserWarning,
+                stacklevel=2,
+            )
         prepared = engine.prepare(
-            prompt, spans, [list(d) for d in expand], query=query, add_special_tokens=rendered.add_special_tokens,
-            markup_spans=rendered.markup_spans,
+            prompt, match.spans, match.decisions(engine, prompt), query=cut_passages(query, match),
+            add_special_tokens=rendered.add_special_tokens, markup_spans=rendered.markup_spans,
         )
+        passages = match.summary(prepared.stats.expanded, [len(engine.chunk(prompt[a:b])) for a, b in match.spans])
         need, window = prepared.stats.positions + self.max_new_tokens, self.decoder_window
         if need > window:
             raise ContextWindowExceededError(
@@ -316,9 +333,9 @@ class RefragLLM(CustomLLM):
                 f"RefragNodePostprocessor and found whole in the prompt are compressed "
                 f"({prepared.stats.chunks_compressed} chunks here); everything else, including a node that "
                 "LlamaIndex split across calls, stays tokens. Retrieve fewer or smaller nodes, lower "
-                "expand_fraction, or give the synthesizer a PromptHelper with tokenizer=llm.tokenize."
+                "expand_fraction, or give the synthesizer llm.prompt_helper()."
             )
-        return prepared
+        return prepared, passages
 
     def _gen_kwargs(self, overrides: dict) -> dict:
         unknown = sorted(set(overrides) - set(_GEN_KEYS) - {"max_tokens"})
@@ -345,25 +362,27 @@ class RefragLLM(CustomLLM):
     # ------------------------------------------------------------------ generation (sync cores)
 
     def _generate(self, rendered: RenderedPrompt, query: str, overrides: dict) -> tuple[GenerationResult, dict]:
-        decisions, sink = current_decisions(), stats_sink()
+        """The result and the response's additional_kwargs (stats and passage counts)."""
+        registration, sink = current_registration(), stats_sink()
         gen = self._gen_kwargs(overrides)
         t0 = time.perf_counter()
-        prepared = self._prepare(rendered, query, decisions)
+        prepared, passages = self._prepare(rendered, query, registration)
         result = self.engine.generate_prepared([prepared], t_start=t0, **gen)[0]
-        return result, self._record(result.stats, sink)
+        return result, {STATS_KEY: self._record(result.stats, sink), PASSAGES_KEY: passages}
 
     def _stream(
         self, rendered: RenderedPrompt, query: str, overrides: dict, cancel: threading.Event | None = None
     ) -> Iterator[tuple[str, str, dict | None]]:
-        """Yields ``(delta, text so far, None)`` per piece, then ``("", text, stats)`` once. The
-        request's decisions and stats sink are taken now; the work starts on the first ``next``.
-        Closing the iterator, or setting ``cancel`` (from any thread), stops the decoding."""
-        decisions, sink = current_decisions(), stats_sink()
+        """Yields ``(delta, text so far, None)`` per piece, then ``("", text, additional_kwargs)``
+        once. The request's registration and stats sink are taken now; the work starts on the
+        first ``next``. Closing the iterator, or setting ``cancel`` (from any thread), stops the
+        decoding."""
+        registration, sink = current_registration(), stats_sink()
         gen = self._gen_kwargs(overrides)
 
         def pieces() -> Iterator[tuple[str, str, dict | None]]:
             t0 = time.perf_counter()
-            prepared = self._prepare(rendered, query, decisions)
+            prepared, passages = self._prepare(rendered, query, registration)
             with self.engine.stream_prepared(prepared, t_start=t0, cancel=cancel, **gen) as stream:
                 text = ""
                 for piece in stream:
@@ -371,13 +390,13 @@ class RefragLLM(CustomLLM):
                     yield piece, text, None
             if stream.result is None or stream.result.finish_reason == "cancelled":  # the consumer left
                 return
-            yield "", text, self._record(stream.result.stats, sink)
+            yield "", text, {STATS_KEY: self._record(stream.result.stats, sink), PASSAGES_KEY: passages}
 
         return pieces()
 
     def _complete_response(self, prompt: str, formatted: bool, overrides: dict) -> CompletionResponse:
-        result, stats = self._generate(self._render_completion(prompt, formatted), prompt, overrides)
-        return CompletionResponse(text=result.text, additional_kwargs={STATS_KEY: stats})
+        result, kwargs = self._generate(self._render_completion(prompt, formatted), prompt, overrides)
+        return CompletionResponse(text=result.text, additional_kwargs=kwargs)
 
     def _complete_stream(
         self, prompt: str, formatted: bool, overrides: dict, cancel: threading.Event | None = None
@@ -385,15 +404,13 @@ class RefragLLM(CustomLLM):
         items = self._stream(self._render_completion(prompt, formatted), prompt, overrides, cancel)  # takes the request's context now
         return _closing_map(
             items,
-            lambda delta, so_far, stats: CompletionResponse(
-                text=so_far, delta=delta, additional_kwargs={STATS_KEY: stats} if stats else {}
-            ),
+            lambda delta, so_far, kwargs: CompletionResponse(text=so_far, delta=delta, additional_kwargs=kwargs or {}),
         )
 
     def _chat_response(self, messages: Sequence[ChatMessage], overrides: dict) -> ChatResponse:
-        result, stats = self._generate(self._render_chat(messages), _last_user(messages), overrides)
+        result, kwargs = self._generate(self._render_chat(messages), _last_user(messages), overrides)
         return ChatResponse(
-            message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), additional_kwargs={STATS_KEY: stats}
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), additional_kwargs=kwargs
         )
 
     def _chat_stream(
@@ -402,10 +419,10 @@ class RefragLLM(CustomLLM):
         items = self._stream(self._render_chat(messages), _last_user(messages), overrides, cancel)
         return _closing_map(
             items,
-            lambda delta, so_far, stats: ChatResponse(
+            lambda delta, so_far, kwargs: ChatResponse(
                 message=ChatMessage(role=MessageRole.ASSISTANT, content=so_far),
                 delta=delta,
-                additional_kwargs={STATS_KEY: stats} if stats else {},
+                additional_kwargs=kwargs or {},
             ),
         )
 

@@ -20,8 +20,9 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from ..chunking import passage_id
 from ..engine import RefragEngine
 from ..policy import POLICY_NAMES, ExpansionPolicy, resolve_policy
-from ..shared import shared_engine
-from ._request import set_decisions
+from ..registrations import record_registration
+from ._engine import EngineSettings, checked_arguments
+from ._request import set_registration
 
 METADATA_PASSAGE_ID = "refrag_passage_id"
 METADATA_EXPANDED = "refrag_expanded"
@@ -41,7 +42,7 @@ def passage_text(node: Any) -> str:
     return node.get_content(metadata_mode=MetadataMode.NONE).strip()
 
 
-class RefragNodePostprocessor(BaseNodePostprocessor):
+class RefragNodePostprocessor(EngineSettings, BaseNodePostprocessor):
     """Decide per chunk what stays tokens, and register each retrieved node with the engine.
 
     Put it last in ``node_postprocessors`` (after anything that filters or rewrites nodes) and use
@@ -57,6 +58,9 @@ class RefragNodePostprocessor(BaseNodePostprocessor):
             None = the engine's default (a trained checkpoint's learned policy, if it has one).
         expand_fraction: fraction p of all retrieved chunks to keep as tokens.
         max_expanded: at most this many chunks kept as tokens.
+        checkpoint, decoder, encoder, chunk_size, device: the shared engine's settings when no
+            engine is given. ``budget=`` / ``expand=`` are deprecated names of
+            ``expand_fraction``/``max_expanded`` / ``policy`` (they warn); unknown arguments raise.
 
     Example:
         >>> pp = RefragNodePostprocessor(engine=engine, policy="relevance", expand_fraction=0.25)  # doctest: +SKIP
@@ -81,13 +85,6 @@ class RefragNodePostprocessor(BaseNodePostprocessor):
     max_expanded: Optional[int] = Field(
         default=None, ge=0, description="At most this many chunks kept as tokens over all retrieved nodes."
     )
-    checkpoint: Optional[str] = Field(
-        default=None,
-        description="REFRAG checkpoint directory for the shared engine when no engine is given "
-        "(None: the packaged default, if any).",
-    )
-
-    _engine: Optional[RefragEngine] = PrivateAttr(default=None)
     _policy: Optional[ExpansionPolicy] = PrivateAttr(default=None)
 
     def __init__(
@@ -96,8 +93,8 @@ class RefragNodePostprocessor(BaseNodePostprocessor):
         policy: "str | ExpansionPolicy | None" = None,
         **kwargs: Any,
     ) -> None:
-        if engine is not None and not isinstance(engine, RefragEngine):
-            raise TypeError(f"engine must be a RefragEngine, got {type(engine).__name__}.")
+        kwargs = checked_arguments(type(self), engine, {"policy": policy, **kwargs})
+        policy = kwargs.pop("policy")
         policy_obj = None
         if isinstance(policy, ExpansionPolicy):
             policy_obj, policy = policy, policy.name
@@ -115,13 +112,6 @@ class RefragNodePostprocessor(BaseNodePostprocessor):
     def class_name(cls) -> str:
         return "RefragNodePostprocessor"
 
-    @property
-    def engine(self) -> RefragEngine:
-        """The engine whose cache the nodes are registered in."""
-        if self._engine is None:
-            self._engine = shared_engine(self.checkpoint)
-        return self._engine
-
     def _resolved_policy(self) -> ExpansionPolicy | None:
         if self._policy is None and self.policy is not None:
             self._policy = resolve_policy(self.policy, engine=self.engine)
@@ -129,7 +119,9 @@ class RefragNodePostprocessor(BaseNodePostprocessor):
 
     # ------------------------------------------------------------------ work
 
-    def _plan(self, nodes: List[NodeWithScore], query: str) -> list[tuple[NodeWithScore, Any, str | None, Any]]:
+    def _plan(
+        self, nodes: List[NodeWithScore], query: str
+    ) -> tuple[list[tuple[NodeWithScore, Any, str | None, Any]], Any]:
         """Copy the nodes with our metadata keys excluded, render their prompt text, decide the
         expansion of all their chunks in one policy call and register the passages with the
         engine. Heavy part (may run in a thread)."""
@@ -146,27 +138,26 @@ class RefragNodePostprocessor(BaseNodePostprocessor):
             copy = node.model_copy(update=update)
             text = passage_text(copy)
             copies.append((nws, copy, text or None))
-        registered = {}
+        registered, registration = {}, None
         if any(t for _, _, t in copies):
             found = self.engine.register_retrieved(
                 query, [t for _, _, t in copies if t], self._resolved_policy(),
                 expand_fraction=self.expand_fraction, max_expanded=self.max_expanded,
             )
             registered = {p.text: p for p in found}
-        return [(nws, copy, text, registered.get(text)) for nws, copy, text in copies]
+            registration = record_registration(self.engine, query, found) if found else None
+        return [(nws, copy, text, registered.get(text)) for nws, copy, text in copies], registration
 
-    def _apply(self, planned: list) -> List[NodeWithScore]:
-        """Tag the copies with their registered passages, publish the decisions to this request's context."""
+    def _apply(self, planned: list, registration: Any) -> List[NodeWithScore]:
+        """Tag the copies with their registered passages, publish the registration to this request's context."""
         out: List[NodeWithScore] = []
-        decisions: dict[str, tuple[bool, ...]] = {}
         for nws, copy, text, passage in planned:
             if passage is not None:
-                decisions[passage.passage_id] = tuple(passage.expand)
                 copy.metadata[METADATA_PASSAGE_ID] = passage.passage_id
                 copy.metadata[METADATA_EXPANDED] = passage.expanded
                 copy.metadata[METADATA_CHUNKS] = len(passage.expand)
             out.append(NodeWithScore(node=copy, score=nws.score))
-        set_decisions(decisions)
+        set_registration(registration)
         return out
 
     @staticmethod
@@ -176,15 +167,15 @@ class RefragNodePostprocessor(BaseNodePostprocessor):
     def _postprocess_nodes(
         self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None
     ) -> List[NodeWithScore]:
-        return self._apply(self._plan(nodes, self._query(query_bundle)))
+        return self._apply(*self._plan(nodes, self._query(query_bundle)))
 
     async def _apostprocess_nodes(
         self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None
     ) -> List[NodeWithScore]:
         # Encoding and the policy run in a worker thread; registering and publishing the decisions
         # happen here, in the query's own context, so its LLM call sees them.
-        planned = await asyncio.to_thread(self._plan, nodes, self._query(query_bundle))
-        return self._apply(planned)
+        planned, registration = await asyncio.to_thread(self._plan, nodes, self._query(query_bundle))
+        return self._apply(planned, registration)
 
 
 def _with_keys(keys: List[str]) -> List[str]:

@@ -106,7 +106,7 @@ class RefragQueryEngine(RetrieverQueryEngine):
         if response_synthesizer is None:
             response_synthesizer = get_response_synthesizer(
                 llm=llm,
-                prompt_helper=prompt_helper or PromptHelper.from_llm_metadata(llm.metadata, tokenizer=llm.tokenize),
+                prompt_helper=prompt_helper or llm.prompt_helper(),
                 response_mode=response_mode,
                 callback_manager=callback_manager,
                 **synthesizer_kwargs,
