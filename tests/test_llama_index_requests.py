@@ -155,3 +155,22 @@ def test_five_turn_chat_engine_conversation_fits_the_real_window(engine, index):
     # The inflated window let the memory keep history the decoder cannot read.
     with pytest.raises(ContextWindowExceededError):
         chat_five_turns(InflatedWindowLLM(engine=engine, max_new_tokens=MAX_NEW, context_window=WINDOW), index)
+
+
+def test_a_stale_context_registration_does_not_stop_compression(engine, tiny_chat_dirs):
+    """A registration left in the context by an earlier query (here: another engine's) must not
+    hide this request's registered passages (it once did when tests ran in another order)."""
+    from refrag_integrations.llama_index._request import set_registration
+    from refrag_integrations.registrations import record_registration
+
+    dec, enc = tiny_chat_dirs
+    other = RefragEngine.from_pretrained(decoder=str(dec), encoder=str(enc), chunk_size=4, device="cpu", policy="none")
+    stale = record_registration(other, "an older question", other.register_retrieved("an older question", TEXTS[:1], "none"))
+    question = "Who designed the tower in Paris?"
+    record_registration(engine, question, engine.register_retrieved(question, TEXTS[2:], "none"))
+    set_registration(stale)
+    try:
+        out = RefragLLM(engine=engine, max_new_tokens=4).complete(f"{TEXTS[2]}\n\nQuestion: {question}")
+    finally:
+        set_registration(None)
+    assert out.additional_kwargs["refrag_passages"]["compressed"] == 1

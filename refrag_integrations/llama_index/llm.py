@@ -309,7 +309,12 @@ class RefragLLM(EngineSettings, CustomLLM):
         and every other character user text. Returns the input and the ``refrag_passages`` counts."""
         engine, prompt = self.engine, rendered.text
         if self.compress:
-            match = match_prompt(engine, prompt, query, only=None if registration is None else [registration])
+            only = None if registration is None else [registration]
+            match = match_prompt(engine, prompt, query, only=only)
+            if only is not None and not match.found:
+                # a registration this context kept from an earlier query (or another engine's): its
+                # passages are not in this prompt, so recognise this request's among the engine's
+                match = match_prompt(engine, prompt, query)
         else:  # the full-context baseline: nothing is looked for
             match = PromptMatch()
         if match.registered and not match.found:
