@@ -147,6 +147,12 @@ class ChunkEncoder(nn.Module):
         """One vector per text, shape ``(len(texts), encoder_dim)``: chunk texts encoded alone (the
         paper's chunk vectors when ``chunk_context="chunk"``), or a query for relevance scoring.
 
+        Texts are read as plain text: a special-token string inside one (``[SEP]``, ``</s>``,
+        ``<|im_start|>``) is split into ordinary tokens, never read as the encoder tokenizer's
+        control token, as the decoder side reads passages
+        (:func:`~refrag_integrations.chunking.tokenize_text`); only the encoder's own wrapper
+        (e.g. ``[CLS]`` ... ``[SEP]``) is added.
+
         Gradients flow when the module is in training mode and grad is enabled.
         """
         if isinstance(texts, str):
@@ -170,6 +176,7 @@ class ChunkEncoder(nn.Module):
                 truncation=True,
                 max_length=self.max_length,
                 return_tensors="pt",
+                split_special_tokens=True,  # "[SEP]" in a passage is text; the wrapper is still added
             ).to(self.device)
             hidden = self.encoder(**batch).last_hidden_state  # (N, T, d_enc)
             out.append(self._pool(hidden, batch["attention_mask"]).float())
@@ -227,7 +234,10 @@ class ChunkEncoder(nn.Module):
         for c in chunks:
             starts.append(pos)
             pos += len(c.text)
-        enc = tok("".join(c.text for c in chunks), add_special_tokens=False, return_offsets_mapping=True)
+        enc = tok(
+            "".join(c.text for c in chunks), add_special_tokens=False, return_offsets_mapping=True,
+            split_special_tokens=True,
+        )
         per_chunk: list[list[int]] = [[] for _ in chunks]
         for t, (a, _b) in zip(enc["input_ids"], enc["offset_mapping"]):
             per_chunk[max(bisect.bisect_right(starts, a) - 1, 0)].append(int(t))
@@ -313,8 +323,8 @@ def _windows(per_chunk: list[list[int]], row0: int, limit: int) -> list[tuple[li
 
 def _special_wrap(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer puts before and after one text (e.g. BERT's [CLS] / [SEP])."""
-    inner = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    inner = list(tokenizer("a", add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True, split_special_tokens=True)["input_ids"])
     for i in range(len(full) - len(inner) + 1):
         if full[i : i + len(inner)] == inner:
             return full[:i], full[i + len(inner):]

@@ -36,12 +36,11 @@ class LocalEmbeddings(BaseModel, Embeddings):
     def _get_model(self) -> Any:
         with self._lock:
             if self._model is None:
-                from sentence_transformers import SentenceTransformer
-
+                from ..embedder import load_sentence_transformer
                 from ..models import default_encoder_dir
 
                 path = self.model_path or str(default_encoder_dir())
-                self._model = SentenceTransformer(path, device=self.device, local_files_only=True)
+                self._model = load_sentence_transformer(path, device=self.device, local_files_only=True)
             return self._model
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:

@@ -12,6 +12,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 
 from ..config import DEFAULT_EMBEDDER
+from ..embedder import load_sentence_transformer
 from ..models import ModelNotFoundError, resolve_encoder_path
 
 
@@ -45,11 +46,9 @@ class SentenceTransformerEmbedding(BaseEmbedding):
         if not isinstance(model_name, str) or not model_name:
             raise ValueError(f"model_name must be a non-empty string, got {model_name!r}.")
         super().__init__(model_name=model_name, **kwargs)
-        from sentence_transformers import SentenceTransformer
-
         path = resolve_encoder_path(model_name)
         try:
-            self._model = SentenceTransformer(path, device=self.device or "cpu")
+            self._model = load_sentence_transformer(path, device=self.device or "cpu")
         except (OSError, ValueError) as err:
             raise ModelNotFoundError(
                 f"Could not load the embedding model {model_name!r} ({type(err).__name__}: {err}). Use "
