@@ -523,6 +523,13 @@ class ChunkStore:
             raise ValueError(
                 f"embeddings must have shape ({len(records)}, {embedder.dim}) (passages, embedder dim), got {vecs.shape}."
             )
+        finite = np.isfinite(vecs).all(axis=1)
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
+            raise ValueError(
+                f"The retrieval vector of passage {records[bad].id} (record {bad}) contains NaN or infinite values; "
+                f"refusing to store it (nothing was written). Embed the passage again with {embedder.name!r}."
+            )
         self.check_embedder(embedder)
         self.lock_for_writing()
         col = self._passage_collection(create_for=embedder)
@@ -613,6 +620,12 @@ class ChunkStore:
             if arr.ndim != 2 or arr.shape[0] < 1 or (dim is not None and arr.shape[1] != dim):
                 raise ValueError(
                     f"chunk vectors of passage {pid} must have shape (chunks, {dim or 'd_enc'}), got {arr.shape}."
+                )
+            if not np.isfinite(arr).all():
+                raise ValueError(
+                    f"The chunk vectors of passage {pid} contain {int((~np.isfinite(arr)).sum())} NaN or infinite "
+                    f"value(s) of {arr.size}; refusing to store them (nothing was written). Encode the passage "
+                    "again; if the encoder keeps producing them, its weights are damaged."
                 )
             n = arr.shape[0]
             for i in range(n):

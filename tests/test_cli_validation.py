@@ -80,6 +80,7 @@ CASES = {
     "too many characters": (["ask", "q?", "--passages", "{many}"], "characters of passages"),
     "ask index is a file": (["ask", "q?", "--index", "{file}"], "is a file"),
     "index and host": (["ask", "q?", "--index", "{dir}", "--host", "localhost"], "not both"),
+    "ask server timeout": (["ask", "q?", "--host", "localhost", "--server-timeout", "0"], "'--server-timeout'"),
     # index
     "batch size 0": (["index", "{good}", "--index", "{dir}/idx", "--batch-size", "0"], "--batch-size"),
     "min over max words": (["index", "{good}", "--index", "{dir}/idx", "--min-words", "300", "--max-words", "200"],
@@ -91,6 +92,8 @@ CASES = {
     "demo index file": (["demo", "--index", "{file}"], "is a file"),
     "demo top-k": (["demo", "-k", "100000"], f"between 1 and {MAX_TOP_K}"),
     "demo policy": (["demo", "--policy", "bogus"], "unknown expansion policy"),
+    # serve
+    "serve server timeout": (["serve", "--chroma-host", "localhost", "--server-timeout", "nan"], "'--server-timeout'"),
     # train
     "train missing config": (["train", "sft", "--config", "{missing}"], "does not exist"),
     "train malformed config": (["train", "sft", "--config", "{bad_yaml}"], "not valid YAML at line"),
@@ -177,3 +180,28 @@ def test_ask_reads_a_real_pdf_as_index_does(tmp_path, tiny_engine, monkeypatch):
     assert res.exit_code == 0, res.output
     sources = json.loads(res.stdout.strip().splitlines()[-1])["sources"]
     assert len(sources) == 1 and "Eiffel Tower is in Paris" in sources[0]["text"] and "1887" in sources[0]["text"]
+
+
+def test_ask_gives_the_server_timeout_to_the_store_and_a_timeout_is_one_line(tiny_engine, monkeypatch):
+    """`ask --host ... --server-timeout T` opens the store with that timeout; a server that does not
+    answer in time ends the command with the store's one-line error (exit 1), no traceback."""
+    from refrag_integrations.engine import RefragEngine
+    from refrag_integrations.store import ChromaTimeoutError, ChunkStore
+
+    monkeypatch.setattr(RefragEngine, "from_pretrained", classmethod(lambda cls, *a, **k: tiny_engine))
+    opened = []
+
+    def frozen(cls, engine, **kwargs):
+        opened.append(kwargs)
+        raise ChromaTimeoutError(
+            f"The Chroma server at http://{kwargs['host']}:{kwargs['port']} did not answer within the "
+            f"{kwargs['timeout']:g} s timeout (ReadTimeout)."
+        )
+
+    monkeypatch.setattr(ChunkStore, "for_engine", classmethod(frozen))
+    res = CliRunner().invoke(app, ["ask", "q?", "--host", "10.0.0.9", "--port", "8123", "--server-timeout", "2.5"])
+    assert opened and opened[0]["timeout"] == 2.5 and opened[0]["host"] == "10.0.0.9", opened
+    assert res.exit_code == 1, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert lines == ["Error: The Chroma server at http://10.0.0.9:8123 did not answer within the 2.5 s timeout "
+                     "(ReadTimeout). (run with --debug for the traceback)"], res.output

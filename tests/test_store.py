@@ -255,6 +255,28 @@ def test_engine_uses_stored_vectors_not_its_encoder(tmp_path, engine):
     assert not torch.allclose(plain.chunk_vectors([text]).vectors[0], stored)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_vectors_are_refused_by_the_store_and_from_it(tmp_path, engine, bad):
+    """Issue 18 FAIL 6 for a real store: non-finite chunk and retrieval vectors are refused where
+    they enter, naming the passage, before anything is written (Chroma's own refusal names
+    neither). What the engine reads from a vector source is checked too
+    (test_engine_reliability.py::test_non_finite_vectors_from_a_vector_source_are_refused)."""
+    store = ChunkStore.for_engine(engine, tmp_path / "idx")
+    text = PASSAGES[1]
+    pid = passage_id(text)
+    vecs = torch.randn(len(engine.chunk(text)), engine.chunk_encoder.encoder_dim)
+    vecs[1, 2] = bad
+    with pytest.raises(ValueError, match=f"chunk vectors of passage {pid} contain 1 NaN or infinite"):
+        store.write_chunk_vectors({pid: vecs})
+    assert store.fetch_chunk_vectors([pid]) == {}  # nothing was written
+    emb = FakeEmbedder()
+    retrieval = emb.embed([text])
+    retrieval[0, 3] = bad
+    with pytest.raises(ValueError, match=rf"retrieval vector of passage {pid} \(record 0\) contains NaN or infinite"):
+        store.add_passages([PassageRecord(text)], retrieval, emb)
+    assert store.count_passages() == 0
+
+
 def test_write_back_stores_query_time_encodings(tmp_path, engine):
     store = ChunkStore.for_engine(engine, tmp_path / "idx")
     store.attach(engine, write_back=True)

@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from ..config import DEFAULT_COLLECTION, DEFAULT_EXPAND_FRACTION, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TOP_K
+from ..config import (
+    CHROMA_SERVER_TIMEOUT_S,
+    DEFAULT_COLLECTION,
+    DEFAULT_EXPAND_FRACTION,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TOP_K,
+)
 from .common import BACKEND_HELP, BASE_URL_HELP, DECODER_DTYPE_HELP, check_decoder_dtype
 from .validation import (
     check_checkpoint,
@@ -20,6 +26,7 @@ from .validation import (
     check_passages_file,
     check_policy,
     check_question,
+    check_server_timeout,
     check_store_choice,
     check_top_k,
 )
@@ -67,6 +74,10 @@ def ask(
     ),
     host: Optional[str] = typer.Option(None, help="Chroma server host, instead of --index."),
     port: int = typer.Option(8000, help="Chroma server port."),
+    server_timeout: float = typer.Option(
+        CHROMA_SERVER_TIMEOUT_S, help="Seconds each call to a Chroma server (--host) may take.",
+        callback=check_server_timeout,
+    ),
     collection: str = typer.Option(DEFAULT_COLLECTION, help="Prefix of the Chroma collections."),
     top_k: int = typer.Option(DEFAULT_TOP_K, "--top-k", "-k", help="Passages to retrieve from the index.",
                               callback=check_top_k),
@@ -115,7 +126,8 @@ def ask(
         from .index import open_store
 
         store = open_store(engine, index_dir, host, port, collection, must_exist=True,
-                           on_mismatch="encode" if reencode else "error")
+                           on_mismatch="encode" if reencode else "error",
+                           timeout=server_timeout)
         if store.count_passages() == 0:
             raise typer.BadParameter(f"The index at {store.location} holds no passages; build it with `refrag index`.")
         emb = SentenceEmbedder(embedder or store.embedder_name() or DEFAULT_EMBEDDER)

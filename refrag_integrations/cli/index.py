@@ -17,7 +17,7 @@ from ..config import (
     PASSAGE_MAX_WORDS,
     PASSAGE_MIN_WORDS,
 )
-from .validation import check_checkpoint, check_index_dir, check_store_choice
+from .validation import check_checkpoint, check_index_dir, check_server_timeout, check_store_choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import RefragEngine
@@ -120,7 +120,8 @@ def index(
         INDEX_LOCK_TIMEOUT_S, min=0, help="Seconds to wait while another process writes the same embedded index."
     ),
     server_timeout: float = typer.Option(
-        CHROMA_SERVER_TIMEOUT_S, help="Seconds each call to a Chroma server (--host) may take."
+        CHROMA_SERVER_TIMEOUT_S, help="Seconds each call to a Chroma server (--host) may take.",
+        callback=check_server_timeout,
     ),
 ) -> None:
     """Index PATHS into a Chroma index: passages, retrieval vectors and REFRAG chunk vectors.
@@ -142,9 +143,6 @@ def index(
         raise typer.BadParameter(
             f"--min-words ({min_words}) must not exceed --max-words ({max_words}).", param_hint="'--min-words'"
         )
-    if not server_timeout > 0 or server_timeout == float("inf"):
-        raise typer.BadParameter(f"must be a positive number of seconds, got {server_timeout}.",
-                                 param_hint="'--server-timeout'")
     engine = RefragEngine.from_pretrained(checkpoint) if chunk_vectors else None
     try:
         store = open_store(engine, index_dir, host, port, collection, must_exist=not paths, writer=True,

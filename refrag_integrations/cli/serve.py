@@ -8,8 +8,9 @@ from typing import Optional
 
 import typer
 
-from ..config import DEFAULT_COLLECTION, SERVE_MAX_REQUEST_BYTES, SERVE_PORT
+from ..config import CHROMA_SERVER_TIMEOUT_S, DEFAULT_COLLECTION, SERVE_MAX_REQUEST_BYTES, SERVE_PORT
 from .common import BACKEND_HELP, BASE_URL_HELP
+from .validation import check_server_timeout
 
 
 def serve(
@@ -23,6 +24,10 @@ def serve(
     ),
     chroma_host: Optional[str] = typer.Option(None, "--chroma-host", help="Chroma server host, instead of --index."),
     chroma_port: int = typer.Option(8000, "--chroma-port", help="Chroma server port."),
+    server_timeout: float = typer.Option(
+        CHROMA_SERVER_TIMEOUT_S, "--server-timeout", help="Seconds each call to the Chroma server (--chroma-host) may take.",
+        callback=check_server_timeout,
+    ),
     collection: str = typer.Option(DEFAULT_COLLECTION, help="Prefix of the Chroma collections."),
     model_name: str = typer.Option("refrag", "--model-name", help="Model name reported to clients."),
     max_request_bytes: int = typer.Option(SERVE_MAX_REQUEST_BYTES, help="Larger request bodies are refused (HTTP 413)."),
@@ -45,7 +50,8 @@ def serve(
         from ..config import DEFAULT_EMBEDDER
         from .index import open_store
 
-        store = open_store(engine, index_dir, chroma_host, chroma_port, collection, must_exist=True)
+        store = open_store(engine, index_dir, chroma_host, chroma_port, collection, must_exist=True,
+                           timeout=server_timeout)
         embedder = SentenceEmbedder(store.embedder_name() or DEFAULT_EMBEDDER)
         store.attach(engine)
 

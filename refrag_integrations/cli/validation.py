@@ -52,6 +52,13 @@ def check_top_k(value: int) -> int:
     return value
 
 
+def check_server_timeout(value: float) -> float:
+    """``--server-timeout``: a positive, finite number of seconds for each call to a Chroma server."""
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a positive number of seconds, got {value}.")
+    return value
+
+
 def check_policy(value: str) -> str:
     """``--policy``: ``auto`` (the checkpoint's learned policy, else the command's default) or the
     name of a built-in expansion policy."""
