@@ -1208,6 +1208,7 @@ class RefragEngine:
             vectors = list(vectors)
             if len(vectors) != len(texts):
                 raise ValueError(f"vectors has {len(vectors)} entries for {len(texts)} passages.")
+        self.check_chunk_count(texts)
         decisions, vectors, cached, encode_s = self._resolve_decisions(query, texts, expand, budget, vectors)
 
         embed = self.decoder.get_input_embeddings()
@@ -1363,6 +1364,29 @@ class RefragEngine:
         if window is None and hasattr(config, "get_text_config"):
             window = getattr(config.get_text_config(), "max_position_embeddings", None)
         return int(window) if isinstance(window, int) and window > 0 else None
+
+    def check_chunk_count(self, passages: Sequence[str]) -> None:
+        """Refuse passages that cannot fit the decoder's context window even fully compressed
+        (one position per chunk), right after chunking and before any chunk is encoded: a huge
+        passage would otherwise be encoded in full (minutes on a CPU) only to be refused by
+        :meth:`check_context_window` before prefill.
+
+        Raises:
+            ValueError: the passages hold more chunks than the window has positions.
+        """
+        window = self.context_window()
+        if window is None:
+            return
+        counts = [len(self._entry(t).chunks) for t in passages]
+        if sum(counts) > window:
+            longest = max(range(len(counts)), key=counts.__getitem__)
+            raise ValueError(
+                f"the passages hold {sum(counts)} chunks of k={self.k} tokens (the longest, passage {longest}, "
+                f"{counts[longest]}); even with every chunk compressed to one position they need more than the "
+                f"decoder's context window of {window} positions (config.max_position_embeddings). Give fewer or "
+                "shorter passages (split a long document into passages, e.g. with `refrag index`), or a checkpoint "
+                "with a larger chunk size k."
+            )
 
     def check_context_window(self, prepared: Sequence[PreparedInput], max_new_tokens: int) -> None:
         """Refuse inputs that, with ``max_new_tokens`` generated tokens, need more decoder

@@ -308,3 +308,27 @@ def test_inputs_longer_than_the_context_window_are_refused(fresh_engine):
         tiny_engine.generate("q?", passages, policy="none", max_new_tokens=window)
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         tiny_engine.generate("q?", passages[:1], max_new_tokens=0)
+
+
+def test_passages_that_cannot_fit_even_compressed_are_refused_before_encoding(fresh_engine, monkeypatch):
+    """A huge passage is refused right after chunking, before its chunks are encoded (a 1 MB passage
+    took minutes to encode on a CPU, only to be refused before prefill)."""
+    eng = fresh_engine
+    window = eng.decoder.config.max_position_embeddings = 512
+    huge = "word " * 4 * (window + 100)  # about 4 * window chunks of k=4 tokens
+    encoded = []
+    real = eng.chunk_encoder.encode_passages
+    monkeypatch.setattr(eng.chunk_encoder, "encode_passages", lambda chunk_lists: encoded.append(1) or real(chunk_lists))
+    n = len(eng.chunk(huge))
+    assert n > window
+    match = rf"the passages hold {len(eng.chunk(TEXT)) + n} chunks of k=4 tokens \(the longest, passage 1, {n}\); .* context window of {window}"
+    for call in (
+        lambda: eng.generate("q?", [TEXT, huge], policy="none", max_new_tokens=2),
+        lambda: eng.stream("q?", [TEXT, huge], policy="none", max_new_tokens=2),
+        lambda: eng.prepare_rag("q?", [TEXT, huge], "relevance", expand_fraction=0.1),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert encoded == []  # refused before any chunk was encoded
+    assert eng.generate("q?", [TEXT], policy="none", max_new_tokens=2).stats.chunks_compressed > 0
+    assert encoded  # an input that fits is encoded as usual
