@@ -172,6 +172,11 @@ def test_run_has_every_field_resumes_and_writes_the_section(tiny_dirs, tmp_path)
     text = page.read_text()
     assert text.count(E.SECTION_TITLE) == 1 and text.startswith("# Page") and "## Other\n\nkept" in text
     assert "Status: complete." in text and "Machine:" in text and "```bash" in text
+    from refrag_integrations.evaluation.report import write_benchmarks_doc
+
+    none = tmp_path / "missing"
+    generated = write_benchmarks_doc(none, none, none, tmp_path / "doc" / "benchmarks.md", encoders_dir=out).read_text()
+    assert generated.count(E.SECTION_TITLE) == 1 and "| decoder:2 | passage | untrained |" in generated
 
     with pytest.raises(ValueError, match="other settings"):  # other repeats: refused even with nothing to do
         E.run_encoder_bench(_factory(tiny_dirs, []), question, contexts, indexed,

@@ -50,9 +50,12 @@ def encoders(
         None, help="Also rewrite this Markdown page's encoder-cost section from the results (e.g. docs/benchmarks.md)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """What each chunk-encoder option costs: index time per passage and chunk, and TTFT with the
-    chunk vectors computed at query time (not cached) next to precomputed (cached) and full-context
-    RAG, at N passages, p = 0, on the same decoder."""
+    """What each chunk-encoder option costs at index time and at query time.
+
+    Index time per passage and chunk (compute and store the chunk vectors, as `refrag index`), and
+    TTFT with the vectors computed at query time (not cached) next to precomputed (cached) and
+    full-context RAG, at N passages, p = 0, on the same decoder. Resumable.
+    """
     import warnings
 
     from ..engine import UntrainedProjectorWarning

@@ -45,6 +45,7 @@ from .config import (
     QA_SEED,
 )
 from .metrics import median
+from .report import command_block, load_range, machine_lines
 from .runs import check_signature, command_line, load_average, machine_info, now_iso, read_json, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,7 +59,6 @@ UNTRAINED_NOTE = (
     "Options marked 'untrained' have an untrained projector (and base encoder weights): their chunk vectors "
     "carry no usable information, but latency does not depend on the weights, so their timings are valid."
 )
-MODES = ("index", "rag", "cached", "not_cached")
 
 
 @dataclass(frozen=True)
@@ -509,24 +509,17 @@ def encoders_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _machine_lines(machine: dict[str, Any]) -> list[str]:
-    keys = ("cpu", "cpu_cores", "memory_gb", "device", "gpu", "torch", "torch_threads", "os", "python")
-    return [f"- {k.replace('_', ' ')}: {machine[k]}" for k in keys if machine.get(k) is not None]
-
-
 def encoders_section(doc: dict[str, Any]) -> str:
     """The docs section for ``docs/benchmarks.md``: title, machine, run, status, commands, tables."""
     run = doc.get("run", {})
-    results = doc.get("results", [])
-    loads = [x[0] for r in results for x in (r.get("load_average_before"), r.get("load_average_after")) if x]
-    lines = [SECTION_TITLE, "", "Machine:", "", *_machine_lines(doc.get("machine", {})), ""]
+    load = load_range(doc.get("results", []))
+    lines = [SECTION_TITLE, "", "Machine:", "", *machine_lines(doc.get("machine", {})), ""]
     lines += [f"Decoder `{run.get('decoder')}`, k = {run.get('k')}, dtype {run.get('dtype')}, {run.get('threads')} "
               f"threads, {run.get('repeats')} timed repeats (median) after one warm-up, passages from "
               f"{run.get('data', 'the given data')}.", ""]
     status = "complete" if doc.get("complete") else "PARTIAL (not every setting measured)"
-    lines += [f"Status: {status}." + (f" 1-minute load average during the run: {min(loads):.2f} to {max(loads):.2f}."
-                                       if loads else ""), ""]
-    lines += ["Commands:", "", "```bash", *doc.get("commands", []), "```", ""]
+    lines += [f"Status: {status}." + (f" 1-minute load average during the run: {load}." if load else ""), ""]
+    lines += ["Commands:", "", *command_block(doc.get("commands", [])), ""]
     lines += [encoders_markdown(doc)]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -1,6 +1,6 @@
-"""Write ``docs/benchmarks.md`` from the result directories of ``refrag bench`` and
-``refrag eval qa|ppl``: the machine, the exact commands, the tables and the plots. Every number
-in the document is read from the results files, never typed in.
+"""Write ``docs/benchmarks.md`` from the result directories of ``refrag bench``,
+``refrag bench encoders`` and ``refrag eval qa|ppl``: the machine, the exact commands, the tables
+and the plots. Every number in the document is read from the results files, never typed in.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_BENCH_DIR, DEFAULT_DOC, DEFAULT_PPL_DIR, DEFAULT_QA_DIR
+from .config import DEFAULT_BENCH_DIR, DEFAULT_DOC, DEFAULT_ENCODER_BENCH_DIR, DEFAULT_PPL_DIR, DEFAULT_QA_DIR
 from .runs import now_iso, read_json
 
 DEFINITIONS = """\
@@ -52,16 +52,19 @@ DEFINITIONS = """\
 TARGET = {"mode": "cached", "k": 16, "p": 0.0, "length": 4096, "min_ttft_speedup": 10.0}
 
 
-def _machine_lines(machine: dict[str, Any]) -> list[str]:
+def machine_lines(machine: dict[str, Any]) -> list[str]:
+    """The machine a run was measured on, as Markdown list items."""
     keys = ("cpu", "cpu_cores", "memory_gb", "device", "gpu", "torch", "torch_threads", "os", "python")
     return [f"- {k.replace('_', ' ')}: {machine[k]}" for k in keys if machine.get(k) is not None]
 
 
-def _commands(cmds: list[str]) -> list[str]:
+def command_block(cmds: list[str]) -> list[str]:
+    """The commands of a run as a fenced bash block."""
     return ["```bash", *cmds, "```"] if cmds else ["(no command recorded)"]
 
 
-def _load_range(results: list[dict[str, Any]]) -> str | None:
+def load_range(results: list[dict[str, Any]]) -> str | None:
+    """The 1-minute load average range recorded around the measurements ("0.50 to 1.20"), if any."""
     loads = [x for r in results for x in (r.get("load_average_before"), r.get("load_average_after")) if x]
     if not loads:
         return None
@@ -96,11 +99,13 @@ def write_benchmarks_doc(
     ppl_dir: str | Path = DEFAULT_PPL_DIR,
     out: str | Path = DEFAULT_DOC,
     label: str | None = None,
+    encoders_dir: str | Path = DEFAULT_ENCODER_BENCH_DIR,
 ) -> Path:
     """Assemble the benchmark document from whichever result directories exist.
 
     Args:
         bench_dir, qa_dir, ppl_dir: result directories of the three commands.
+        encoders_dir: results of ``refrag bench encoders`` (its section follows the latency one).
         out: the Markdown file to write; plots are copied next to it into ``<stem>/``.
         label: a line put at the top (e.g. "quick runs on a loaded machine: timings are noisy").
 
@@ -132,20 +137,26 @@ def write_benchmarks_doc(
         doc = read_json(bench_json)
         from .bench import markdown_table
 
-        lines += ["## Latency and memory (`refrag bench`)", "", "Machine:", "", *_machine_lines(doc.get("machine", {})), ""]
+        lines += ["## Latency and memory (`refrag bench`)", "", "Machine:", "", *machine_lines(doc.get("machine", {})), ""]
         run = doc.get("run", {})
         lines += [f"Decoder `{run.get('decoder')}`, dtype {run.get('dtype')}, {run.get('threads')} threads, "
                   f"{run.get('repeats')} timed repeats (median) after one warm-up, {run.get('output_tokens')} output "
                   f"tokens per request, expansion policy for p > 0: {run.get('policy')}, contexts from "
                   f"{run.get('corpus', 'the given passages')}.", ""]
-        load = _load_range(doc.get("results", []))
+        load = load_range(doc.get("results", []))
         status = "complete" if doc.get("complete") else "PARTIAL (not every setting measured)"
         lines += [f"Status: {status}." + (f" 1-minute load average during the run: {load}." if load else ""), ""]
-        lines += ["Commands:", "", *_commands(doc.get("commands", [])), ""]
+        lines += ["Commands:", "", *command_block(doc.get("commands", [])), ""]
         lines += target_check(doc) + [""]
         lines += [markdown_table(doc), ""]
         for name in write_bench_plots(doc, img_dir):
             lines += [f"![{name.stem}]({rel}/{name.name})", ""]
+
+    from .encoder_cost import RESULTS_FILE as ENCODERS_FILE, encoders_section
+
+    if (Path(encoders_dir) / ENCODERS_FILE).is_file():
+        found = True
+        lines += [encoders_section(read_json(Path(encoders_dir) / ENCODERS_FILE)), ""]
 
     for title, sub, summary_name, table_name, plot_name in (
         ("Question answering (`refrag eval qa`)", qa_dir, "summary.json", "summary.md", "qa_tradeoff.png"),
@@ -157,9 +168,9 @@ def write_benchmarks_doc(
         found = True
         doc = read_json(d / summary_name)
         run = doc.get("run", {})
-        lines += [f"## {title}", "", "Machine:", "", *_machine_lines(doc.get("machine", {})), ""]
+        lines += [f"## {title}", "", "Machine:", "", *machine_lines(doc.get("machine", {})), ""]
         lines += ["Run: " + ", ".join(f"{k} = {v}" for k, v in run.items() if k != "decoder_fingerprint"), ""]
-        lines += ["Commands:", "", *_commands(doc.get("commands", [])), ""]
+        lines += ["Commands:", "", *command_block(doc.get("commands", [])), ""]
         lines += [(d / table_name).read_text(encoding="utf-8"), ""]
         if (d / plot_name).is_file():
             target = img_dir / f"{d.name}-{plot_name}"
@@ -167,7 +178,8 @@ def write_benchmarks_doc(
             lines += [f"![{plot_name}]({rel}/{target.name})", ""]
     if not found:
         raise ValueError(
-            f"no results found in {bench_dir}, {qa_dir} or {ppl_dir}; run `refrag bench` / `refrag eval qa|ppl` first."
+            f"no results found in {bench_dir}, {encoders_dir}, {qa_dir} or {ppl_dir}; run `refrag bench` / "
+            "`refrag bench encoders` / `refrag eval qa|ppl` first."
         )
     out.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return out
