@@ -515,8 +515,10 @@ def encoders_section(doc: dict[str, Any]) -> str:
     load = load_range(doc.get("results", []))
     lines = [SECTION_TITLE, "", "Machine:", "", *machine_lines(doc.get("machine", {})), ""]
     lines += [f"Decoder `{run.get('decoder')}`, k = {run.get('k')}, dtype {run.get('dtype')}, {run.get('threads')} "
-              f"threads, {run.get('repeats')} timed repeats (median) after one warm-up, passages from "
-              f"{run.get('data', 'the given data')}.", ""]
+              f"threads, {run.get('repeats')} timed repeats (median) after one warm-up. Passages from "
+              f"{run.get('data', 'the given data')} ({run.get('split', 'all')} split): at query time the first "
+              "question's gold passage + N - 1 distractors (as `refrag eval qa` draws them), at index time the "
+              "first distinct gold passages.", ""]
     status = "complete" if doc.get("complete") else "PARTIAL (not every setting measured)"
     lines += [f"Status: {status}." + (f" 1-minute load average during the run: {load}." if load else ""), ""]
     lines += ["Commands:", "", *command_block(doc.get("commands", [])), ""]
