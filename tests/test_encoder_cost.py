@@ -213,11 +213,12 @@ def test_cli_runs_on_real_passages(tiny_dirs, shared_data, tmp_path):
     dec, enc = tiny_dirs
     out, page = tmp_path / "enc", tmp_path / "page.md"
     argv = ["bench", "encoders", "--decoder", str(dec), "--encoders", f"{enc},decoder:1@passage", "--k", "4",
-            "--n", "1", "--repeats", "1", "--index-passages", "2", "--checkpoint", "none", "--threads", "1",
+            "--n", "1", "--repeats", "1", "--index-passages", "2", "--checkpoint", "none", "--threads", "2",
             "--data-dir", str(shared_data), "--out", str(out), "--docs", str(page), "--no-progress"]
     res = CliRunner().invoke(app, argv)
     assert res.exit_code == 0, res.output
     doc = json.loads((out / E.RESULTS_FILE).read_text())
     assert doc["complete"] and len(doc["results"]) == 1 + 2 * 3 and doc["run"]["k"] == 4
+    assert doc["run"]["threads"] == 2 == doc["machine"]["torch_threads"]  # --threads is set before the run
     assert doc["run"]["data"].endswith("nq-open-oracle.jsonl.gz") and doc["run"]["index_passages"] == 2
     assert E.SECTION_TITLE in page.read_text() and "refrag bench encoders" in page.read_text()

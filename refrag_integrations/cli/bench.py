@@ -46,6 +46,16 @@ def parse_list(value: Optional[str], cast: Callable[[str], T], name: str) -> Opt
     return items
 
 
+def set_threads(threads: Optional[int]) -> None:
+    """``--threads``: fix torch's CPU thread count (None: leave torch's default)."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise typer.BadParameter(f"--threads must be >= 1, got {threads}.")
+        torch.set_num_threads(threads)
+
+
 def load_engine(checkpoint: Optional[str], bf16: bool, threads: Optional[int], device: Optional[str],
                 decoder_dtype: str = "float32", **models: Any):
     """Build the engine for a benchmark or evaluation, with the thread count fixed first.
@@ -57,10 +67,7 @@ def load_engine(checkpoint: Optional[str], bf16: bool, threads: Optional[int], d
 
     from ..engine import RefragEngine
 
-    if threads is not None:
-        if threads < 1:
-            raise typer.BadParameter(f"--threads must be >= 1, got {threads}.")
-        torch.set_num_threads(threads)
+    set_threads(threads)
     return RefragEngine.from_pretrained(checkpoint, autocast_dtype=torch.bfloat16 if bf16 else None, device=device,
                                         decoder_dtype=decoder_dtype, **models)
 

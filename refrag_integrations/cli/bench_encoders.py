@@ -17,7 +17,7 @@ from ..evaluation.config import (
     ENCODER_BENCH_QUICK,
     ENCODER_BENCH_REPEATS,
 )
-from .bench import load_engine, parse_list, warn_if_busy
+from .bench import load_engine, parse_list, set_threads, warn_if_busy
 from .common import DECODER_DTYPE_HELP, check_decoder_dtype
 
 
@@ -93,6 +93,7 @@ def encoders(
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
     warn_if_busy()
+    set_threads(threads)  # before the run: its signature records the thread count
 
     def engine_for(option: EncoderOption):
         typer.echo(f"loading option {option.key}", err=True)
