@@ -49,6 +49,7 @@ clean:
 QA_LIMIT ?= 200
 benchmarks: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/refrag bench --out runs/bench
+	HF_HUB_OFFLINE=1 $(BIN)/refrag bench encoders --out runs/bench-encoders
 	HF_HUB_OFFLINE=1 $(BIN)/refrag eval ppl --out runs/eval-ppl
 	HF_HUB_OFFLINE=1 $(BIN)/refrag eval qa --limit $(QA_LIMIT) --out runs/eval-qa
 	$(BIN)/refrag eval report

@@ -6,6 +6,7 @@ import typer
 
 from . import ask, train
 from . import bench as bench_cmd
+from . import bench_encoders as bench_encoders_cmd
 from . import eval as eval_cmd
 from . import demo as demo_cmd
 from . import download_defaults as download_defaults_cmd
@@ -25,7 +26,8 @@ app.command("ask")(ask.ask)
 app.command("index")(index_cmd.index)
 app.command("demo")(demo_cmd.demo)
 app.add_typer(train.app, name="train")
-app.command("bench")(bench_cmd.bench)
+bench_cmd.app.command("encoders")(bench_encoders_cmd.encoders)
+app.add_typer(bench_cmd.app, name="bench")
 app.add_typer(eval_cmd.app, name="eval")
 app.command("download-defaults")(download_defaults_cmd.download_defaults)
 app.add_typer(export_cmd.app, name="export")

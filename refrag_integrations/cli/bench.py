@@ -1,10 +1,12 @@
 """``refrag bench``: TTFT, TTIT, throughput, peak memory and KV-cache size of REFRAG (cached and
-not cached) against full-context RAG, on one decoder, in one resumable run."""
+not cached) against full-context RAG, on one decoder, in one resumable run. ``refrag bench`` is a
+group: run alone it is that benchmark; its subcommands (``refrag bench encoders``) are registered
+in :mod:`refrag_integrations.cli`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import typer
 
@@ -44,19 +46,30 @@ def parse_list(value: Optional[str], cast: Callable[[str], T], name: str) -> Opt
     return items
 
 
-def load_engine(checkpoint: Optional[str], bf16: bool, threads: Optional[int], device: Optional[str],
-                decoder_dtype: str = "float32"):
-    """Build the engine for a benchmark or evaluation, with the thread count fixed first."""
+def set_threads(threads: Optional[int]) -> None:
+    """``--threads``: fix torch's CPU thread count (None: leave torch's default)."""
     import torch
-
-    from ..engine import RefragEngine
 
     if threads is not None:
         if threads < 1:
             raise typer.BadParameter(f"--threads must be >= 1, got {threads}.")
         torch.set_num_threads(threads)
+
+
+def load_engine(checkpoint: Optional[str], bf16: bool, threads: Optional[int], device: Optional[str],
+                decoder_dtype: str = "float32", **models: Any):
+    """Build the engine for a benchmark or evaluation, with the thread count fixed first.
+
+    ``models``: base models and settings for ``RefragEngine.from_pretrained`` (``decoder``,
+    ``encoder``, ``chunk_size``, ``chunk_context``), e.g. one option of ``refrag bench encoders``.
+    """
+    import torch
+
+    from ..engine import RefragEngine
+
+    set_threads(threads)
     return RefragEngine.from_pretrained(checkpoint, autocast_dtype=torch.bfloat16 if bf16 else None, device=device,
-                                        decoder_dtype=decoder_dtype)
+                                        decoder_dtype=decoder_dtype, **models)
 
 
 def warn_if_busy() -> None:
@@ -71,7 +84,27 @@ def warn_if_busy() -> None:
                    "timings will be noisy. Benchmark on a quiet machine.", err=True)
 
 
+app = typer.Typer(
+    help="Measure REFRAG's speed and memory against full-context RAG on the same decoder; "
+         "`refrag bench encoders`: what each chunk-encoder option costs at index and query time.",
+)
+
+
+def no_options_before_subcommand(ctx: typer.Context) -> None:
+    """Refuse ``refrag bench --opt encoders``: the group's own options do not reach a subcommand."""
+    # By name: typer may bring its own copy of click, whose ParameterSource is another enum.
+    sources = {p.opts[0]: ctx.get_parameter_source(p.name) for p in ctx.command.params}
+    given = [opt for opt, src in sources.items() if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")]
+    if given:
+        raise typer.BadParameter(
+            f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of `refrag bench` itself, not of "
+            f"`refrag bench {ctx.invoked_subcommand}`; give the subcommand's options after its name."
+        )
+
+
+@app.callback(invoke_without_command=True)
 def bench(
+    ctx: typer.Context,
     lengths: Optional[str] = typer.Option(None, help="Context lengths in tokens, comma-separated (default 512,1024,2048,4096,8192)."),
     k: Optional[str] = typer.Option(None, "--k", help="Compression rates k, comma-separated (default 8,16,32)."),
     expand_fraction: Optional[str] = typer.Option(None, "--expand-fraction", help="Expand fractions p, comma-separated (default 0,0.1,0.25)."),
@@ -96,6 +129,9 @@ def bench(
     base_url: Optional[str] = typer.Option(None, "--base-url", help=BASE_URL_HELP),
 ) -> None:
     """Measure REFRAG's speed and memory against full-context RAG on the same decoder."""
+    if ctx.invoked_subcommand is not None:
+        no_options_before_subcommand(ctx)
+        return
     from ..evaluation.bench import BenchSettings, bench_contexts, run_bench
     from ..evaluation.config import (
         BENCH_KS,

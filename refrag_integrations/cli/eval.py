@@ -13,6 +13,7 @@ from ..evaluation.config import (
     DEFAULT_BENCH_DIR,
     DEFAULT_CAPACITY_DIR,
     DEFAULT_DOC,
+    DEFAULT_ENCODER_BENCH_DIR,
     DEFAULT_PPL_DIR,
     DEFAULT_QA_DIR,
     PPL_CONTEXT_TOKENS,
@@ -234,6 +235,7 @@ def capacity(
 @app.command("report")
 def report(
     bench_dir: Path = typer.Option(Path(DEFAULT_BENCH_DIR), help="Results of `refrag bench`."),
+    encoders_dir: Path = typer.Option(Path(DEFAULT_ENCODER_BENCH_DIR), help="Results of `refrag bench encoders`."),
     qa_dir: Path = typer.Option(Path(DEFAULT_QA_DIR), help="Results of `refrag eval qa`."),
     ppl_dir: Path = typer.Option(Path(DEFAULT_PPL_DIR), help="Results of `refrag eval ppl`."),
     out: Path = typer.Option(Path(DEFAULT_DOC), help="The Markdown page to write (plots go to <stem>/ beside it)."),
@@ -243,7 +245,7 @@ def report(
     from ..evaluation.report import write_benchmarks_doc
 
     try:
-        path = write_benchmarks_doc(bench_dir, qa_dir, ppl_dir, out, label=label)
+        path = write_benchmarks_doc(bench_dir, qa_dir, ppl_dir, out, label=label, encoders_dir=encoders_dir)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     typer.echo(f"wrote {path}")

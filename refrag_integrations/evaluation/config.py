@@ -3,6 +3,8 @@ its numbers, next to the package-wide ones in :mod:`refrag_integrations.config`.
 
 from __future__ import annotations
 
+from ..config import DEFAULT_ENCODER, DEFAULT_INDEX_BATCH_SIZE
+
 # --------------------------------------------------------------------------- shared data
 # File names inside ../shared/data (see its README) and the agreed NQ-open splits (1-based lines).
 NQ_FILE = "nq-open-oracle.jsonl.gz"
@@ -29,6 +31,17 @@ BENCH_WIKI_PASSAGE_TOKENS = 256  # passage size when cutting Wikipedia articles 
 BENCH_WIKI_QUESTION = "What are these passages about?"
 BENCH_QUICK = {"lengths": (512, 1024), "ks": (16,), "ps": (0.0,), "repeats": 1, "output_tokens": 8}
 
+# --------------------------------------------------------------------------- refrag bench encoders
+# The chunk-encoder options, ENCODER[@CONTEXT] (docs/training.md run 15, arms A, B, D, E): MiniLM per
+# chunk (the shipped default), MiniLM pooled over its passage, the decoder's first 8 layers per chunk
+# and per passage.
+ENCODER_BENCH_OPTIONS = (DEFAULT_ENCODER, f"{DEFAULT_ENCODER}@passage", "decoder:8", "decoder:8@passage")
+ENCODER_BENCH_PASSAGE_COUNTS = (1, 5, 10)  # N = the first eval question's gold + N-1 distractors (as eval qa)
+ENCODER_BENCH_REPEATS = 3  # timed repeats per setting (median), after one untimed warm-up
+ENCODER_BENCH_INDEX_PASSAGES = DEFAULT_INDEX_BATCH_SIZE  # one `refrag index` batch
+ENCODER_BENCH_OUTPUT_TOKENS = 2  # TTFT is what is compared; a second token keeps TTIT defined
+ENCODER_BENCH_QUICK = {"passage_counts": (1, 5), "repeats": 1, "index_passages": 8}
+
 # --------------------------------------------------------------------------- refrag eval qa
 QA_PASSAGE_COUNTS = (1, 5, 10, 20)  # N = gold + N-1 distractors (or top-N retrieved)
 QA_POLICIES = ("relevance", "random")  # with p > 0; p = 0 is one setting ("none")
@@ -46,6 +59,7 @@ PPL_PS = (0.0,)  # p > 0 expands a random fraction of chunks (the paper's mixed-
 
 # --------------------------------------------------------------------------- report
 DEFAULT_BENCH_DIR = "runs/bench"
+DEFAULT_ENCODER_BENCH_DIR = "runs/bench-encoders"
 DEFAULT_QA_DIR = "runs/eval-qa"
 DEFAULT_PPL_DIR = "runs/eval-ppl"
 DEFAULT_CAPACITY_DIR = "runs/eval-capacity"
