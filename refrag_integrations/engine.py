@@ -1625,11 +1625,12 @@ class RefragEngine:
         t0 = time.perf_counter()
         check_sampling(temperature, top_p)
         policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
-        prepared = self._prepare_rag(question, passages, policy, budget, system_prompt=system_prompt)
-        return self.generate_prepared(
-            [prepared], t_start=t0, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-            top_p=top_p, stop=stop, seed=seed,
-        )[0]
+        with self.batcher.preparing():  # a batch starting meanwhile waits its window for this request
+            prepared = self._prepare_rag(question, passages, policy, budget, system_prompt=system_prompt)
+            return self.generate_prepared(
+                [prepared], t_start=t0, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                top_p=top_p, stop=stop, seed=seed,
+            )[0]
 
     def generate_prepared(
         self,
