@@ -1514,8 +1514,8 @@ class RefragEngine:
         cancel: Callable[[int], bool] | None = None,
         backend: DecoderBackend | None = None,
     ) -> list[GenerationResult]:
-        """Decode a batch; ``t_start`` per row (or one for all), ``cancel(row)`` stops a row (in
-        process only), ``backend`` (default :attr:`backend`) decodes elsewhere, e.g. on vLLM."""
+        """Decode a batch; ``t_start`` per row (or one for all), ``cancel(row)`` stops a row,
+        ``backend`` (default :attr:`backend`) decodes elsewhere, e.g. on vLLM."""
         backend = self.backend if backend is None else backend
         if backend is not None:  # e.g. a vLLM server: decoding leaves this process (and its lock)
             if not callable(getattr(backend, "generate", None)):
@@ -1525,7 +1525,7 @@ class RefragEngine:
                 )
             return backend.generate(
                 self, prepared, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                top_p=top_p, stop=stop, seed=seed, t_start=t_start, on_text=on_text,
+                top_p=top_p, stop=stop, seed=seed, t_start=t_start, on_text=on_text, cancel=cancel,
             )
         stop = [s for s in (stop or []) if s]
         eos = self.eos_ids()
