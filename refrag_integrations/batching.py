@@ -9,7 +9,7 @@ stats (TTFT and total time are measured from that request's own start).
 
 What is grouped, and why the answers do not change:
 
-* Only greedy requests with the same ``max_new_tokens`` and stop strings share a batch; left
+* Only greedy requests with the same ``max_new_tokens``, stop strings and ``ignore_eos`` share a batch; left
   padding with an attention mask and per-row positions gives each row the tokens it would get
   alone. A sampled request always runs alone, so a seeded sample never depends on which other
   requests happened to arrive with it.
@@ -76,10 +76,11 @@ class _Job:
 
     @property
     def key(self) -> tuple[Any, ...]:
-        """Jobs with equal keys may share a batch: greedy, same length limit and stop strings."""
+        """Jobs with equal keys may share a batch: greedy, same length limit, stop strings and EOS rule."""
         if self.alone:
             return ("alone", id(self))
-        return ("greedy", self.gen.get("max_new_tokens"), tuple(self.gen.get("stop") or ()))
+        gen = self.gen
+        return ("greedy", gen.get("max_new_tokens"), tuple(gen.get("stop") or ()), bool(gen.get("ignore_eos")))
 
     def stopped(self) -> bool:
         return self.callback_error is not None or (self.cancel is not None and self.cancel.is_set())
@@ -119,6 +120,7 @@ class MicroBatcher:
         self._preparing = 0  # requests announced by preparing(), not yet submitted
         self._announced = threading.local()  # this thread's announcements (tokens), newest last
         self._leading = False  # one caller at a time collects and runs a batch
+        self._batches = self._rows = 0  # batches run and rows decoded so far (see totals)
 
     @property
     def run(self) -> RunBatch:
@@ -131,6 +133,13 @@ class MicroBatcher:
         if run is None:
             raise ReferenceError("This batcher's engine is gone (it was garbage-collected); use a live engine's batcher.")
         return run
+
+    @property
+    def totals(self) -> tuple[int, int]:
+        """(batches run, rows decoded) since this batcher was made: the difference of two readings
+        gives the mean rows per batch in between (what the throughput benchmark reports)."""
+        with self._cond:
+            return self._batches, self._rows
 
     @property
     def queued(self) -> int:
@@ -263,6 +272,9 @@ class MicroBatcher:
 
         failure: BaseException | None = None
         if live:
+            with self._cond:
+                self._batches += 1
+                self._rows += len(live)
             try:
                 results = self.run(
                     [j.prepared for j in live], t_start=[j.t_start for j in live], on_text=on_text,

@@ -33,6 +33,7 @@ class FakeVllmServer:
     Attributes:
         disconnects: for each streamed answer whose client went away before its end, how many
             token events had been written; ``disconnected`` is set at the first.
+        max_in_flight: the most completion requests it was answering at the same time.
     """
 
     def __init__(
@@ -50,6 +51,8 @@ class FakeVllmServer:
         self.pace_s, self.ignore_eos = pace_s, ignore_eos
         self.disconnects: list[int] = []
         self.disconnected = threading.Event()
+        self.in_flight = self.max_in_flight = 0
+        self._count = threading.Lock()
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | {self.tokenizer.eos_token_id}
         server = self
@@ -72,6 +75,16 @@ class FakeVllmServer:
                 self._json(200, {"object": "list", "data": [{"id": server.served_id, "root": server.root}]})
 
             def do_POST(self) -> None:
+                with server._count:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._complete()
+                finally:
+                    with server._count:
+                        server.in_flight -= 1
+
+            def _complete(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append(body)
                 if server.refuse is not None:

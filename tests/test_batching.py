@@ -184,6 +184,26 @@ def test_batch_settings_are_checked(window, size, error, match):
         MicroBatcher(lambda *a, **k: [], window_s=window, max_batch_size=size)
 
 
+def test_ignore_eos_decodes_exactly_max_new_tokens_and_is_not_mixed(engine):
+    """What the throughput benchmark relies on: with ignore_eos an EOS is one more token; such a
+    request never shares a batch with requests that stop at EOS."""
+    eos = engine.tokenizer.eos_token_id
+    prepared = [engine.prepare_rag(QUESTIONS[0], PASSAGES[:1], "none") for _ in range(2)]
+    engine.batcher.window_s, engine.batcher.max_batch_size = 0.05, 2  # no batch fills: each waits the window
+    calls, holder = hold_batcher(engine, 2)
+    calls.force = eos  # every next token is EOS (the holder's single token too)
+
+    def ask(i: int):
+        return engine.generate_prepared([prepared[i]], max_new_tokens=5, ignore_eos=bool(i))[0]
+
+    with ThreadPoolExecutor(2) as pool:
+        stops, fixed = pool.map(ask, range(2))
+    holder.join()
+    assert stops.token_ids == [] and stops.finish_reason == "stop"
+    assert fixed.token_ids == [eos] * 5 and fixed.stats.new_tokens == 5 and fixed.finish_reason == "length"
+    assert calls.prefills == [1, 1, 1]  # the holder's, then each alone: different EOS rules
+
+
 # --------------------------------------------------------------------------- the batcher itself
 
 

@@ -474,3 +474,39 @@ async def test_leaving_a_llama_index_astream_closes_the_connection(engine, slow_
             break
     await responses.aclose()
     assert await await_disconnect(slow_server, before) < LONG // 2
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def test_throughput_on_vllm_sends_concurrent_fixed_length_requests(engine, exported, tmp_path):
+    """`refrag bench --concurrency --backend vllm`: concurrent HTTP requests (the server answers
+    several at once), exactly output_tokens tokens each, rows next to the in-process run's."""
+    from refrag_integrations.evaluation import throughput as T
+
+    srv = FakeVllmServer(exported, pace_s=0.02)  # each answer takes a while: concurrent requests overlap
+    backend = VllmBackend(srv.url)
+    settings = T.ThroughputSettings(concurrency=(1, 4), lengths=(48,), ks=(4,), ps=(0.0,), requests_per_client=2,
+                                    output_tokens=3)
+    ctx = {48: (PASSAGES * 4)[:3]}
+    out = tmp_path / "bench"
+    try:
+        T.run_throughput(engine, QUESTION, ctx, settings, out, progress=False)  # in-process
+        engine.backend = backend
+        doc = T.run_throughput(engine, QUESTION, ctx, settings, out, progress=False)
+    finally:
+        engine.backend = None
+        backend.close()
+        srv.close()
+    assert srv.max_in_flight >= 2  # four clients: requests overlapped on the server
+    assert all(r["ignore_eos"] is True and r["max_tokens"] == 3 for r in srv.requests)
+    assert len(srv.requests) == (1 + 2) * 1 * 2 + (1 + 2) * 4 * 2  # warm-up round + timed, 2 modes, c = 1 and 4
+    by = {r["key"]: r for r in doc["results"]}
+    assert len(by) == 8 and doc["complete_for_backend"] is True
+    remote = by["vllm|cached|s=48|k=4|p=0.0|c=4"]
+    assert remote["output_tokens"] == 3 * remote["requests"] == 3 * 8 and remote["rows_per_batch"] is None
+    local = by["transformers|cached|s=48|k=4|p=0.0|c=4"]
+    assert remote["positions"] == local["positions"]  # the same prepared inputs
+    ratio = T.ratios(doc["results"])[remote["key"]]["vs_in_process"]
+    assert ratio == pytest.approx(remote["requests_per_s"] / local["requests_per_s"])
+    assert "| vllm | cached | 48 | 4 | 0 | 4 |" in (out / T.TABLE_FILE).read_text()

@@ -39,7 +39,7 @@ class DecoderBackend(Protocol):
     the text as it is decoded (what streaming is built on). When ``cancel(row)`` turns true (the
     row's consumer went away, e.g. closed its stream), the backend stops that row as soon as it
     can, releasing what it holds on the server, and returns it with ``finish_reason ==
-    "cancelled"``.
+    "cancelled"``. ``ignore_eos`` decodes exactly ``max_new_tokens`` tokens (benchmarks).
     """
 
     name: str
@@ -58,6 +58,7 @@ class DecoderBackend(Protocol):
         t_start: float,
         on_text: Callable[[int, str], None] | None = None,
         cancel: Callable[[int], bool] | None = None,
+        ignore_eos: bool = False,
     ) -> list["GenerationResult"]: ...
 
     def stream_steps(

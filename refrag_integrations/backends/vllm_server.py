@@ -346,12 +346,12 @@ class VllmBackend:
             text = text[:-1]  # half a character at the end (cut short): never shown, as in process
         if on_text is not None and not cancelled and len(text) > emitted:
             on_text(b, text[emitted:])
-        eos = engine.eos_ids()
-        if ids and ids[-1] in eos:
+        eos_ends = not gen.get("ignore_eos")  # with ignore_eos an EOS is one token like any other
+        if eos_ends and ids and ids[-1] in engine.eos_ids():
             ids = ids[:-1]  # the engine's token_ids never include the EOS that ended the answer
         new_tokens = len(ids)
         if not ids and usage and usage.get("completion_tokens"):  # a server that returns no token ids
-            new_tokens = int(usage["completion_tokens"]) - (1 if finish == "stop" else 0)
+            new_tokens = int(usage["completion_tokens"]) - (1 if eos_ends and finish == "stop" else 0)
         stats = prepared.stats
         stats.ttft_s, stats.total_s, stats.new_tokens = ttft, time.perf_counter() - t_start, new_tokens
         return GenerationResult(text, ids, finish if finish in ("length", "cancelled") else "stop", stats)
@@ -370,6 +370,7 @@ class VllmBackend:
         t_start: float,
         on_text: Callable[[int, str], None] | None = None,
         cancel: Callable[[int], bool] | None = None,
+        ignore_eos: bool = False,
     ) -> list["GenerationResult"]:
         """Decode each prepared input on the server (several as concurrent requests, which vLLM
         batches); see :class:`~refrag_integrations.backends.DecoderBackend`.
@@ -380,7 +381,7 @@ class VllmBackend:
         ``finish_reason == "cancelled"``. A consumer that leaves during the prefill is seen at the
         first token."""
         gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-               "top_p": top_p, "stop": stop, "seed": seed}
+               "top_p": top_p, "stop": stop, "seed": seed, "ignore_eos": ignore_eos}
         engine.check_context_window(prepared, max_new_tokens)  # all rows, before any request
         if len(prepared) == 1:
             return [self._one(engine, 0, prepared[0], t_start, on_text, cancel, gen)]
