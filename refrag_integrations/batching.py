@@ -9,7 +9,7 @@ stats (TTFT and total time are measured from that request's own start).
 
 What is grouped, and why the answers do not change:
 
-* Only greedy requests with the same ``max_new_tokens`` and stop strings share a batch; left
+* Only greedy requests with the same ``max_new_tokens``, stop strings and ``ignore_eos`` share a batch; left
   padding with an attention mask and per-row positions gives each row the tokens it would get
   alone. A sampled request always runs alone, so a seeded sample never depends on which other
   requests happened to arrive with it.
@@ -25,14 +25,26 @@ There is no background thread: the first waiting caller leads, collects what arr
 window (at most ``max_batch_size`` rows), runs the batch and hands every caller its result; the
 next waiting caller leads the next batch. Requests that queued while a batch was decoding start
 as soon as it ends, without another wait.
+
+The window is only waited for when another request is on its way: queued, or announced by
+:meth:`MicroBatcher.preparing` (the engine announces a request while it prepares its input). A
+request that reaches an idle batcher runs at once, so a lone user never pays the window. Under a
+burst, the first request may then run alone and the others share the next batch.
+
+The batcher holds its ``run`` function weakly when it is a bound method (the engine's), so a
+batcher kept somewhere never keeps a dropped engine (and its decoder's memory) alive; submitting
+to a batcher whose engine is gone raises :class:`ReferenceError`.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .config import DEFAULT_BATCH_WINDOW_S, DEFAULT_MAX_BATCH_SIZE
 
@@ -64,10 +76,11 @@ class _Job:
 
     @property
     def key(self) -> tuple[Any, ...]:
-        """Jobs with equal keys may share a batch: greedy, same length limit and stop strings."""
+        """Jobs with equal keys may share a batch: greedy, same length limit, stop strings and EOS rule."""
         if self.alone:
             return ("alone", id(self))
-        return ("greedy", self.gen.get("max_new_tokens"), tuple(self.gen.get("stop") or ()))
+        gen = self.gen
+        return ("greedy", gen.get("max_new_tokens"), tuple(gen.get("stop") or ()), bool(gen.get("ignore_eos")))
 
     def stopped(self) -> bool:
         return self.callback_error is not None or (self.cancel is not None and self.cancel.is_set())
@@ -78,9 +91,11 @@ class MicroBatcher:
 
     Args:
         run: decodes a batch: called as ``run(prepared, t_start=[...], on_text=f(row, piece),
-            cancel=f(row) -> bool, **gen)`` and returns one result per row.
-        window_s: how long the first request of a batch waits for others (seconds; 0 = never
-            waits, yet still batches requests that queued while the previous batch decoded).
+            cancel=f(row) -> bool, **gen)`` and returns one result per row. A bound method (the
+            engine's) is held weakly: the batcher never keeps its owner alive.
+        window_s: how long the first request of a batch waits for others while another request
+            is on its way (seconds; 0 = never waits, yet still batches requests that queued while
+            the previous batch decoded). A request reaching an idle batcher never waits.
         max_batch_size: at most this many rows in one batch (1 = one request at a time).
 
     Both settings are plain attributes and may be changed at any time (``engine.batcher.window_s``).
@@ -94,12 +109,69 @@ class MicroBatcher:
         self, run: RunBatch, *, window_s: float = DEFAULT_BATCH_WINDOW_S, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     ) -> None:
         check_batch_settings(window_s, max_batch_size)
-        self.run = run
+        if not callable(run):
+            raise TypeError(f"run must be a callable that decodes a batch, got {type(run).__name__}.")
+        # A bound method would keep its owner (the engine, its decoder) alive as long as this batcher.
+        self._run: Callable[[], RunBatch | None] = weakref.WeakMethod(run) if inspect.ismethod(run) else (lambda: run)
         self.window_s = float(window_s)
         self.max_batch_size = int(max_batch_size)
         self._cond = threading.Condition()
         self._pending: list[_Job] = []
+        self._preparing = 0  # requests announced by preparing(), not yet submitted
+        self._announced = threading.local()  # this thread's announcements (tokens), newest last
         self._leading = False  # one caller at a time collects and runs a batch
+        self._batches = self._rows = 0  # batches run and rows decoded so far (see totals)
+
+    @property
+    def run(self) -> RunBatch:
+        """The function that decodes a batch.
+
+        Raises:
+            ReferenceError: it was a bound method whose object (the engine) is gone.
+        """
+        run = self._run()
+        if run is None:
+            raise ReferenceError("This batcher's engine is gone (it was garbage-collected); use a live engine's batcher.")
+        return run
+
+    @property
+    def totals(self) -> tuple[int, int]:
+        """(batches run, rows decoded) since this batcher was made: the difference of two readings
+        gives the mean rows per batch in between (what the throughput benchmark reports)."""
+        with self._cond:
+            return self._batches, self._rows
+
+    @property
+    def queued(self) -> int:
+        """How many requests wait for a batch (not counting the batch decoding now)."""
+        with self._cond:
+            return len(self._pending)
+
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Announce a request that this thread will submit within the block (e.g. while its input
+        is prepared): until it is submitted, a batch about to start waits its window for it
+        instead of running at once. Without announcements, a request that finds nothing else
+        queued runs at once.
+
+        Example:
+            >>> with engine.batcher.preparing():                            # doctest: +SKIP
+            ...     prepared = engine.prepare_rag(question, passages)
+            ...     result = engine.generate_prepared([prepared])[0]
+        """
+        token = object()
+        announced = self._announced.__dict__.setdefault("tokens", [])
+        with self._cond:
+            self._preparing += 1
+            announced.append(token)
+        try:
+            yield
+        finally:
+            with self._cond:
+                if token in announced:  # not submitted (e.g. it failed, or went to another backend)
+                    announced.remove(token)
+                    self._preparing -= 1
+                    self._cond.notify_all()
 
     def submit(
         self,
@@ -127,10 +199,16 @@ class MicroBatcher:
 
         Raises:
             RequestCancelled: ``cancel`` was set before the request's batch started.
+            ReferenceError: the engine this batcher decodes for is gone.
         """
         check_batch_settings(self.window_s, self.max_batch_size)  # the attributes may have been changed
+        self.run  # noqa: B018 - raises ReferenceError now, before queueing, when the engine is gone
         job = _Job(prepared, gen, t_start, on_text, cancel)
+        announced = getattr(self._announced, "tokens", None)
         with self._cond:
+            if announced:  # this thread's announced request arrives: one step, so no batch misses it
+                announced.pop()
+                self._preparing -= 1
             self._pending.append(job)
             self._cond.notify_all()
         try:
@@ -162,12 +240,14 @@ class MicroBatcher:
         return job.result
 
     def _collect(self) -> list[_Job]:
-        """Under the condition: wait out the window of the oldest job, then take its batch."""
+        """Under the condition: wait out the window of the oldest job while another request is on
+        its way (queued or being prepared), then take its batch. An idle batcher never waits."""
         while True:
             first = self._pending[0]
             same = [j for j in self._pending if j.key == first.key]
             remaining = first.arrived + self.window_s - time.monotonic()
-            if first.alone or len(same) >= self.max_batch_size or remaining <= 0:
+            idle = len(self._pending) == 1 and self._preparing == 0  # nobody else to wait for
+            if first.alone or idle or len(same) >= self.max_batch_size or remaining <= 0:
                 break
             self._cond.wait(remaining)
         batch = same[: self.max_batch_size]
@@ -192,6 +272,9 @@ class MicroBatcher:
 
         failure: BaseException | None = None
         if live:
+            with self._cond:
+                self._batches += 1
+                self._rows += len(live)
             try:
                 results = self.run(
                     [j.prepared for j in live], t_start=[j.t_start for j in live], on_text=on_text,

@@ -1537,9 +1537,11 @@ class RefragEngine:
         on_text: Callable[[int, str], None] | None = None,
         cancel: Callable[[int], bool] | None = None,
         backend: DecoderBackend | None = None,
+        ignore_eos: bool = False,
     ) -> list[GenerationResult]:
-        """Decode a batch; ``t_start`` per row (or one for all), ``cancel(row)`` stops a row (in
-        process only), ``backend`` (default :attr:`backend`) decodes elsewhere, e.g. on vLLM."""
+        """Decode a batch; ``t_start`` per row (or one for all), ``cancel(row)`` stops a row,
+        ``backend`` (default :attr:`backend`) decodes elsewhere, e.g. on vLLM; ``ignore_eos``
+        decodes ``max_new_tokens`` tokens whatever they are (fixed-length benchmarks)."""
         backend = self.backend if backend is None else backend
         if backend is not None:  # e.g. a vLLM server: decoding leaves this process (and its lock)
             if not callable(getattr(backend, "generate", None)):
@@ -1549,7 +1551,8 @@ class RefragEngine:
                 )
             return backend.generate(
                 self, prepared, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                top_p=top_p, stop=stop, seed=seed, t_start=t_start, on_text=on_text,
+                top_p=top_p, stop=stop, seed=seed, t_start=t_start, on_text=on_text, cancel=cancel,
+                ignore_eos=ignore_eos,
             )
         stop = [s for s in (stop or []) if s]
         eos = self.eos_ids()
@@ -1574,7 +1577,7 @@ class RefragEngine:
                 for b, tok in enumerate(nxt.tolist()):
                     if done[b]:
                         continue
-                    if tok in eos:
+                    if tok in eos and not ignore_eos:
                         done[b], reasons[b] = True, "stop"
                         continue
                     ids[b].append(tok)
@@ -1649,11 +1652,12 @@ class RefragEngine:
         t0 = time.perf_counter()
         check_sampling(temperature, top_p)
         policy, budget = expansion_settings(policy, expand_fraction, max_expanded, expand=expand, budget=budget)
-        prepared = self._prepare_rag(question, passages, policy, budget, system_prompt=system_prompt)
-        return self.generate_prepared(
-            [prepared], t_start=t0, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-            top_p=top_p, stop=stop, seed=seed,
-        )[0]
+        with self.batcher.preparing():  # a batch starting meanwhile waits its window for this request
+            prepared = self._prepare_rag(question, passages, policy, budget, system_prompt=system_prompt)
+            return self.generate_prepared(
+                [prepared], t_start=t0, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                top_p=top_p, stop=stop, seed=seed,
+            )[0]
 
     def generate_prepared(
         self,
@@ -1678,7 +1682,8 @@ class RefragEngine:
             cancel: set it (from any thread) to stop decoding within one decoder step; the
                 result then has ``finish_reason == "cancelled"``.
             **gen: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``stop``, ``seed``,
-                and ``backend``: a :class:`~refrag_integrations.backends.DecoderBackend` for this
+                ``ignore_eos`` (decode exactly ``max_new_tokens`` tokens, EOS included: what the
+                throughput benchmark times), and ``backend``: a :class:`~refrag_integrations.backends.DecoderBackend` for this
                 call (default :attr:`backend`; ``None`` = the in-process decoder). A remote backend
                 batches on its server, so requests go to it as given, not through the batcher.
         """
@@ -1686,7 +1691,10 @@ class RefragEngine:
         if not prepared:
             raise ValueError("prepared is empty: give at least one prepared input.")
         gen.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-        for key, default in (("do_sample", False), ("temperature", 1.0), ("top_p", 1.0), ("stop", None), ("seed", None)):
+        for key, default in (
+            ("do_sample", False), ("temperature", 1.0), ("top_p", 1.0), ("stop", None), ("seed", None),
+            ("ignore_eos", False),
+        ):
             gen.setdefault(key, default)
         check_sampling(gen["temperature"], gen["top_p"])
         t0 = t_start or time.perf_counter()

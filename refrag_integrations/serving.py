@@ -31,7 +31,7 @@ from .config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TOP_K, SERVE_MAX_REQUEST_BYT
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backends import DecoderBackend
-    from .engine import RefragEngine
+    from .engine import RefragEngine, TokenStream
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,13 @@ def make_server(
                               "total_tokens": s.positions + s.new_tokens},
                     "refrag": s.to_dict(),
                 })
-            stream = engine.stream_prepared(prepared, t_start=t0, backend=backend, **request["gen"])
+            with engine.stream_prepared(prepared, t_start=t0, backend=backend, **request["gen"]) as stream:
+                # leaving early (this client went away: a write raises) closes the stream, which
+                # closes its connection to vLLM, and vLLM aborts the request
+                self._send_stream(stream, head)
+
+        def _send_stream(self, stream: "TokenStream", head: dict[str, Any]) -> None:
+            """Send ``stream``'s pieces as ``chat.completion.chunk`` events, then ``[DONE]``."""
             pieces = iter(stream)
             first = next(pieces, None)  # a failing backend fails here, before any header is sent
             self.send_response(200)

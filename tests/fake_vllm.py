@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,19 @@ class FakeVllmServer:
         model_dir: the model to decode with (e.g. a ``refrag export decoder`` directory).
         served_id: the id ``/v1/models`` reports (default: ``model_dir``, as vLLM does).
         root: the root ``/v1/models`` reports (default: ``served_id``).
+        pace_s: seconds between two streamed tokens (a slow server, for tests that leave early).
+        ignore_eos: decode ``max_tokens`` tokens whatever the request says (a long answer).
+
+    Attributes:
+        disconnects: for each streamed answer whose client went away before its end, how many
+            token events had been written; ``disconnected`` is set at the first.
+        max_in_flight: the most completion requests it was answering at the same time.
     """
 
-    def __init__(self, model_dir: Path, served_id: str | None = None, root: str | None = None) -> None:
+    def __init__(
+        self, model_dir: Path, served_id: str | None = None, root: str | None = None, *, pace_s: float = 0.0,
+        ignore_eos: bool = False,
+    ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -37,6 +48,11 @@ class FakeVllmServer:
         self.root = root if root is not None else self.served_id
         self.requests: list[dict[str, Any]] = []
         self.refuse: tuple[int, str] | None = None  # (status, message) to answer every completion with
+        self.pace_s, self.ignore_eos = pace_s, ignore_eos
+        self.disconnects: list[int] = []
+        self.disconnected = threading.Event()
+        self.in_flight = self.max_in_flight = 0
+        self._count = threading.Lock()
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | {self.tokenizer.eos_token_id}
         server = self
@@ -59,6 +75,16 @@ class FakeVllmServer:
                 self._json(200, {"object": "list", "data": [{"id": server.served_id, "root": server.root}]})
 
             def do_POST(self) -> None:
+                with server._count:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._complete()
+                finally:
+                    with server._count:
+                        server.in_flight -= 1
+
+            def _complete(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append(body)
                 if server.refuse is not None:
@@ -66,15 +92,22 @@ class FakeVllmServer:
                 if body.get("model") != server.served_id:
                     return self._json(404, {"error": {"message": f"model {body.get('model')!r} does not exist"}})
                 embeds = torch.load(io.BytesIO(base64.b64decode(body["prompt_embeds"])), weights_only=True)
-                pieces, finish = server.decode(embeds, body)
+                pieces, finish = server.decode(embeds, {**body, "ignore_eos": body.get("ignore_eos") or server.ignore_eos})
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
                 for i, (text, tok) in enumerate(pieces):
                     last = i == len(pieces) - 1
                     choice = {"index": 0, "text": text, "token_ids": [tok], "finish_reason": finish if last else None}
-                    self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
-                    self.wfile.flush()
+                    try:
+                        if i and server.pace_s:
+                            time.sleep(server.pace_s)
+                        self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
+                        self.wfile.flush()
+                    except (BrokenPipeError, ConnectionResetError):  # the client went away: vLLM aborts here
+                        server.disconnects.append(i)
+                        server.disconnected.set()
+                        return
                 usage = {"prompt_tokens": int(embeds.shape[0]), "completion_tokens": len(pieces)}
                 self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")

@@ -493,3 +493,22 @@ def test_cli_commands_run_end_to_end_on_default_models(shared_data, tmp_path):
                               "--ppl-dir", str(tmp_path / "p"), "--out", str(tmp_path / "bench.md")])
     assert res.exit_code == 0, res.output
     assert "## Question answering" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.integration
+def test_cli_bench_concurrency_runs_end_to_end_on_default_models(shared_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from refrag_integrations.cli import app
+
+    res = CliRunner().invoke(app, [
+        "bench", "--concurrency", "1,2", "--lengths", "128", "--expand-fraction", "0", "--repeats", "1",
+        "--output-tokens", "2", "--out", str(tmp_path / "b"), "--docs", str(tmp_path / "bench.md"),
+        "--data-dir", str(shared_data), "--no-progress",
+    ])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "b" / "throughput.json").read_text())
+    assert doc["complete_for_backend"] and len(doc["results"]) == 4
+    assert {(r["mode"], r["concurrency"]) for r in doc["results"]} == {("rag", 1), ("rag", 2), ("cached", 1), ("cached", 2)}
+    assert all(r["output_tokens"] == 2 * r["requests"] for r in doc["results"])
+    assert "## Throughput under concurrent requests" in (tmp_path / "bench.md").read_text()

@@ -149,7 +149,7 @@ def test_retriever_engine_is_shared_with_a_chat_model_without_one(engine, monkey
 
 
 def test_chat_model_naming_another_engine_is_refused(engine, monkeypatch):
-    gc.collect()  # engines of earlier test modules stay in a reference cycle (engine <-> its batcher) until collected
+    gc.collect()  # engines of earlier test modules that some other reference cycle still holds
     monkeypatch.setattr(shared, "_ENGINES", {})
     base = ListRetriever(docs=[Document(PASSAGES[2])])
     retriever = RefragRetriever(base_retriever=base, engine=engine, policy="none")

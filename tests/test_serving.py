@@ -128,3 +128,28 @@ def test_no_index_and_no_passages_is_a_clear_error(tiny_chat_engine, vllm):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_client_that_leaves_a_stream_stops_the_vllm_request(tiny_chat_engine, tmp_path):
+    """The client goes away mid-stream: the endpoint closes its stream, whose connection to vLLM
+    closes (vLLM aborts a request whose client disconnected)."""
+    import time
+
+    slow = FakeVllmServer(write_decoder(tiny_chat_engine, tmp_path / "decoder"), pace_s=0.05, ignore_eos=True)
+    server, url = start(tiny_chat_engine, VllmBackend(slow.url))
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": QUESTION}], "passages": PASSAGES, "max_tokens": 100,
+            "stream": True,
+        }) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    break  # the first piece of text: leave
+        deadline = time.monotonic() + 20
+        while not slow.disconnects and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert slow.disconnects and slow.disconnects[0] < 50  # of 100 tokens
+    finally:
+        server.shutdown()
+        server.server_close()
+        slow.close()

@@ -373,3 +373,140 @@ def test_bench_times_a_fixed_length_decode_on_the_backend(engine, backend, serve
         engine.backend = None
     assert server.requests[-1]["ignore_eos"] is True and server.requests[-1]["max_tokens"] == 6
     assert 0 < run["ttft_s"] <= run["total_s"] and len(run["steps_s"]) == 5
+
+
+# --------------------------------------------------------------------------- abandoned streams
+
+LONG = 100  # tokens a slow server would stream (5 s): a consumer that leaves must not wait for them
+
+
+@pytest.fixture(scope="module")
+def slow_server(exported):
+    """A server that streams LONG tokens (EOS ignored), one every 50 ms, and records disconnects."""
+    srv = FakeVllmServer(exported, pace_s=0.05, ignore_eos=True)
+    yield srv
+    srv.close()
+
+
+def wait_for_disconnect(server, before: int) -> int:
+    """How many token events the server had written when its client went away (fails after 20 s)."""
+    import time
+
+    deadline = time.monotonic() + 20
+    while len(server.disconnects) == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(server.disconnects) > before, "the server never saw its client go away"
+    return server.disconnects[before]
+
+
+async def await_disconnect(server, before: int) -> int:
+    """:func:`wait_for_disconnect` for a test on an event loop: the loop keeps running meanwhile
+    (an abandoned async generator is finalised by a task on the loop)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + 20
+    while len(server.disconnects) == before and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return wait_for_disconnect(server, before)
+
+
+def test_closing_a_stream_closes_the_connection(engine, slow_server):
+    backend = VllmBackend(slow_server.url)
+    before = len(slow_server.disconnects)
+    stream = engine.stream_prepared(engine.prepare_rag(QUESTION, PASSAGES, "all"), max_new_tokens=LONG, backend=backend)
+    assert next(iter(stream))
+    stream.close()
+    assert wait_for_disconnect(slow_server, before) < LONG // 2  # long before the answer's end
+    backend.close()
+
+
+def test_a_cancelled_request_ends_cancelled_and_disconnects(engine, slow_server):
+    import threading
+
+    backend = VllmBackend(slow_server.url)
+    before = len(slow_server.disconnects)
+    cancel = threading.Event()
+    pieces: list[str] = []
+
+    def on_text(row: int, piece: str) -> None:
+        pieces.append(piece)
+        cancel.set()  # the consumer leaves after its first piece
+
+    prepared = engine.prepare_rag(QUESTION, PASSAGES, "none")
+    result = engine.generate_prepared([prepared], max_new_tokens=LONG, on_text=on_text, cancel=cancel, backend=backend)[0]
+    assert result.finish_reason == "cancelled" and result.text == "".join(pieces)
+    assert result.stats.new_tokens < LONG
+    assert wait_for_disconnect(slow_server, before) < LONG // 2
+    # cancelled before it started: no request leaves at all
+    sent = len(slow_server.requests)
+    prepared = engine.prepare_rag(QUESTION, PASSAGES, "none")
+    early = engine.generate_prepared([prepared], max_new_tokens=LONG, cancel=cancel, backend=backend)[0]
+    assert early.finish_reason == "cancelled" and early.text == "" and len(slow_server.requests) == sent
+    backend.close()
+
+
+async def test_leaving_a_langchain_astream_closes_the_connection(engine, slow_server):
+    from langchain_core.messages import HumanMessage
+
+    from refrag_integrations.langchain import ChatRefrag
+
+    record_registration(engine, QUESTION, engine.register_retrieved(QUESTION, PASSAGES, "none"))
+    chat = ChatRefrag(engine=engine, max_tokens=LONG, backend="vllm", base_url=slow_server.url)
+    before = len(slow_server.disconnects)
+    chunks = chat.astream([HumanMessage(content="\n\n".join(PASSAGES) + f"\n\nQuestion: {QUESTION}")])
+    async for chunk in chunks:
+        if chunk.content:
+            break
+    await chunks.aclose()
+    assert await await_disconnect(slow_server, before) < LONG // 2
+
+
+async def test_leaving_a_llama_index_astream_closes_the_connection(engine, slow_server):
+    from refrag_integrations.llama_index import RefragLLM
+
+    record_registration(engine, QUESTION, engine.register_retrieved(QUESTION, PASSAGES, "none"))
+    llm = RefragLLM(engine=engine, max_new_tokens=LONG, backend="vllm", base_url=slow_server.url)
+    before = len(slow_server.disconnects)
+    responses = await llm.astream_complete("\n\n".join(PASSAGES) + f"\n\nQuestion: {QUESTION}")
+    async for response in responses:
+        if response.delta:
+            break
+    await responses.aclose()
+    assert await await_disconnect(slow_server, before) < LONG // 2
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def test_throughput_on_vllm_sends_concurrent_fixed_length_requests(engine, exported, tmp_path):
+    """`refrag bench --concurrency --backend vllm`: concurrent HTTP requests (the server answers
+    several at once), exactly output_tokens tokens each, rows next to the in-process run's."""
+    from refrag_integrations.evaluation import throughput as T
+
+    srv = FakeVllmServer(exported, pace_s=0.02)  # each answer takes a while: concurrent requests overlap
+    backend = VllmBackend(srv.url)
+    settings = T.ThroughputSettings(concurrency=(1, 4), lengths=(48,), ks=(4,), ps=(0.0,), requests_per_client=2,
+                                    output_tokens=3)
+    ctx = {48: (PASSAGES * 4)[:3]}
+    out = tmp_path / "bench"
+    try:
+        T.run_throughput(engine, QUESTION, ctx, settings, out, progress=False)  # in-process
+        engine.backend = backend
+        doc = T.run_throughput(engine, QUESTION, ctx, settings, out, progress=False)
+    finally:
+        engine.backend = None
+        backend.close()
+        srv.close()
+    assert srv.max_in_flight >= 2  # four clients: requests overlapped on the server
+    assert all(r["ignore_eos"] is True and r["max_tokens"] == 3 for r in srv.requests)
+    assert len(srv.requests) == (1 + 2) * 1 * 2 + (1 + 2) * 4 * 2  # warm-up round + timed, 2 modes, c = 1 and 4
+    by = {r["key"]: r for r in doc["results"]}
+    assert len(by) == 8 and doc["complete_for_backend"] is True
+    remote = by["vllm|cached|s=48|k=4|p=0.0|c=4"]
+    assert remote["output_tokens"] == 3 * remote["requests"] == 3 * 8 and remote["rows_per_batch"] is None
+    local = by["transformers|cached|s=48|k=4|p=0.0|c=4"]
+    assert remote["positions"] == local["positions"]  # the same prepared inputs
+    ratio = T.ratios(doc["results"])[remote["key"]]["vs_in_process"]
+    assert ratio == pytest.approx(remote["requests_per_s"] / local["requests_per_s"])
+    assert "| vllm | cached | 48 | 4 | 0 | 4 |" in (out / T.TABLE_FILE).read_text()

@@ -47,10 +47,11 @@ def _wait_until_up(url: str, proc: subprocess.Popen | None, log: Path | None) ->
 
 
 @pytest.fixture(scope="module")
-def vllm_url(tmp_path_factory):
+def vllm_server(tmp_path_factory):
+    """(API root, the server's log file or None for a server started elsewhere)."""
     if VLLM_BASE_URL:
         _wait_until_up(VLLM_BASE_URL.rstrip("/"), None, None)
-        yield VLLM_BASE_URL.rstrip("/")
+        yield VLLM_BASE_URL.rstrip("/"), None
         return
     if not VLLM_PYTHON or not Path(VLLM_PYTHON).is_file():
         pytest.skip("set REFRAG_VLLM_PYTHON to a python with vllm installed (or REFRAG_VLLM_BASE_URL to a server)")
@@ -65,19 +66,24 @@ def vllm_url(tmp_path_factory):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     cmd = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--enable-prompt-embeds",
            "--enforce-eager", "--dtype", "float32", "--max-model-len", "4096", "--host", "127.0.0.1",
-           "--port", str(port)]
+           "--port", str(port), "--enable-log-requests"]  # logs aborted requests too
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, env=env)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         _wait_until_up(url, proc, log)
-        yield url
+        yield url, log
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def vllm_url(vllm_server):
+    return vllm_server[0]
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +138,24 @@ def test_real_vllm_refuses_the_base_decoder(vllm_url):
     prepared = base.prepare_rag("Who wrote Hamlet?", ["Hamlet is a tragedy by William Shakespeare."], "all")
     with pytest.raises(ServedModelMismatchError, match="fingerprint"):
         base.generate_prepared([prepared], max_new_tokens=4, backend=VllmBackend(vllm_url))
+
+
+def test_real_vllm_aborts_an_abandoned_stream(default_engine, vllm_server, requests_):
+    """Closing a stream closes its HTTP response, and the server aborts the request (its log says so)."""
+    from refrag_integrations.backends.vllm_server import VllmBackend
+
+    url, log = vllm_server
+    if log is None:
+        pytest.skip("the server's log is readable only when this test started it (REFRAG_VLLM_PYTHON)")
+    backend = VllmBackend(url)
+    question, passages = requests_[0]
+    before = log.read_text(errors="replace").count("Aborted request")
+    steps = backend.stream_steps(default_engine, default_engine.prepare_rag(question, passages, "none"),
+                                 t_start=time.perf_counter(), ignore_eos=True, max_new_tokens=1000,
+                                 do_sample=False, temperature=1.0, top_p=1.0, stop=None, seed=None)
+    next(steps)
+    steps.close()  # the consumer leaves after the first token of 1000
+    deadline = time.monotonic() + 60
+    while log.read_text(errors="replace").count("Aborted request") == before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert log.read_text(errors="replace").count("Aborted request") > before, "the server did not abort the request"

@@ -36,7 +36,10 @@ class DecoderBackend(Protocol):
     ``generate`` gets the same settings as the in-process decode loop and returns one
     :class:`~refrag_integrations.engine.GenerationResult` per prepared input, with the input's
     stats completed (``ttft_s``, ``total_s``, ``new_tokens``); ``on_text(row, piece)`` receives
-    the text as it is decoded (what streaming is built on).
+    the text as it is decoded (what streaming is built on). When ``cancel(row)`` turns true (the
+    row's consumer went away, e.g. closed its stream), the backend stops that row as soon as it
+    can, releasing what it holds on the server, and returns it with ``finish_reason ==
+    "cancelled"``. ``ignore_eos`` decodes exactly ``max_new_tokens`` tokens (benchmarks).
     """
 
     name: str
@@ -54,6 +57,8 @@ class DecoderBackend(Protocol):
         seed: int | None,
         t_start: float,
         on_text: Callable[[int, str], None] | None = None,
+        cancel: Callable[[int], bool] | None = None,
+        ignore_eos: bool = False,
     ) -> list["GenerationResult"]: ...
 
     def stream_steps(

@@ -29,6 +29,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -314,37 +315,46 @@ class VllmBackend:
 
     def _one(
         self, engine: "RefragEngine", b: int, prepared: "PreparedInput", t_start: float,
-        on_text: Callable[[int, str], None] | None, gen: dict[str, Any],
+        on_text: Callable[[int, str], None] | None, cancel: Callable[[int], bool] | None, gen: dict[str, Any],
     ) -> "GenerationResult":
         from ..engine import GenerationResult
 
         text, ids, finish, usage, ttft, emitted = "", [], None, None, 0.0, 0
-        for step in self.stream_steps(engine, prepared, t_start=t_start, **gen):
-            if step["ttft"] is not None:
-                ttft = step["ttft"]
-            if step["text"]:
-                text += step["text"]
-                # as in process: a piece never ends in half a multi-byte character (U+FFFD)
-                safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
-                if on_text is not None and safe > emitted:
-                    on_text(b, text[emitted:safe])
-                    emitted = safe
-            ids.extend(step["token_ids"])
-            finish = step["finish_reason"] or finish
-            usage = step["usage"] or usage
+        cancelled = cancel is not None and cancel(b)  # e.g. a stream closed before its request left
+        # A generator: the request leaves at its first step; leaving early closes the HTTP
+        # response, and vLLM aborts a request whose client disconnected.
+        with closing(self.stream_steps(engine, prepared, t_start=t_start, **gen)) as steps:
+            for step in () if cancelled else steps:
+                if step["ttft"] is not None:
+                    ttft = step["ttft"]
+                if step["text"]:
+                    text += step["text"]
+                    # as in process: a piece never ends in half a multi-byte character (U+FFFD)
+                    safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
+                    if on_text is not None and safe > emitted:
+                        on_text(b, text[emitted:safe])
+                        emitted = safe
+                ids.extend(step["token_ids"])
+                finish = step["finish_reason"] or finish
+                usage = step["usage"] or usage
+                if finish is None and cancel is not None and cancel(b):  # checked at every streamed token
+                    cancelled = True
+                    break
+        if cancelled:
+            finish = "cancelled"
         if text.endswith("\ufffd"):
-            text = text[:-1]  # half a character at the end (cut by max_tokens): never shown, as in process
-        if on_text is not None and len(text) > emitted:
+            text = text[:-1]  # half a character at the end (cut short): never shown, as in process
+        if on_text is not None and not cancelled and len(text) > emitted:
             on_text(b, text[emitted:])
-        eos = engine.eos_ids()
-        if ids and ids[-1] in eos:
+        eos_ends = not gen.get("ignore_eos")  # with ignore_eos an EOS is one token like any other
+        if eos_ends and ids and ids[-1] in engine.eos_ids():
             ids = ids[:-1]  # the engine's token_ids never include the EOS that ended the answer
         new_tokens = len(ids)
         if not ids and usage and usage.get("completion_tokens"):  # a server that returns no token ids
-            new_tokens = int(usage["completion_tokens"]) - (1 if finish == "stop" else 0)
+            new_tokens = int(usage["completion_tokens"]) - (1 if eos_ends and finish == "stop" else 0)
         stats = prepared.stats
         stats.ttft_s, stats.total_s, stats.new_tokens = ttft, time.perf_counter() - t_start, new_tokens
-        return GenerationResult(text, ids, "length" if finish == "length" else "stop", stats)
+        return GenerationResult(text, ids, finish if finish in ("length", "cancelled") else "stop", stats)
 
     def generate(
         self,
@@ -359,16 +369,26 @@ class VllmBackend:
         seed: int | None,
         t_start: float,
         on_text: Callable[[int, str], None] | None = None,
+        cancel: Callable[[int], bool] | None = None,
+        ignore_eos: bool = False,
     ) -> list["GenerationResult"]:
         """Decode each prepared input on the server (several as concurrent requests, which vLLM
-        batches); see :class:`~refrag_integrations.backends.DecoderBackend`."""
+        batches); see :class:`~refrag_integrations.backends.DecoderBackend`.
+
+        ``cancel(row)`` is checked before a row's request and at each token the server streams;
+        once true, the row's HTTP response is closed (vLLM aborts a request whose client
+        disconnected, freeing its batch slot and KV cache) and the row ends with
+        ``finish_reason == "cancelled"``. A consumer that leaves during the prefill is seen at the
+        first token."""
         gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-               "top_p": top_p, "stop": stop, "seed": seed}
+               "top_p": top_p, "stop": stop, "seed": seed, "ignore_eos": ignore_eos}
         engine.check_context_window(prepared, max_new_tokens)  # all rows, before any request
         if len(prepared) == 1:
-            return [self._one(engine, 0, prepared[0], t_start, on_text, gen)]
+            return [self._one(engine, 0, prepared[0], t_start, on_text, cancel, gen)]
         with ThreadPoolExecutor(max_workers=len(prepared)) as pool:
-            futures = [pool.submit(self._one, engine, b, p, t_start, on_text, gen) for b, p in enumerate(prepared)]
+            futures = [
+                pool.submit(self._one, engine, b, p, t_start, on_text, cancel, gen) for b, p in enumerate(prepared)
+            ]
             return [f.result() for f in futures]
 
 

@@ -127,8 +127,15 @@ def bench(
     progress: bool = typer.Option(True, help="Show a progress bar."),
     backend: str = typer.Option("transformers", "--backend", help=BACKEND_HELP + " Memory columns are this process's."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help=BASE_URL_HELP),
+    concurrency: Optional[str] = typer.Option(
+        None, help="Measure throughput instead: requests/s, output tokens/s and latency percentiles with this many "
+        "concurrent requests, comma-separated (e.g. 1,4,16). Defaults then: lengths 4096, the checkpoint's k, "
+        "p 0,0.25, 4 requests per concurrent client (--repeats). Writes throughput.json / throughput.md in --out; "
+        "run once per --backend into the same --out to compare them.",
+    ),
 ) -> None:
-    """Measure REFRAG's speed and memory against full-context RAG on the same decoder."""
+    """Measure REFRAG's speed and memory against full-context RAG on the same decoder
+    (with --concurrency: throughput under concurrent requests)."""
     if ctx.invoked_subcommand is not None:
         no_options_before_subcommand(ctx)
         return
@@ -146,6 +153,16 @@ def bench(
         raise typer.BadParameter(f"--corpus must be one of {BENCH_CORPORA}, got {corpus!r}.")
     if policy not in ("relevance", "random", "learned"):
         raise typer.BadParameter(f"--policy must be relevance, random or learned, got {policy!r}.")
+    if concurrency is not None:
+        return bench_throughput(
+            parse_list(concurrency, int, "--concurrency"), lengths=parse_list(lengths, int, "--lengths"),
+            ks=parse_list(k, int, "--k"),
+            ps=parse_list(renamed_option(expand_fraction, p, "--expand-fraction", "--p", None), float, "--expand-fraction"),
+            repeats=repeats, output_tokens=output_tokens, policy=policy, corpus=corpus, data_dir=data_dir,
+            checkpoint=checkpoint, out=out, limit=limit, quick=quick, bf16=bf16, decoder_dtype=decoder_dtype,
+            threads=threads, device=device, overwrite=overwrite, docs=docs, progress=progress, backend=backend,
+            base_url=base_url,
+        )
     base = BENCH_QUICK if quick else {
         "lengths": BENCH_LENGTHS, "ks": BENCH_KS, "ps": BENCH_PS, "repeats": BENCH_REPEATS,
         "output_tokens": BENCH_OUTPUT_TOKENS,
@@ -181,6 +198,58 @@ def bench(
     done = len(doc["results"])
     typer.echo(f"{done} settings in {out / 'bench.json'}" + ("" if doc["complete"] else " (incomplete: rerun to continue)"))
     if docs is not None:
+        from ..evaluation.report import write_benchmarks_doc
+
+        typer.echo(f"wrote {write_benchmarks_doc(out, DEFAULT_QA_DIR, DEFAULT_PPL_DIR, docs)}")
+
+
+def bench_throughput(
+    concurrency: tuple[int, ...], *, lengths: Optional[tuple[int, ...]], ks: Optional[tuple[int, ...]],
+    ps: Optional[tuple[float, ...]], repeats: Optional[int], output_tokens: Optional[int], policy: str, corpus: str,
+    data_dir: Path, checkpoint: Optional[str], out: Path, limit: Optional[int], quick: bool, bf16: bool,
+    decoder_dtype: str, threads: Optional[int], device: Optional[str], overwrite: bool, docs: Optional[Path],
+    progress: bool, backend: str, base_url: Optional[str],
+) -> None:
+    """``refrag bench --concurrency``: throughput of concurrent requests on one backend
+    (:mod:`refrag_integrations.evaluation.throughput`)."""
+    from ..evaluation.bench import bench_contexts
+    from ..evaluation.config import (
+        BENCH_OUTPUT_TOKENS,
+        THROUGHPUT_LENGTHS,
+        THROUGHPUT_PS,
+        THROUGHPUT_QUICK,
+        THROUGHPUT_REQUESTS_PER_CLIENT,
+    )
+    from ..evaluation.throughput import RESULTS_FILE, TABLE_FILE, ThroughputSettings, run_throughput
+
+    base = THROUGHPUT_QUICK if quick else {
+        "lengths": THROUGHPUT_LENGTHS, "ps": THROUGHPUT_PS, "repeats": THROUGHPUT_REQUESTS_PER_CLIENT,
+        "output_tokens": BENCH_OUTPUT_TOKENS,
+    }
+    try:
+        settings = ThroughputSettings(
+            concurrency=concurrency, lengths=lengths or base["lengths"], ks=ks, ps=ps or base["ps"],
+            requests_per_client=repeats if repeats is not None else base["repeats"],
+            output_tokens=output_tokens if output_tokens is not None else base["output_tokens"],
+            policy=policy, extra={"corpus": corpus},
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    decoder_backend = check_backend(backend, base_url)
+    warn_if_busy()
+    engine = load_engine(checkpoint, bf16, threads, device, decoder_dtype)
+    connect_backend(engine, decoder_backend)
+    question, contexts = bench_contexts(engine.tokenizer, settings.lengths, corpus, data_dir)
+    try:
+        doc = run_throughput(engine, question, contexts, settings, out, limit=limit, overwrite=overwrite,
+                             progress=progress)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    typer.echo((out / TABLE_FILE).read_text(encoding="utf-8"))
+    typer.echo(f"{len(doc['results'])} settings in {out / RESULTS_FILE}"
+               + ("" if doc["complete_for_backend"] else " (incomplete for this backend: rerun to continue)"))
+    if docs is not None:
+        from ..evaluation.config import DEFAULT_PPL_DIR, DEFAULT_QA_DIR
         from ..evaluation.report import write_benchmarks_doc
 
         typer.echo(f"wrote {write_benchmarks_doc(out, DEFAULT_QA_DIR, DEFAULT_PPL_DIR, docs)}")

@@ -293,6 +293,23 @@ def learned_policy(engine: "RefragEngine") -> Any:
     return None if isinstance(engine.policy, builtin) else engine.policy
 
 
+def bench_policy(name: str, engine: "RefragEngine") -> Any:
+    """The expansion policy a benchmark uses for p > 0: ``"learned"`` (the checkpoint's own) or a
+    built-in one by name (``relevance``, ``random``).
+
+    Raises:
+        ValueError: ``"learned"`` on an engine whose checkpoint has no learned policy.
+    """
+    from ..policy import resolve_policy
+
+    if name == "learned":
+        policy = learned_policy(engine)
+        if policy is None:
+            raise ValueError("policy 'learned' needs a checkpoint with a learned expansion policy.")
+        return policy
+    return resolve_policy(name, engine=engine)
+
+
 def timed_request(
     engine: "RefragEngine", question: str, passages: Sequence[str], expand: Any, budget: float | None,
     output_tokens: int,
@@ -451,8 +468,6 @@ def run_bench(
     import torch
     from tqdm.auto import tqdm
 
-    from ..policy import resolve_policy
-
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}.")
     missing = [s for s in settings.lengths if s not in contexts]
@@ -488,14 +503,7 @@ def run_bench(
     doc["commands"].append(command_line())
 
     def factory(eng: "RefragEngine") -> Any:
-        if policy_factory is not None:
-            return policy_factory(eng)
-        if settings.policy == "learned":
-            policy = learned_policy(eng)
-            if policy is None:
-                raise ValueError("policy 'learned' needs a checkpoint with a learned expansion policy.")
-            return policy
-        return resolve_policy(settings.policy, engine=eng)
+        return policy_factory(eng) if policy_factory is not None else bench_policy(settings.policy, eng)
 
     todo = [s for s in settings.settings() if setting_key(*s) not in results]
     if limit is not None:

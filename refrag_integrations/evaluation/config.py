@@ -30,6 +30,12 @@ BENCH_CORPORA = ("nq", "wiki")
 BENCH_WIKI_PASSAGE_TOKENS = 256  # passage size when cutting Wikipedia articles (a multiple of every k)
 BENCH_WIKI_QUESTION = "What are these passages about?"
 BENCH_QUICK = {"lengths": (512, 1024), "ks": (16,), "ps": (0.0,), "repeats": 1, "output_tokens": 8}
+# `refrag bench --concurrency`: throughput of concurrent requests (issue 17's settings); k defaults
+# to the checkpoint's own.
+THROUGHPUT_LENGTHS = (4096,)
+THROUGHPUT_PS = (0.0, 0.25)
+THROUGHPUT_REQUESTS_PER_CLIENT = 4  # timed requests each concurrent client sends, one after another
+THROUGHPUT_QUICK = {"lengths": (512,), "ps": (0.0,), "repeats": 1, "output_tokens": 8}
 
 # --------------------------------------------------------------------------- refrag bench encoders
 # The chunk-encoder options, ENCODER[@CONTEXT] (docs/training.md run 15, arms A, B, D, E): MiniLM per

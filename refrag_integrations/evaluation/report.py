@@ -93,6 +93,30 @@ def target_check(doc: dict[str, Any]) -> list[str]:
     ]
 
 
+def throughput_section(doc: dict[str, Any]) -> list[str]:
+    """The benchmark page's section for ``refrag bench --concurrency`` results."""
+    from .throughput import markdown_table, target_lines
+
+    run = doc.get("run", {})
+    lines = ["## Throughput under concurrent requests (`refrag bench --concurrency`)", ""]
+    for backend, machine in sorted(doc.get("machines", {}).items()):
+        lines += [f"Machine of the `{backend}` run (the client; a vLLM server may run elsewhere):", "",
+                  *_machine_lines(machine), ""]
+    lines += [f"Decoder `{run.get('decoder')}`, dtype {run.get('dtype')}, {run.get('threads')} torch threads (client), "
+              f"{run.get('requests_per_client')} timed requests per concurrent client after one untimed round, "
+              f"{run.get('output_tokens')} output tokens per request (EOS ignored), expansion policy for p > 0: "
+              f"{run.get('policy')}, contexts from {run.get('corpus', 'the given passages')}. Requests/s and output "
+              "tokens/s over the wall time of all timed requests; latency from a request's start (assembly "
+              "included) to its last token; rows/batch: the in-process micro-batcher's mean batch.", ""]
+    load = _load_range(doc.get("results", []))
+    if load:
+        lines += [f"1-minute load average during the run: {load}.", ""]
+    lines += ["Commands:", "", *_commands(doc.get("commands", [])), ""]
+    lines += ["Targets (issue 17):", "", *target_lines(doc), ""]
+    lines += [markdown_table(doc), ""]
+    return lines
+
+
 def write_benchmarks_doc(
     bench_dir: str | Path = DEFAULT_BENCH_DIR,
     qa_dir: str | Path = DEFAULT_QA_DIR,
@@ -157,6 +181,13 @@ def write_benchmarks_doc(
     if (Path(encoders_dir) / ENCODERS_FILE).is_file():
         found = True
         lines += [encoders_section(read_json(Path(encoders_dir) / ENCODERS_FILE)), ""]
+
+    from .throughput import RESULTS_FILE as THROUGHPUT_RESULTS_FILE
+
+    throughput_json = Path(bench_dir) / THROUGHPUT_RESULTS_FILE
+    if throughput_json.is_file():
+        found = True
+        lines += throughput_section(read_json(throughput_json))
 
     for title, sub, summary_name, table_name, plot_name in (
         ("Question answering (`refrag eval qa`)", qa_dir, "summary.json", "summary.md", "qa_tradeoff.png"),
