@@ -101,17 +101,17 @@ def throughput_section(doc: dict[str, Any]) -> list[str]:
     lines = ["## Throughput under concurrent requests (`refrag bench --concurrency`)", ""]
     for backend, machine in sorted(doc.get("machines", {}).items()):
         lines += [f"Machine of the `{backend}` run (the client; a vLLM server may run elsewhere):", "",
-                  *_machine_lines(machine), ""]
+                  *machine_lines(machine), ""]
     lines += [f"Decoder `{run.get('decoder')}`, dtype {run.get('dtype')}, {run.get('threads')} torch threads (client), "
               f"{run.get('requests_per_client')} timed requests per concurrent client after one untimed round, "
               f"{run.get('output_tokens')} output tokens per request (EOS ignored), expansion policy for p > 0: "
               f"{run.get('policy')}, contexts from {run.get('corpus', 'the given passages')}. Requests/s and output "
               "tokens/s over the wall time of all timed requests; latency from a request's start (assembly "
               "included) to its last token; rows/batch: the in-process micro-batcher's mean batch.", ""]
-    load = _load_range(doc.get("results", []))
+    load = load_range(doc.get("results", []))
     if load:
         lines += [f"1-minute load average during the run: {load}.", ""]
-    lines += ["Commands:", "", *_commands(doc.get("commands", [])), ""]
+    lines += ["Commands:", "", *command_block(doc.get("commands", [])), ""]
     lines += ["Targets (issue 17):", "", *target_lines(doc), ""]
     lines += [markdown_table(doc), ""]
     return lines
