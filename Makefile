@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-py312 lint clean benchmarks bench-docs notebooks
+.PHONY: install demo test test-fast test-py312 print-python312 lint clean benchmarks bench-docs notebooks
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not integration"
 
-# The same install and test suite on Python 3.12, in its own venv. Debian bookworm's registry has no
-# python3.12; this machine image ships one (pyenv). PyPI has no CPU torch wheel for it, so pip takes
-# PyPI's CUDA build of torch==2.13.0 (several GB; it runs on the CPU too).
+# The same install and test suite on Python 3.12, in its own venv (.ci/run runs it when a python3.12
+# is found). Debian bookworm's registry has no python3.12; this machine image ships one (pyenv). The
+# CPU torch wheel on this machine's disk is for Python 3.11 only and download.pytorch.org is out of
+# reach, so pip takes PyPI's CUDA build of torch==2.13.0 (it runs on the CPU too). Measured on the
+# 2-core CPU machine (2026-12-01): about 1.4 GB downloaded, 5.9 GB in .venv312, install about 6
+# minutes (torch 141 s, the package and its extras 177 s).
 ifndef PYTHON312
 PYTHON312 := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
 	"$$p" -c "" 2>/dev/null && { echo "$$p"; break; }; done)
@@ -40,6 +43,10 @@ VENV312 ?= .venv312
 test-py312:
 	@test -n "$(PYTHON312)" || { echo "test-py312: no working python3.12 found; set PYTHON312=/path/to/python3.12"; exit 2; }
 	$(MAKE) test PYTHON=$(PYTHON312) VENV=$(VENV312)
+
+# The python3.12 test-py312 would use (empty when there is none), for .ci/run.
+print-python312:
+	@echo "$(PYTHON312)"
 
 clean:
 	rm -rf $(VENV) $(VENV312) .pytest_cache
