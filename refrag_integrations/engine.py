@@ -350,6 +350,16 @@ def default_policy(trained: bool, has_budget: bool, chunk_encoder: ChunkEncoder)
     return QueryRelevancePolicy(chunk_encoder) if has_budget else ExpandAll()
 
 
+def ignores_budget(policy: ExpansionPolicy, budget: ExpansionBudget) -> bool:
+    """Whether a non-selective ``policy`` (expand all / none) would silently ignore ``budget``:
+    expand-all under a budget below every chunk, or expand-none under a budget above zero."""
+    if isinstance(policy, ExpandAll):
+        return (budget.fraction is not None and budget.fraction < 1.0) or budget.max_count is not None
+    if isinstance(policy, ExpandNone):
+        return bool(budget.fraction) or bool(budget.max_count)
+    return False
+
+
 def check_temperature(temperature: Any) -> float:
     """Return ``temperature`` if it is a finite number >= 0 (0 with sampling = nearly greedy).
 
@@ -1125,8 +1135,20 @@ class RefragEngine:
                 decisions = [list(e.expand) for e in entries]
             else:
                 expand = self.policy
+        is_default = expand is self.policy
         if isinstance(expand, str):
             expand = resolve_policy(expand, encoder=self.chunk_encoder, engine=self)
+        if isinstance(expand, ExpansionPolicy) and budget is not None and ignores_budget(expand, as_budget(budget)):
+            if not is_default:
+                raise ValueError(
+                    f"policy {expand.name!r} ignores expand_fraction / max_expanded ({as_budget(budget)}): it "
+                    + ("expands every chunk" if isinstance(expand, ExpandAll) else "compresses every chunk")
+                    + ". Give a selective policy (e.g. 'relevance') with a budget, or no budget."
+                )
+            # The engine's default policy is not selective (ordinary RAG on an untrained engine, p = 0
+            # on a trained one without a learned policy): a request budget opts into REFRAG's
+            # selective path, as a default expand_fraction does at construction (default_policy).
+            expand = QueryRelevancePolicy(self.chunk_encoder)
         if isinstance(expand, ExpansionPolicy):
             if not isinstance(expand, ExpandAll):
                 need_vectors()

@@ -60,6 +60,30 @@ def test_refrag_is_opt_in_on_an_untrained_engine(tiny_dirs):
     assert per_request.chunks_expanded == 0 and per_request.trained is False
 
 
+def test_a_request_budget_opts_into_refrag_and_is_never_silently_ignored(tiny_dirs, tiny_engine, tmp_path):
+    """expand_fraction= on one request used to be ignored by a non-selective default policy (every
+    chunk stayed tokens on an untrained engine, every chunk compressed on a trained one)."""
+    dec, enc = tiny_dirs
+    with pytest.warns(UntrainedProjectorWarning):
+        untrained = _load(dec, enc)
+    s = untrained.generate(QUESTION, [TEXT], expand_fraction=0.5, max_new_tokens=1).stats
+    assert 0 < s.chunks_expanded < s.chunks and s.positions < s.prompt_tokens and s.trained is False
+    assert untrained.generate(QUESTION, [TEXT], max_new_tokens=1).stats.chunks_compressed == 0  # default unchanged
+    path = save_engine(tiny_engine, tmp_path / "ckpt", trained_stages=["reconstruct"])
+    trained = RefragEngine.from_pretrained(path, decoder=str(dec), encoder=str(enc), device="cpu")
+    assert isinstance(trained.policy, ExpandNone)
+    s = trained.generate(QUESTION, [TEXT], max_expanded=1, max_new_tokens=1).stats
+    assert s.chunks_expanded == 1
+    assert trained.decide(QUESTION, [TEXT], expand_fraction=0.5) != trained.decide(QUESTION, [TEXT])
+    # An explicit non-selective policy with a budget that it would ignore is an error, not a no-op.
+    for policy in ("all", "none"):
+        with pytest.raises(ValueError, match=f"policy '{policy}' ignores expand_fraction"):
+            trained.generate(QUESTION, [TEXT], policy=policy, expand_fraction=0.5, max_new_tokens=1)
+    # ... and a budget it would honour anyway is accepted.
+    assert trained.generate(QUESTION, [TEXT], policy="none", expand_fraction=0.0, max_new_tokens=1).stats.chunks_expanded == 0
+    assert trained.generate(QUESTION, [TEXT], policy="all", expand_fraction=1.0, max_new_tokens=1).stats.chunks_compressed == 0
+
+
 def test_trained_checkpoint_is_quiet_and_keeps_its_default(tiny_engine, tiny_dirs, tmp_path):
     dec, enc = tiny_dirs
     path = save_engine(tiny_engine, tmp_path / "ckpt", trained_stages=["reconstruct"])
