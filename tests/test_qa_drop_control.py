@@ -218,3 +218,46 @@ def test_cli_control_flag(tiny_engine, tmp_path, monkeypatch):
     assert loads and "drop_random_p0.5" in res.output and "Drop control:" in res.output
     summary = json.loads((tmp_path / "q" / Q.SUMMARY_FILE).read_text())
     assert [d["control"] for d in summary["drop_control"]] == ["drop_random_p0.5"]
+    res = runner.invoke(app, [*args, "--control", "drop,blank"])  # resumed: only the blank rows are new
+    assert res.exit_code == 0, res.output
+    assert "Blank control:" in res.output and "Drop control:" in res.output
+    summary = json.loads((tmp_path / "q" / Q.SUMMARY_FILE).read_text())
+    assert [d["control"] for d in summary["drop_control"]] == ["drop_random_p0.5", "blank_random_p0.5"]
+
+
+def test_blank_rows_keep_decisions_and_positions_and_give_compressed_chunks_one_content_free_vector(
+    tiny_engine, tmp_path, monkeypatch
+):
+    settings = Q.qa_settings(["random"], [0.5], controls=["drop", "blank"])
+    assert [s.name for s in settings][-2:] == ["drop_random_p0.5", "blank_random_p0.5"]
+    assert settings[-1].control == "blank" and settings[-1].control_of == "refrag_random_p0.5"
+    examples = _examples()
+    want_vec = Q.blank_vector(tiny_engine, [e.passage for e in examples[: Q.BLANK_REFERENCE_PASSAGES]])
+    tiny_engine.forget_vectors()
+    seen = []
+    real = tiny_engine.prepare_rag
+
+    def spy(question, passages, policy=None, **kw):
+        seen.append((question, list(passages), policy, kw.get("vectors")))
+        return real(question, passages, policy, **kw)
+
+    monkeypatch.setattr(tiny_engine, "prepare_rag", spy)
+    out = tmp_path / "qa"
+    doc = Q.run_qa(tiny_engine, examples, out, ns=(3,), settings=settings, limit=2, max_new_tokens=3, progress=False)
+    recs = {r["key"]: r for r in _records(out)}
+    blanks = [r for r in recs.values() if r["setting"] == "blank_random_p0.5"]
+    assert len(blanks) == 2 and len(seen) == 2  # only the blank rows call prepare_rag directly
+    for rec, (question, passages, decisions, vectors) in zip(blanks, seen):
+        twin = recs[Q.record_key("refrag_random_p0.5", 3, rec["line"])]
+        assert rec["expanded"] == twin["expanded"] and question == twin["question"] and len(passages) == 3
+        assert decisions == [[i in e for i in range(len(tiny_engine.chunk(p)))] for p, e in zip(passages, twin["expanded"])]
+        assert rec["positions"] == twin["positions"] and rec["chunks_expanded"] == twin["chunks_expanded"]
+        for v, d in zip(vectors, decisions):  # every chunk's vector is the reference mean, not its own
+            assert v.shape == (len(d), want_vec.shape[0]) and torch.allclose(v, want_vec.expand_as(v))
+        own = torch.cat(tiny_engine.chunk_vectors(passages).vectors, 0)
+        assert not torch.allclose(own, want_vec.expand_as(own))
+    kinds = {d["control"]: d for d in doc["drop_control"]}
+    assert set(kinds) == {"drop_random_p0.5", "blank_random_p0.5"}
+    text = (out / Q.TABLE_FILE).read_text()
+    assert "Blank control:" in text and "| REFRAG setting | N | examples | REFRAG Match | blank Match | REFRAG - blank" in text
+    assert "Drop control:" in text

@@ -61,8 +61,10 @@ def qa(
     expand_fraction: Optional[str] = typer.Option(None, "--expand-fraction", help=f"{EXPAND_FRACTIONS_HELP} [default: 0,0.1,0.25]"),
     p: Optional[str] = typer.Option(None, "--p", hidden=True, help=DEPRECATED_P_HELP),
     control: Optional[str] = typer.Option(
-        None, help="'drop': add a drop_<policy>_pP row per selective REFRAG row, with the same expanded chunks as "
-                   "tokens and the unexpanded chunks deleted instead of compressed (REFRAG minus drop is reported)."),
+        None, help="Controls, comma-separated. 'drop': add a drop_<policy>_pP row per selective REFRAG row, with the "
+                   "same expanded chunks as tokens and the unexpanded chunks deleted instead of compressed; 'blank': a "
+                   "blank_<policy>_pP row with the same decisions and positions, every compressed chunk given one "
+                   "content-free vector (REFRAG minus each control is reported)."),
     retrieval: str = typer.Option("distractors", help="'distractors' (gold + other questions' gold passages) or 'chroma' (top-N retrieved)."),
     index_dir: Optional[Path] = typer.Option(None, help="Chroma directory for --retrieval chroma (default: <out>/chroma)."),
     checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint to evaluate (default: the packaged one, if any; 'none': base models, untrained projector)."),
@@ -82,7 +84,7 @@ def qa(
     """QA with N passages: closed-book, full-context RAG, REFRAG per policy and p.
 
     Match, EM, F1 with bootstrap 95% CIs, TTFT per setting, an accuracy-vs-TTFT plot and the
-    equal-latency comparison; with --control drop, REFRAG minus its drop control. Resumable per
+    equal-latency comparison; with --control drop,blank, REFRAG minus each control. Resumable per
     answer.
     """
     from ..evaluation.bench import learned_policy
@@ -95,7 +97,7 @@ def qa(
         raise typer.BadParameter(f"--retrieval must be 'distractors' or 'chroma', got {retrieval!r}.")
     decoder_backend = check_backend(backend, base_url)
     try:  # before any model loads
-        controls = check_controls([control] if control is not None else [])
+        controls = check_controls([c.strip() for c in control.split(",") if c.strip()] if control is not None else [])
     except ValueError as err:
         raise typer.BadParameter(f"--control: {err}") from err
     path = data if data is not None else nq_path(data_dir)

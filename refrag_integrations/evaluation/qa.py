@@ -4,7 +4,9 @@ CIs, TTFT per setting, and the equal-latency comparison (REFRAG with more passag
 with fewer, as in the paper). The drop control (``controls=("drop",)``) answers every selective
 REFRAG row again with the same expanded chunks as tokens and the unexpanded chunks deleted
 instead of compressed, and reports REFRAG minus drop with a paired bootstrap 95% CI: what the
-compressed positions are worth.
+compressed positions are worth. The blank control (``"blank"``) keeps every position but gives
+each compressed chunk one content-free vector: REFRAG minus blank is what the vectors' content is
+worth beyond filling positions.
 
 Every request goes through :meth:`RefragEngine.generate`, i.e. the engine's own RAG prompt, which
 the SFT stage trains on. Passages for N are the gold passage plus N-1 distractors (other
@@ -17,6 +19,7 @@ a rerun continues where the last one stopped.
 from __future__ import annotations
 
 import statistics
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +49,15 @@ UNTRAINED_NOTE = (
 class QASetting:
     """One way of answering: ``closed_book`` (no passages), ``rag`` (all chunks expanded),
     REFRAG with an expansion policy at fraction p (``refrag_p0`` compresses everything), or the
-    drop control of a REFRAG setting (``control_of``: its expanded chunks as tokens, its other
-    chunks deleted)."""
+    control of a REFRAG setting (``control_of``): ``drop`` keeps its expanded chunks as tokens and
+    deletes its other chunks; ``blank`` keeps the same positions but gives every compressed chunk
+    one content-free vector."""
 
     name: str
     expand: str  # "all", "none", or a policy name ("relevance", "random", "learned")
     p: float | None = None
-    control_of: str | None = None  # drop control: the REFRAG setting whose decisions it reuses
+    control_of: str | None = None  # a control: the REFRAG setting whose decisions it reuses
+    control: str | None = None  # which control ("drop" or "blank"), with control_of
 
     @property
     def uses_passages(self) -> bool:
@@ -68,9 +73,15 @@ class QASetting:
 # this checkpoint's chunk vectors) are named "learned-<name>" and passed to run_qa.
 SELECTIVE_POLICIES = ("relevance", "random", "perplexity-desc", "learned")
 EXTRA_POLICY_PREFIX = "learned-"
-# Control rows: "drop" keeps a selective REFRAG row's expanded chunks as tokens and deletes the
-# unexpanded ones instead of compressing them (same decisions, same decoder, same generation).
-QA_CONTROLS = ("drop",)
+# Control rows, each reusing a selective REFRAG row's decisions (same decoder, same generation):
+# "drop" keeps the expanded chunks as tokens and deletes the unexpanded ones instead of compressing
+# them; "blank" keeps every position but replaces each compressed chunk's vector by one content-free
+# vector (the mean chunk vector of a fixed reference set), so REFRAG - blank is what the chunk
+# vectors' content adds beyond filling positions.
+QA_CONTROLS = ("drop", "blank")
+# Passages whose mean pre-projection chunk vector is the blank control's vector: the gold passages
+# of the first examples of the evaluated data, in order (fixed per run).
+BLANK_REFERENCE_PASSAGES = 64
 
 
 def check_controls(controls: Sequence[str]) -> tuple[str, ...]:
@@ -91,8 +102,9 @@ def check_controls(controls: Sequence[str]) -> tuple[str, ...]:
 def qa_settings(
     policies: Sequence[str] = QA_POLICIES, ps: Sequence[float] = QA_PS, controls: Sequence[str] = ()
 ) -> list[QASetting]:
-    """Closed-book, RAG, REFRAG at p = 0, then every (policy, p > 0), then (``controls``
-    containing ``"drop"``) a ``drop_<policy>_p<p>`` twin of every selective REFRAG setting.
+    """Closed-book, RAG, REFRAG at p = 0, then every (policy, p > 0), then for each control in
+    ``controls`` (``"drop"``, ``"blank"``) a ``<control>_<policy>_p<p>`` twin of every selective
+    REFRAG setting.
 
     Example:
         >>> [s.name for s in qa_settings(["relevance"], [0.0, 0.25])]
@@ -116,13 +128,25 @@ def qa_settings(
         for p in ps:
             if p > 0:
                 out.append(QASetting(f"refrag_{policy}_p{p:g}", policy, p))
-    if "drop" in controls:
-        selective = [s for s in out if s.is_refrag and s.p]
+    selective = [s for s in out if s.is_refrag and s.p]
+    for control in controls:
         if not selective:
-            raise ValueError("the drop control needs a selective REFRAG setting: give a policy and some p > 0.")
+            raise ValueError(f"the {control} control needs a selective REFRAG setting: give a policy and some p > 0.")
         # After every REFRAG setting: each question's REFRAG answer (and its decisions) comes first.
-        out += [QASetting(f"drop_{s.name[len('refrag_'):]}", s.expand, s.p, control_of=s.name) for s in selective]
+        out += [QASetting(f"{control}_{s.name[len('refrag_'):]}", s.expand, s.p, control_of=s.name, control=control)
+                for s in selective]
     return out
+
+
+def blank_vector(engine: "RefragEngine", passages: Sequence[str]) -> "torch.Tensor":
+    """The blank control's content-free chunk vector: the mean pre-projection chunk vector of
+    ``passages`` (a fixed reference set, not the question's passages), shape ``(d_enc,)``."""
+    import torch
+
+    if not passages:
+        raise ValueError("the blank control needs reference passages.")
+    found = engine.chunk_vectors(list(passages))
+    return torch.cat(found.vectors, 0).mean(0)
 
 
 def kept_passages(engine: "RefragEngine", passages: Sequence[str], expanded: Sequence[Sequence[int]]) -> list[str]:
@@ -293,18 +317,34 @@ def run_qa(
         n_used = 0 if s.name == "closed_book" else n
         use = passages if s.uses_passages else []
         control: dict[str, Any] = {}
+        blank = None
         if s.control_of is not None:
             expanded, source = _control_decisions(engine, log, by_name[s.control_of], ex, n, passages, seed, reuse)
-            use = kept_passages(engine, passages, expanded)
+            if s.control == "blank":
+                if "blank_vector" not in reuse:
+                    reference = [e.passage for e in examples[:BLANK_REFERENCE_PASSAGES]]
+                    reuse["blank_vector"] = blank_vector(engine, reference)
+                    engine.forget_vectors(reference)  # the reference set must not warm the rows' cache
+                blank = [[i in set(e) for i in range(len(engine.chunk(t)))] for t, e in zip(passages, expanded)]
+            else:
+                use = kept_passages(engine, passages, expanded)
             control = {"chunks": sum(len(engine.chunk(t)) for t in passages), "chunks_expanded": sum(map(len, expanded)),
                        "expanded": expanded, "passages_kept": len(use), "decisions_from": source}
-        for text in use:  # pre-tokenise (RAG, drop) / precompute chunk vectors (REFRAG, "cached")
+        for text in use:  # pre-tokenise (RAG, drop, blank) / precompute chunk vectors (REFRAG, "cached")
             engine.chunk(text)
         if s.is_refrag:
             engine.chunk_vectors(use)
-        expand = "all" if s.control_of is not None else _policy_for(engine, s, seed, ex.line, n, reuse)
-        fraction = s.p if s.p and s.is_refrag else None
-        res = engine.generate(ex.question, use, policy=expand, expand_fraction=fraction, max_new_tokens=max_new_tokens)
+        if blank is not None:
+            vec = reuse["blank_vector"]
+            vectors = [vec.expand(len(d), vec.shape[0]).clone() for d in blank]
+            t0 = time.perf_counter()
+            prepared = engine.prepare_rag(ex.question, use, policy=blank, vectors=vectors)
+            res = engine.generate_prepared([prepared], t_start=t0, max_new_tokens=max_new_tokens)[0]
+        else:
+            expand = "all" if s.control_of is not None else _policy_for(engine, s, seed, ex.line, n, reuse)
+            fraction = s.p if s.p and s.is_refrag else None
+            res = engine.generate(ex.question, use, policy=expand, expand_fraction=fraction,
+                                  max_new_tokens=max_new_tokens)
         st = res.stats
         log.append({
             "key": record_key(s.name, n_used, ex.line), "setting": s.name, "n": n_used, "line": ex.line,
@@ -401,7 +441,8 @@ def summarize_qa(
 ) -> dict[str, Any]:
     """Per (setting, N): Match / EM / F1 with bootstrap 95% CIs and median TTFT, over the examples
     that every (setting, N) has finished (so all rows compare the same questions); plus the
-    equal-latency comparison and, for every REFRAG row with a drop twin, REFRAG minus drop."""
+    equal-latency comparison and, for every REFRAG row with a control twin (drop, blank), REFRAG
+    minus the control (under ``drop_control``, one entry per control row)."""
     by_key = {r["key"]: r for r in records}
     cells = [(s, 0 if s.name == "closed_book" else n) for n in ns for s in settings
              if not (s.name == "closed_book" and n != ns[0])]
@@ -414,6 +455,7 @@ def summarize_qa(
         row: dict[str, Any] = {"setting": s.name, "policy": s.expand, "p": s.p, "n": n, "examples": len(recs)}
         if s.control_of is not None:
             row["control_of"] = s.control_of
+            row["control"] = s.control
         for metric in ("match", "em", "f1"):
             row[metric] = bootstrap_ci([r[metric] for r in recs]).to_dict()
         row["ttft_s"] = median([r["ttft_s"] for r in recs])
@@ -523,7 +565,9 @@ def qa_markdown(doc: dict[str, Any]) -> str:
                 f"| {e['rag_n']} | {e['rag_ttft_s'] * 1000:.0f} | {e['rag_match']:.3f} | {e['refrag_setting']} | "
                 f"{e['refrag_n']} | {e['refrag_ttft_s'] * 1000:.0f} | {e['refrag_match']:.3f} | {e['delta_match']:+.3f} |"
             )
-    if doc.get("drop_control"):
+    drops = [d for d in doc.get("drop_control", []) if not d["control"].startswith("blank_")]
+    blanks = [d for d in doc.get("drop_control", []) if d["control"].startswith("blank_")]
+    if drops:
         lines += [
             "",
             "Drop control: each selective REFRAG row minus its drop twin, which keeps the same expanded chunks as "
@@ -533,10 +577,27 @@ def qa_markdown(doc: dict[str, Any]) -> str:
             "| REFRAG setting | N | examples | REFRAG Match | drop Match | REFRAG - drop [95% CI] | REFRAG positions | drop positions |",
             "|---|---:|---:|---:|---:|---|---:|---:|",
         ]
-        for d in doc["drop_control"]:
+        for d in drops:
             c = d["difference"]
             lines.append(
                 f"| {d['setting']} | {d['n']} | {d['examples']} | {d['refrag']:.3f} | {d['drop']:.3f} | "
                 f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {d['refrag_positions']:.0f} | {d['drop_positions']:.0f} |"
+            )
+    if blanks:
+        lines += [
+            "",
+            "Blank control: each selective REFRAG row minus its blank twin, which keeps the same decisions and "
+            "positions but gives every compressed chunk one content-free vector (the mean chunk vector of "
+            f"{BLANK_REFERENCE_PASSAGES} reference passages); same questions, paired bootstrap 95% CI. A difference "
+            "above 0 is what the chunk vectors' content added beyond filling positions.",
+            "",
+            "| REFRAG setting | N | examples | REFRAG Match | blank Match | REFRAG - blank [95% CI] |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for d in blanks:
+            c = d["difference"]
+            lines.append(
+                f"| {d['setting']} | {d['n']} | {d['examples']} | {d['refrag']:.3f} | {d['drop']:.3f} | "
+                f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] |"
             )
     return "\n".join(lines) + "\n"

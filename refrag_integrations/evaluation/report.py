@@ -41,6 +41,11 @@ DEFINITIONS = """\
   what the compressed positions add. Rerunning an existing results directory with `--control drop`
   answers only the drop rows (REFRAG records older than the recorded decisions get them from the
   same policy and seed again, checked against their recorded counts).
+- **Blank control** (`--control drop,blank`): a row `blank_<policy>_p<p>` with the REFRAG row's
+  decisions and positions, every compressed chunk given the same content-free vector (the mean
+  pre-projection chunk vector of the first 64 evaluated questions' gold passages). REFRAG - blank
+  is what the chunk vectors' content adds beyond filling positions; blank - drop is what the
+  positions alone add.
 - **Perplexity**: mean NLL (nats) of o held-out continuation tokens after s context tokens given
   as nothing, as tokens, or as REFRAG chunk vectors (WikiText-2 test).
 - An **untrained projector** makes compressed chunks noise: REFRAG *quality* numbers mean nothing
