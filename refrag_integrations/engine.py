@@ -1135,20 +1135,14 @@ class RefragEngine:
                 decisions = [list(e.expand) for e in entries]
             else:
                 expand = self.policy
-        is_default = expand is self.policy
-        if isinstance(expand, str):
-            expand = resolve_policy(expand, encoder=self.chunk_encoder, engine=self)
-        if isinstance(expand, ExpansionPolicy) and budget is not None and ignores_budget(expand, as_budget(budget)):
-            if not is_default:
-                raise ValueError(
-                    f"policy {expand.name!r} ignores expand_fraction / max_expanded ({as_budget(budget)}): it "
-                    + ("expands every chunk" if isinstance(expand, ExpandAll) else "compresses every chunk")
-                    + ". Give a selective policy (e.g. 'relevance') with a budget, or no budget."
-                )
+        if expand is self.policy and budget is not None and ignores_budget(expand, as_budget(budget)):
             # The engine's default policy is not selective (ordinary RAG on an untrained engine, p = 0
             # on a trained one without a learned policy): a request budget opts into REFRAG's
             # selective path, as a default expand_fraction does at construction (default_policy).
+            # A policy named explicitly ("all", "none") means what it says and takes no budget.
             expand = QueryRelevancePolicy(self.chunk_encoder)
+        if isinstance(expand, str):
+            expand = resolve_policy(expand, encoder=self.chunk_encoder, engine=self)
         if isinstance(expand, ExpansionPolicy):
             if not isinstance(expand, ExpandAll):
                 need_vectors()

@@ -142,7 +142,9 @@ def ask(
         sources = [{"rank": i + 1, "id": h.id, "score": round(h.score, 4), "source": source_label(h.metadata),
                     "text": h.text} for i, h in enumerate(hits)]
     expand = "all" if mode == "rag" else choose_policy(engine, policy, opt_in=expand_fraction is not None)
-    if expand_fraction is None:
+    if expand in ("all", "none"):
+        expand_fraction = None  # not selective: a budget would be refused, not silently ignored
+    elif expand_fraction is None:
         expand_fraction = DEFAULT_EXPAND_FRACTION
     note = untrained_note(engine, policy_name(expand)) if mode == "refrag" else None
     try:

@@ -427,9 +427,11 @@ class PolicyTrainer(Trainer):
         for i, ex in enumerate(tqdm(eval_set, desc="policy eval", dynamic_ncols=True)):
             passages = rag_passages(random.Random(POLICY_EVAL_SEED + i), pool, i, cfg.num_passages)[0]
             vectors = self.passage_vectors(passages)
-            prefixes = [eng.prepare_rag(ex.question, passages, make(i), expand_fraction=self.budget.fraction,
-                                        vectors=vectors).embeds
-                        for make in settings.values()]
+            prefixes = [eng.prepare_rag(ex.question, passages, policy, vectors=vectors,
+                                        # p applies to the selective settings; `none` / `all` take no budget
+                                        expand_fraction=None if policy.name in ("none", "all") else self.budget.fraction,
+                                        ).embeds
+                        for policy in (make(i) for make in settings.values())]
             for name, value in zip(settings, eng.score(prefixes, self.answer_ids(ex.answers[0])).tolist()):
                 nll[name].append(value)
 
