@@ -429,6 +429,31 @@ def bench_contexts(
     return question, {s: build_context(passages, tokenizer, s) for s in lengths}
 
 
+def check_pending(lengths: Sequence[int], contexts: dict[int, list[str]], limit: int | None) -> None:
+    """Refuse a negative ``limit`` or a context length with no passages (before measuring)."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}.")
+    missing = [s for s in lengths if s not in contexts]
+    if missing:
+        raise ValueError(f"no context given for lengths {missing}.")
+
+
+def engine_signature(engine: "RefragEngine") -> dict[str, Any]:
+    """What a timing depends on in the engine: models, weights, dtype, device and threads (the
+    part of a benchmark run's ``run.json`` signature every benchmark shares)."""
+    import torch
+
+    return {
+        "decoder": engine.config.decoder,
+        "decoder_fingerprint": engine.config.decoder_fingerprint,
+        "encoder": engine.config.encoder,
+        "dtype": str(cache_dtype(engine)).replace("torch.", ""),
+        **weights_signature(engine),
+        "device": str(engine.device),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def run_bench(
     engine: "RefragEngine",
     question: str,
@@ -465,24 +490,12 @@ def run_bench(
         >>> ctx = {s: build_context(passages, engine.tokenizer, s) for s in (512, 1024)}   # doctest: +SKIP
         >>> doc = run_bench(engine, question, ctx, BenchSettings(lengths=(512, 1024)), "runs/bench")  # doctest: +SKIP
     """
-    import torch
     from tqdm.auto import tqdm
 
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}.")
-    missing = [s for s in settings.lengths if s not in contexts]
-    if missing:
-        raise ValueError(f"no context given for lengths {missing}.")
+    check_pending(settings.lengths, contexts, limit)
     out = Path(out_dir)
-    dtype = cache_dtype(engine)
     signature = {
-        "decoder": engine.config.decoder,
-        "decoder_fingerprint": engine.config.decoder_fingerprint,
-        "encoder": engine.config.encoder,
-        "dtype": str(dtype).replace("torch.", ""),
-        **weights_signature(engine),
-        "device": str(engine.device),
-        "threads": torch.get_num_threads(),
+        **engine_signature(engine),
         "repeats": settings.repeats,
         "output_tokens": settings.output_tokens,
         "policy": settings.policy,

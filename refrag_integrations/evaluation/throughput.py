@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .bench import UNTRAINED_NOTE, bench_policy, cache_dtype, engine_for_k, weights_signature
+from .bench import UNTRAINED_NOTE, bench_policy, check_pending, engine_for_k, engine_signature
 from .config import BENCH_OUTPUT_TOKENS, BENCH_POLICY, THROUGHPUT_LENGTHS, THROUGHPUT_PS, THROUGHPUT_REQUESTS_PER_CLIENT
 from .metrics import median
 from .runs import check_signature, command_line, load_average, machine_info, now_iso, read_json, write_json
@@ -261,24 +261,13 @@ def run_throughput(
     Returns:
         The results document (also in ``out_dir/throughput.json``).
     """
-    import torch
     from tqdm.auto import tqdm
 
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}.")
-    missing = [s for s in settings.lengths if s not in contexts]
-    if missing:
-        raise ValueError(f"no context given for lengths {missing}.")
+    check_pending(settings.lengths, contexts, limit)
     out = Path(out_dir)
     backend = backend_name(engine)
     signature = {
-        "decoder": engine.config.decoder,
-        "decoder_fingerprint": engine.config.decoder_fingerprint,
-        "encoder": engine.config.encoder,
-        "dtype": str(cache_dtype(engine)).replace("torch.", ""),
-        **weights_signature(engine),
-        "device": str(engine.device),
-        "threads": torch.get_num_threads(),
+        **engine_signature(engine),
         "requests_per_client": settings.requests_per_client,
         "output_tokens": settings.output_tokens,
         "policy": settings.policy,
