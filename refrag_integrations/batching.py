@@ -26,10 +26,13 @@ window (at most ``max_batch_size`` rows), runs the batch and hands every caller 
 next waiting caller leads the next batch. Requests that queued while a batch was decoding start
 as soon as it ends, without another wait.
 
-The window is only waited for when another request is on its way: queued, or announced by
-:meth:`MicroBatcher.preparing` (the engine announces a request while it prepares its input). A
-request that reaches an idle batcher runs at once, so a lone user never pays the window. Under a
-burst, the first request may then run alone and the others share the next batch.
+The first request of a batch waits only for requests that are on their way: announced by
+:meth:`MicroBatcher.preparing` (``engine.generate`` and the LangChain and LlamaIndex chat models
+announce each request while its input is prepared; streams are not announced) and not yet submitted. It
+stops waiting as soon as none is left in preparation, the batch is full, or ``window_s`` has
+passed since it arrived; then it runs with every queued request of its kind. So a lone request
+runs at once, and a burst of concurrent requests shares one batch (the wait is as long as the
+slowest concurrent preparation, at most the window) instead of the first running alone.
 
 The batcher holds its ``run`` function weakly when it is a bound method (the engine's), so a
 batcher kept somewhere never keeps a dropped engine (and its decoder's memory) alive; submitting
@@ -93,16 +96,16 @@ class MicroBatcher:
         run: decodes a batch: called as ``run(prepared, t_start=[...], on_text=f(row, piece),
             cancel=f(row) -> bool, **gen)`` and returns one result per row. A bound method (the
             engine's) is held weakly: the batcher never keeps its owner alive.
-        window_s: how long the first request of a batch waits for others while another request
-            is on its way (seconds; 0 = never waits, yet still batches requests that queued while
-            the previous batch decoded). A request reaching an idle batcher never waits.
+        window_s: the longest the first request of a batch waits for requests announced as
+            being prepared (seconds; 0 = never waits, yet still batches requests that queued
+            while the previous batch decoded). With nothing announced it never waits.
         max_batch_size: at most this many rows in one batch (1 = one request at a time).
 
     Both settings are plain attributes and may be changed at any time (``engine.batcher.window_s``).
 
     Example:
         >>> engine.batcher.window_s, engine.batcher.max_batch_size          # doctest: +SKIP
-        (0.002, 16)
+        (0.25, 16)
     """
 
     def __init__(
@@ -150,9 +153,9 @@ class MicroBatcher:
     @contextmanager
     def preparing(self) -> Iterator[None]:
         """Announce a request that this thread will submit within the block (e.g. while its input
-        is prepared): until it is submitted, a batch about to start waits its window for it
-        instead of running at once. Without announcements, a request that finds nothing else
-        queued runs at once.
+        is prepared): until it is submitted, a batch about to start waits for it (at most its
+        window) instead of running at once. Without announcements, a batch starts at once with
+        whatever is queued.
 
         Example:
             >>> with engine.batcher.preparing():                            # doctest: +SKIP
@@ -240,14 +243,15 @@ class MicroBatcher:
         return job.result
 
     def _collect(self) -> list[_Job]:
-        """Under the condition: wait out the window of the oldest job while another request is on
-        its way (queued or being prepared), then take its batch. An idle batcher never waits."""
+        """Under the condition: while requests announced by :meth:`preparing` are still being
+        prepared, wait for them (at most until the oldest job's window ends, or the batch is
+        full); then take the oldest job's batch. With nothing announced, never waits."""
         while True:
             first = self._pending[0]
             same = [j for j in self._pending if j.key == first.key]
             remaining = first.arrived + self.window_s - time.monotonic()
-            idle = len(self._pending) == 1 and self._preparing == 0  # nobody else to wait for
-            if first.alone or idle or len(same) >= self.max_batch_size or remaining <= 0:
+            coming = self._preparing > 0  # announced requests not yet submitted
+            if first.alone or not coming or len(same) >= self.max_batch_size or remaining <= 0:
                 break
             self._cond.wait(remaining)
         batch = same[: self.max_batch_size]

@@ -23,10 +23,11 @@ DEFAULT_DATA_DIR = "../shared/data"  # the shared real data (training, evaluatio
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_EXPAND_FRACTION = 0.25  # p used by `refrag ask` with a selective policy
 DEFAULT_PASSAGE_CACHE_SIZE = 4096  # passages kept in the engine's process-local cache
-# Micro-batching of concurrent requests (batching.py): requests that arrive within this window are
-# decoded as one left-padded batch of at most this many rows (1 = one request at a time). A lone
-# request waits the window once (it is part of its TTFT); 0 never waits.
-DEFAULT_BATCH_WINDOW_S = 0.002
+# Micro-batching of concurrent requests (batching.py): the first request of a batch waits at most
+# this long for concurrent requests still being prepared (announced), then decodes with them as one
+# left-padded batch of at most this many rows (1 = one request at a time). A lone request never
+# waits; the wait ends as soon as no announced request is left in preparation; 0 never waits.
+DEFAULT_BATCH_WINDOW_S = 0.25
 DEFAULT_MAX_BATCH_SIZE = 16
 REGISTRATIONS_KEPT = 256  # per engine, the latest retrievals whose passages an LLM adapter may compress
 # Tokens that stay uncompressed in any prompt (template, question, chat markup; the answer is

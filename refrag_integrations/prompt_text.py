@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -77,8 +78,29 @@ def check_prompt(prompt: Any, name: str = "prompt") -> str:
     return prompt
 
 
+# tokenizer -> (its size when computed, its special-token strings): building them reads the
+# tokenizer's whole added-token table, which costs more than tokenising a short text.
+_SPECIAL_STRINGS: "weakref.WeakKeyDictionary[Any, tuple[int, list[str]]]" = weakref.WeakKeyDictionary()
+
+
 def special_token_strings(tokenizer: Any) -> list[str]:
-    """The strings a tokenizer turns into special (control) tokens, e.g. ``<|im_start|>``."""
+    """The strings a tokenizer turns into special (control) tokens, e.g. ``<|im_start|>``.
+
+    Remembered per tokenizer while its size (``len(tokenizer)``) stays the same: adding tokens
+    recomputes them."""
+    try:
+        size = len(tokenizer)
+        known = _SPECIAL_STRINGS.get(tokenizer)
+    except TypeError:  # no len() or not weak-referenceable: compute every time
+        return _special_token_strings(tokenizer)
+    if known is not None and known[0] == size:
+        return list(known[1])
+    strings = _special_token_strings(tokenizer)
+    _SPECIAL_STRINGS[tokenizer] = (size, strings)
+    return list(strings)
+
+
+def _special_token_strings(tokenizer: Any) -> list[str]:
     strings = set(getattr(tokenizer, "all_special_tokens", None) or [])
     for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
         if getattr(token, "special", False):

@@ -274,6 +274,28 @@ def test_an_announced_request_is_waited_for():
     assert [sorted(b) for b in run.batches] == [["a", "b"]]
 
 
+def test_a_burst_shares_one_batch_and_stops_waiting_when_the_last_preparation_ends():
+    """Four requests announced together, prepared at different speeds: the first to arrive waits
+    for the others (not only the window's first moments) and runs as soon as the last one is
+    submitted, long before the window ends (the batch is not full, so only that ends the wait)."""
+    run = Recorder()
+    batcher = MicroBatcher(run, window_s=60.0, max_batch_size=8)
+    announced = threading.Barrier(4)
+
+    def request(i: int) -> str:
+        with batcher.preparing():
+            announced.wait(60)  # all four are being prepared before any is submitted
+            time.sleep(0.1 * i)  # the preparations end one after another
+            return batcher.submit(f"q{i}", t_start=0.0)
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(request, range(4)))
+    assert time.monotonic() - t0 < 30.0  # not the 60 s window
+    assert answers == [f"answer to q{i}" for i in range(4)]
+    assert [sorted(b) for b in run.batches] == [["q0", "q1", "q2", "q3"]]
+
+
 def test_an_announcement_that_is_never_submitted_is_withdrawn():
     run = Recorder()
     batcher = MicroBatcher(run, window_s=10.0, max_batch_size=4)
@@ -323,6 +345,39 @@ def test_langchain_llm_batch_is_one_batched_call(engine):
     assert calls.prefills == [len(prompts)]
 
 
+def prepare_together(engine, n: int) -> None:
+    """Make the engine's public ``prepare`` hold each caller until ``n`` callers are inside it (so
+    all ``n`` requests are announced before any is submitted, whatever the threads' timing)."""
+    inside, original = threading.Barrier(n), engine.prepare
+
+    def prepare(*args, **kwargs):
+        inside.wait(60)
+        return original(*args, **kwargs)
+
+    engine.prepare = prepare
+
+
+def test_concurrent_chat_model_calls_share_one_batch_without_waiting_out_the_window(engine):
+    """ChatRefrag announces each request while it prepares it: concurrent invokes share one
+    prefill, and the batch starts when the last one is prepared, not when the window ends."""
+    pytest.importorskip("langchain_core")
+    from refrag_integrations.langchain import ChatRefrag
+
+    llm = ChatRefrag(engine=engine, max_tokens=MAX_NEW)
+    prompts = [f"{p}\n\nQuestion: {q}" for p, q in zip(PASSAGES, QUESTIONS)]
+    engine.batcher.window_s = 0.0
+    alone = [llm.invoke(p).content for p in prompts]
+    engine.batcher.window_s, engine.batcher.max_batch_size = 60.0, 2 * len(prompts)  # never full
+    prepare_together(engine, len(prompts))
+    calls = DecoderCalls(engine)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda p: llm.invoke(p).content, prompts))
+    assert time.monotonic() - t0 < 30.0
+    assert together == alone
+    assert calls.prefills == [len(prompts)]
+
+
 async def test_langchain_chat_abatch_shares_a_batch(engine):
     pytest.importorskip("langchain_core")
     from refrag_integrations.langchain import ChatRefrag
@@ -342,6 +397,25 @@ async def test_langchain_chat_abatch_shares_a_batch(engine):
 
 
 # --------------------------------------------------------------------------- LlamaIndex
+
+
+def test_concurrent_llama_index_calls_share_one_batch_without_waiting_out_the_window(engine):
+    pytest.importorskip("llama_index.core")
+    from refrag_integrations.llama_index import RefragLLM
+
+    llm = RefragLLM(engine=engine, max_new_tokens=MAX_NEW)
+    prompts = [f"{p}\nQuestion: {q}\nAnswer:" for p, q in zip(PASSAGES, QUESTIONS)]
+    engine.batcher.window_s = 0.0
+    alone = [llm.complete(p, formatted=True).text for p in prompts]
+    engine.batcher.window_s, engine.batcher.max_batch_size = 60.0, 2 * len(prompts)
+    prepare_together(engine, len(prompts))
+    calls = DecoderCalls(engine)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda p: llm.complete(p, formatted=True).text, prompts))
+    assert time.monotonic() - t0 < 30.0
+    assert together == alone
+    assert calls.prefills == [len(prompts)]
 
 
 async def test_llama_index_concurrent_acomplete_share_a_batch(engine):

@@ -238,3 +238,16 @@ def test_control_tokens_are_text_on_the_default_decoder(default_engine):
     assert count_special(injected.token_ids, tok) == count_special(clean.token_ids, tok)
     rag = default_engine.build_prompt("Who is the tower named after?", [PASSAGE])
     assert tokenize_prompt(tok, rag.text, rag.markup_spans) == tok(rag.text, add_special_tokens=False)["input_ids"]
+
+
+def test_special_token_strings_are_remembered_until_tokens_are_added(tiny_chat_engine):
+    """The strings are computed once per tokenizer (tokenising a prompt reads them for every
+    segment), and recomputed when tokens are added: a new control token is never missed."""
+    from refrag_integrations.prompt_text import special_token_strings
+
+    tok = copy.deepcopy(tiny_chat_engine.tokenizer)
+    before = special_token_strings(tok)
+    assert special_token_strings(tok) == before and "<|refrag-test|>" not in before
+    tok.add_special_tokens({"additional_special_tokens": ["<|refrag-test|>"]})
+    assert "<|refrag-test|>" in special_token_strings(tok)
+    assert tokenize_prompt(tok, "a <|refrag-test|> b") != tokenize_prompt(tok, "a <|refrag-test|> b", [(0, 18)])

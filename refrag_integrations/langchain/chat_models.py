@@ -334,8 +334,9 @@ class RefragGenerationFields(RefragEngineFields):
         options = self._options(stop, kwargs)
         engine = self._engine_for(inputs)
         t0 = time.perf_counter()  # after loading: TTFT never includes model loading
-        prepared, passages = self._prepare(engine, inputs, options)
-        result = engine.generate_prepared([prepared], t_start=t0, **options["gen"])[0]
+        with engine.batcher.preparing():  # concurrent requests (batch / abatch) wait for it and share a batch
+            prepared, passages = self._prepare(engine, inputs, options)
+            result = engine.generate_prepared([prepared], t_start=t0, **options["gen"])[0]
         return (*self._result_metadata(engine, result, passages), result)
 
     def _run_many(
@@ -384,8 +385,11 @@ class RefragGenerationFields(RefragEngineFields):
         def work() -> tuple:
             engine = self._engine_for(inputs)
             t0 = time.perf_counter()
-            prepared, passages = self._prepare(engine, inputs, options)
-            result = engine.generate_prepared([prepared], t_start=t0, on_text=on_text, cancel=cancel, **options["gen"])[0]
+            with engine.batcher.preparing():
+                prepared, passages = self._prepare(engine, inputs, options)
+                result = engine.generate_prepared(
+                    [prepared], t_start=t0, on_text=on_text, cancel=cancel, **options["gen"]
+                )[0]
             return (*self._result_metadata(engine, result, passages), result)
 
         task = asyncio.ensure_future(run_in_executor(None, work))

@@ -371,8 +371,9 @@ class RefragLLM(EngineSettings, CustomLLM):
         registration, sink = current_registration(), stats_sink()
         gen = self._gen_kwargs(overrides)
         t0 = time.perf_counter()
-        prepared, passages = self._prepare(rendered, query, registration)
-        result = self.engine.generate_prepared([prepared], t_start=t0, **gen)[0]
+        with self.engine.batcher.preparing():  # concurrent queries wait for it and share a batch
+            prepared, passages = self._prepare(rendered, query, registration)
+            result = self.engine.generate_prepared([prepared], t_start=t0, **gen)[0]
         return result, {STATS_KEY: self._record(result.stats, sink), PASSAGES_KEY: passages}
 
     def _stream(
