@@ -113,3 +113,15 @@ def test_evaluations_show_a_progress_bar_only_when_asked(tiny_engine, capsys):
     reconstruction_eval(tiny_engine, corpus, [1], examples=2, progress=False)
     next_paragraph_eval(tiny_engine, corpus, 2, 4, examples=2, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_an_answer_is_text_even_where_it_spells_a_control_token(tiny_chat_engine):
+    """A gold answer is trained as text: ``<|im_end|>`` inside it is split into ordinary tokens,
+    so the target's only control token is the final EOS; ordinary answers tokenise as before."""
+    from refrag_integrations.training.data import answer_ids
+
+    tok = tiny_chat_engine.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = answer_ids(tok, "Paris <|im_end|> France")
+    assert end not in ids[:-1] and ids[-1] == tok.eos_token_id
+    assert answer_ids(tok, " Paris ") == tok("Paris", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

@@ -173,6 +173,20 @@ def qa_input(engine: "RefragEngine", question: str, passage: str, vectors: "torc
     chunks = engine.chunk(passage)
     if vectors.shape[0] != len(chunks):
         raise ValueError(f"{vectors.shape[0]} vectors for {len(chunks)} chunks.")
+    compressed, (a, b) = compressed_prompt(engine, question, passage)
+    return torch.cat([compressed[:a], vectors.to(compressed.device, compressed.dtype), compressed[b:]], 0)
+
+
+def compressed_prompt(engine: "RefragEngine", question: str, passage: str) -> tuple["torch.Tensor", tuple[int, int]]:
+    """The engine's QA prompt for one passage with every chunk compressed (``(P, d)``, as
+    :meth:`RefragEngine.prepare_rag` builds it) and the rows ``[a, b)`` of its chunks.
+
+    Raises:
+        RuntimeError: the chunk rows could not be located (the prompt layout is not the engine's).
+    """
+    import torch
+
+    chunks = engine.chunk(passage)
     with torch.no_grad():
         compressed = engine.prepare_rag(question, [passage], "none").embeds  # pre + L + post rows
         tokens = engine.prepare_rag(question, [passage], "all").embeds  # pre + passage tokens + post rows
@@ -182,7 +196,7 @@ def qa_input(engine: "RefragEngine", question: str, passage: str, vectors: "torc
     post = compressed.shape[0] - pre - len(chunks)
     if post < 0 or tokens.shape[0] - pre - sum(len(c.token_ids) for c in chunks) != post:
         raise RuntimeError("could not locate the passage's chunk rows in the engine's prompt.")
-    return torch.cat([compressed[:pre], vectors.to(compressed.device, compressed.dtype), compressed[pre + len(chunks):]], 0)
+    return compressed, (pre, pre + len(chunks))
 
 
 def answer_ids(engine: "RefragEngine", answer: str) -> list[int]:

@@ -255,8 +255,9 @@ class TokenCorpus:
 
 def answer_ids(tokenizer: Any, answer: str) -> list[int]:
     """The training target of a QA example: the answer's tokens followed by EOS (when the
-    tokenizer has one), as the sft, distill and policy stages score it."""
-    ids = tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]
+    tokenizer has one), as the sft, distill and policy stages score it. The answer is text: a
+    special-token string in it (``<|im_end|>``) is split into ordinary tokens, as in passages."""
+    ids, _ = tokenize_text(answer.strip(), tokenizer)
     eos = tokenizer.eos_token_id
     return ids + ([eos] if eos is not None else [])
 
