@@ -60,7 +60,7 @@ def test_replacing_rows_with_their_own_states_changes_nothing_and_other_vectors_
 
 def test_run_summarises_resumes_and_checks_layers(tiny_chat_engine, tmp_path, monkeypatch):
     eng = tiny_chat_engine  # 2 blocks: layer 1 is the only one a summary can enter and be read after
-    doc = layer_probe.run_layer_probe(eng, EXAMPLES, tmp_path, layers=[1], progress=False)
+    doc = layer_probe.run_layer_probe(eng, EXAMPLES, tmp_path, layers=[1], max_new_tokens=4, progress=False)
     assert doc["examples"] == 2
     assert [r["setting"] for r in doc["rows"]] == ["closed_book", "full", "encoder_p0", "L1_content", "L1_blank"]
     records = [json.loads(x) for x in (tmp_path / layer_probe.EXAMPLES_FILE).read_text().splitlines()]
@@ -68,17 +68,19 @@ def test_run_summarises_resumes_and_checks_layers(tiny_chat_engine, tmp_path, mo
     assert [r["layer"] for r in doc["layers"]] == [1]
     assert doc["layers"][0]["content_minus_blank"] == pytest.approx(diff)
     assert records[0]["nll_L1_content"] != records[0]["nll_L1_blank"]
+    assert {"answer_full", "match_closed_book", "answer_L1_content", "match_L1_blank"} <= set(records[0])
+    assert all(0 <= r["match"] <= 1 for r in doc["rows"]) and "match_content_minus_blank" in doc["layers"][0]
     assert "| L1_blank |" in (tmp_path / layer_probe.TABLE_FILE).read_text()
 
     monkeypatch.setattr(layer_probe, "probe_example", lambda *a, **k: pytest.fail("a finished example was probed again"))
-    assert layer_probe.run_layer_probe(eng, EXAMPLES, tmp_path, layers=[1], progress=False)["rows"] == doc["rows"]
+    assert layer_probe.run_layer_probe(eng, EXAMPLES, tmp_path, layers=[1], max_new_tokens=4, progress=False)["rows"] == doc["rows"]
     n = eng.decoder.config.num_hidden_layers
     for bad in ([0], [n], []):
         with pytest.raises(ValueError, match="layers must be in"):
             layer_probe.run_layer_probe(eng, EXAMPLES, tmp_path / "other", layers=bad, progress=False)
     monkeypatch.undo()
     with pytest.raises(ValueError):  # other settings in the same directory
-        layer_probe.run_layer_probe(eng, EXAMPLES[:1], tmp_path, layers=[1], signature={"data": "x"}, progress=False)
+        layer_probe.run_layer_probe(eng, EXAMPLES[:1], tmp_path, layers=[1], max_new_tokens=5, progress=False)
 
 
 def test_cli_refuses_bad_values_before_loading(monkeypatch):
@@ -86,6 +88,6 @@ def test_cli_refuses_bad_values_before_loading(monkeypatch):
     from refrag_integrations.cli import eval as eval_cli
 
     monkeypatch.setattr(eval_cli, "load_engine", lambda *a, **k: pytest.fail("loaded a model"))
-    for args in (["--limit", "0"], ["--layers", "x"], ["--layers", ""]):
+    for args in (["--limit", "0"], ["--layers", "x"], ["--layers", ""], ["--max-new-tokens", "0"]):
         res = CliRunner().invoke(app, ["eval", "layers", *args])
         assert res.exit_code == 2, (args, res.output)

@@ -242,6 +242,7 @@ def layers(
     data_dir: Path = typer.Option(Path(DEFAULT_DATA_DIR), help="The shared data directory."),
     limit: int = typer.Option(40, help="Probe the first N questions (rerun with a larger limit to extend)."),
     layer: Optional[str] = typer.Option(None, "--layers", help="Decoder layers L whose hidden states summarise each chunk and receive it, comma-separated (default 2,4,8,12,16,20,24)."),
+    max_new_tokens: int = typer.Option(QA_MAX_NEW_TOKENS, help="Answer length limit (greedy)."),
     checkpoint: Optional[str] = typer.Option(None, help="REFRAG checkpoint (default: the packaged one; 'none': base models). Its decoder and chunking are probed; 'encoder_p0' shows its own vectors."),
     out: Path = typer.Option(Path(DEFAULT_LAYER_PROBE_DIR), help="Results directory."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast for the decoder."),
@@ -253,22 +254,22 @@ def layers(
     """Probe, no training: can the decoder read chunks summarised from its own hidden states?
 
     Each chunk of the gold passage becomes the mean of its tokens' states at layer L, put into the
-    compressed prompt's residual stream at layer L; answer NLL next to closed book, full context,
+    compressed prompt's residual stream at layer L; answer NLL and Match next to closed book, full context,
     the checkpoint's own vectors and a content-free blank per layer. Resumable per question. See
     docs/training.md (run 21).
     """
     from ..evaluation.data import load_qa, nq_path
     from ..evaluation.layer_probe import DEFAULT_LAYERS, TABLE_FILE, run_layer_probe
 
-    if limit < 1:
-        raise typer.BadParameter(f"--limit must be >= 1, got {limit}.")
+    if limit < 1 or max_new_tokens < 1:
+        raise typer.BadParameter(f"--limit and --max-new-tokens must be >= 1, got {limit} and {max_new_tokens}.")
     chosen = parse_list(layer, int, "--layers") or list(DEFAULT_LAYERS)
     path = data if data is not None else nq_path(data_dir)
     split = split or ("eval" if data is None else "all")
     try:
         examples = load_qa(path, split)[:limit]
         engine = load_engine(checkpoint, bf16, threads, device)
-        run_layer_probe(engine, examples, out, layers=chosen,
+        run_layer_probe(engine, examples, out, layers=chosen, max_new_tokens=max_new_tokens,
                         signature={"data": str(path), "split": split, "checkpoint": checkpoint, "bf16": bf16},
                         overwrite=overwrite, progress=progress)
     except (ValueError, FileNotFoundError) as err:

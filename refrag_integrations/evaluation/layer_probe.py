@@ -14,9 +14,10 @@ deeper, where no encoder, projector or training is involved:
    summary over the first :data:`BLANK_PASSAGES` questions' passages. Content minus blank is
    what the summaries carry beyond filling the positions (as ``refrag eval qa --control blank``).
 
-Measured per example: the gold answer's mean NLL (incl. end of turn) with no context (closed
-book), full context (every chunk as tokens), the engine's own vectors (p = 0), and each layer's
-summaries and blank. If mid-layer summaries close part of the closed-book -> full gap that the
+Measured per example: the gold answer's mean NLL (incl. end of turn) and the greedy answer's
+Match with no context (closed book), full context (every chunk as tokens), the engine's own
+vectors (p = 0), and each layer's summaries and blank (the replacement applies to the prompt's
+forward; the answer's tokens are decoded from that KV cache as usual). If mid-layer summaries close part of the closed-book -> full gap that the
 blank does not, a chunk representation the decoder can read exists without training: the
 decoder's own first layers as the chunk encoder, injected at that layer (a design the engine's
 input-embedding path and vLLM's ``prompt_embeds`` cannot carry yet). Resumable per example.
@@ -30,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .capacity import answer_ids, compressed_prompt, start_ids
-from .metrics import bootstrap_ci
+from .config import QA_MAX_NEW_TOKENS
+from .metrics import bootstrap_ci, match
 from .runs import JsonlLog, check_signature, command_line, machine_info, now_iso, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -130,25 +132,38 @@ def blank_vectors(engine: "RefragEngine", passages: Sequence[str], layers: Seque
 
 
 def probe_example(
-    engine: "RefragEngine", ex: "QAExample", layers: Sequence[int], blank: dict[int, "torch.Tensor"]
+    engine: "RefragEngine", ex: "QAExample", layers: Sequence[int], blank: dict[int, "torch.Tensor"],
+    max_new_tokens: int = QA_MAX_NEW_TOKENS,
 ) -> dict[str, Any]:
-    """Score one example's gold answer in the base settings and, per layer, with its chunk
-    summaries and with the blank vector in the chunk rows."""
+    """Score one example's gold answer and answer it greedily in the base settings and, per
+    layer, with its chunk summaries and with the blank vector in the chunk rows."""
     import torch
+
+    from ..engine import GenerationStats, PreparedInput
 
     target = answer_ids(engine, ex.answers[0])
     compressed, rows = compressed_prompt(engine, ex.question, ex.passage)
+
+    def answer(embeds: "torch.Tensor") -> str:
+        prepared = PreparedInput(embeds=embeds, token_ids=[], stats=GenerationStats())
+        return engine.generate_prepared([prepared], max_new_tokens=max_new_tokens)[0].text
+
     with torch.no_grad():
         base = [engine.prepare_rag(ex.question, [], "all").embeds, engine.prepare_rag(ex.question, [ex.passage], "all").embeds,
                 compressed]
         nll = engine.score(base, target).tolist()
-    record: dict[str, Any] = {"key": str(ex.line), "line": ex.line, "question": ex.question, "chunks": rows[1] - rows[0]}
-    record.update({f"nll_{s}": v for s, v in zip(BASE_SETTINGS, nll)})
+    record: dict[str, Any] = {"key": str(ex.line), "line": ex.line, "question": ex.question, "answers": list(ex.answers),
+                              "chunks": rows[1] - rows[0]}
+    for name, value, embeds in zip(BASE_SETTINGS, nll, base):
+        text = answer(embeds)
+        record.update({f"nll_{name}": value, f"answer_{name}": text, f"match_{name}": match(text, ex.answers)})
     summaries = chunk_summaries(engine, ex.passage, layers)
     for L in layers:
         for name, vectors in (("content", summaries[L]), ("blank", blank[L].expand(rows[1] - rows[0], -1))):
             with torch.no_grad(), residual_rows_replaced(engine, L, rows, vectors):
                 record[f"nll_L{L}_{name}"] = float(engine.score([compressed], target)[0])
+                text = answer(compressed)
+            record[f"answer_L{L}_{name}"], record[f"match_L{L}_{name}"] = text, match(text, ex.answers)
     return record
 
 
@@ -158,6 +173,7 @@ def run_layer_probe(
     out_dir: str | Path,
     *,
     layers: Sequence[int] = DEFAULT_LAYERS,
+    max_new_tokens: int = QA_MAX_NEW_TOKENS,
     signature: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -176,7 +192,7 @@ def run_layer_probe(
         raise ValueError("no examples to probe.")
     out = Path(out_dir)
     run = {"decoder": engine.config.decoder, "k": engine.k, "layers": layers, "blank_passages": BLANK_PASSAGES,
-           **(signature or {})}
+           "max_new_tokens": max_new_tokens, **(signature or {})}
     check_signature(out / SIGNATURE_FILE, run, overwrite=overwrite)
     log_path = out / EXAMPLES_FILE
     if overwrite and log_path.is_file():
@@ -186,7 +202,7 @@ def run_layer_probe(
     if todo:
         blank = blank_vectors(engine, [ex.passage for ex in examples[:BLANK_PASSAGES]], layers)
         for ex in tqdm(todo, desc="refrag eval layers", unit="question", disable=not progress):
-            log.append(probe_example(engine, ex, layers, blank))
+            log.append(probe_example(engine, ex, layers, blank, max_new_tokens))
     lines = {ex.line for ex in examples}
     doc = summarize_layers([r for r in log.values() if r["line"] in lines], layers)
     doc.update({"run": run, "machine": machine_info(engine.device), "command": command_line(), "finished_at": now_iso()})
@@ -207,12 +223,16 @@ def summarize_layers(records: Sequence[dict[str, Any]], layers: Sequence[int]) -
     rows = []
     for s in settings:
         ci = bootstrap_ci([r[f"nll_{s}"] for r in records])
+        m = bootstrap_ci([r[f"match_{s}"] for r in records])
         rows.append({"setting": s, "answer_nll": mean[s], "answer_nll_ci": [ci.low, ci.high],
-                     "gap_closed": (mean["closed_book"] - mean[s]) / gap if gap else None})
+                     "gap_closed": (mean["closed_book"] - mean[s]) / gap if gap else None,
+                     "match": m.mean, "match_ci": [m.low, m.high]})
     per_layer = []
     for L in layers:
         d = bootstrap_ci([r[f"nll_L{L}_blank"] - r[f"nll_L{L}_content"] for r in records])
-        per_layer.append({"layer": L, "content_minus_blank": d.mean, "ci": [d.low, d.high]})
+        m = bootstrap_ci([r[f"match_L{L}_content"] - r[f"match_L{L}_blank"] for r in records])
+        per_layer.append({"layer": L, "content_minus_blank": d.mean, "ci": [d.low, d.high],
+                          "match_content_minus_blank": m.mean, "match_ci": [m.low, m.high]})
     return {"examples": len(records), "rows": rows, "layers": per_layer}
 
 
@@ -221,11 +241,14 @@ def layers_markdown(doc: dict[str, Any]) -> str:
     if not doc.get("rows"):
         return "No examples yet.\n"
     lines = [f"{doc['examples']} questions, gold passage only.", "",
-             "| setting | answer NLL [95% CI] | gap closed |", "|---|---|---:|"]
+             "| setting | answer NLL [95% CI] | gap closed | Match [95% CI] |", "|---|---|---:|---|"]
     for r in doc["rows"]:
         gap = "" if r["gap_closed"] is None else f"{r['gap_closed']:+.2f}"
-        lines.append(f"| {r['setting']} | {r['answer_nll']:.3f} [{r['answer_nll_ci'][0]:.3f}, {r['answer_nll_ci'][1]:.3f}] | {gap} |")
-    lines += ["", "| layer | content minus blank (answer NLL, paired) [95% CI] |", "|---:|---|"]
+        lines.append(f"| {r['setting']} | {r['answer_nll']:.3f} [{r['answer_nll_ci'][0]:.3f}, {r['answer_nll_ci'][1]:.3f}] "
+                     f"| {gap} | {r['match']:.3f} [{r['match_ci'][0]:.3f}, {r['match_ci'][1]:.3f}] |")
+    lines += ["", "| layer | content minus blank: answer NLL (blank - content) [95% CI] | Match (content - blank) [95% CI] |",
+              "|---:|---|---|"]
     for r in doc["layers"]:
-        lines.append(f"| {r['layer']} | {r['content_minus_blank']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] |")
+        lines.append(f"| {r['layer']} | {r['content_minus_blank']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] "
+                     f"| {r['match_content_minus_blank']:+.3f} [{r['match_ci'][0]:+.3f}, {r['match_ci'][1]:+.3f}] |")
     return "\n".join(lines) + "\n"
