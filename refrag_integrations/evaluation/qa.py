@@ -325,7 +325,7 @@ def run_qa(
                     reference = [e.passage for e in examples[:BLANK_REFERENCE_PASSAGES]]
                     reuse["blank_vector"] = blank_vector(engine, reference)
                     engine.forget_vectors(reference)  # the reference set must not warm the rows' cache
-                blank = [[i in set(e) for i in range(len(engine.chunk(t)))] for t, e in zip(passages, expanded)]
+                blank = [[i in keep for i in range(len(engine.chunk(t)))] for t, keep in zip(passages, map(set, expanded))]
             else:
                 use = kept_passages(engine, passages, expanded)
             control = {"chunks": sum(len(engine.chunk(t)) for t in passages), "chunks_expanded": sum(map(len, expanded)),
