@@ -10,14 +10,8 @@ from typer.testing import CliRunner
 
 from refrag_integrations.evaluation import layer_probe
 from refrag_integrations.evaluation.capacity import answer_ids, compressed_prompt
-from refrag_integrations.evaluation.data import QAExample
 
-PASSAGE = ("Gustave Eiffel designed the tower in Paris, France. Robert Boulter is an English film, television "
-           "and theatre actor. He had a guest starring role on the television series The Bill in 2000.")
-EXAMPLES = [
-    QAExample(question="Who designed the tower in Paris?", answers=("Gustave Eiffel",), passage=PASSAGE, line=1),
-    QAExample(question="Who is Robert Boulter?", answers=("an English actor", "actor"), passage=PASSAGE, line=2),
-]
+from test_capacity_probe import EXAMPLES, PASSAGE  # noqa: E402  (tests/ is on sys.path via conftest)
 
 
 def test_summaries_are_each_chunks_mean_hidden_state(tiny_chat_engine):

@@ -4,7 +4,7 @@ the chunk-vector capacity probe, and the benchmark page built from the results."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -190,6 +190,26 @@ def ppl(
     _show(out / TABLE_FILE, out / PLOT_FILE if doc["rows"] else None)
 
 
+def probe_inputs(
+    data: Optional[Path], data_dir: Path, split: Optional[str], limit: int, checkpoint: Optional[str], bf16: bool,
+    threads: Optional[int], device: Optional[str],
+) -> tuple[list, Any, dict[str, Any]]:
+    """What `refrag eval capacity` and `refrag eval layers` start from: the first ``limit`` QA
+    examples (the shared NQ file's eval split by default), the engine, and the signature part
+    naming them.
+
+    Raises:
+        ValueError / FileNotFoundError: bad data file or split, or a checkpoint that cannot load.
+    """
+    from ..evaluation.data import load_qa, nq_path
+
+    path = data if data is not None else nq_path(data_dir)
+    split = split or ("eval" if data is None else "all")
+    examples = load_qa(path, split)[:limit]
+    engine = load_engine(checkpoint, bf16, threads, device)
+    return examples, engine, {"data": str(path), "split": split, "checkpoint": checkpoint, "bf16": bf16}
+
+
 @app.command("capacity")
 def capacity(
     data: Optional[Path] = typer.Option(None, help="QA JSONL(.gz) in NQ-open shape (default: the shared NQ-open file)."),
@@ -215,21 +235,16 @@ def capacity(
     the checkpoint's own vectors. Resumable per question. See docs/training.md.
     """
     from ..evaluation.capacity import TABLE_FILE, run_capacity
-    from ..evaluation.data import load_qa, nq_path
 
     if limit < 1 or steps < 1 or not lr > 0 or max_new_tokens < 1:
         raise typer.BadParameter(f"--limit, --steps and --max-new-tokens must be >= 1 and --lr > 0 "
                                  f"(got {limit}, {steps}, {max_new_tokens}, {lr}).")
     if init not in ("mean", "encoder"):
         raise typer.BadParameter(f"--init must be 'mean' or 'encoder', got {init!r}.")
-    path = data if data is not None else nq_path(data_dir)
-    split = split or ("eval" if data is None else "all")
     try:
-        examples = load_qa(path, split)[:limit]
-        engine = load_engine(checkpoint, bf16, threads, device)
+        examples, engine, signature = probe_inputs(data, data_dir, split, limit, checkpoint, bf16, threads, device)
         run_capacity(engine, examples, out, steps=steps, lr=lr, init=init, max_new_tokens=max_new_tokens,
-                     signature={"data": str(path), "split": split, "checkpoint": checkpoint,
-                                "bf16": bf16}, overwrite=overwrite, progress=progress)
+                     signature=signature, overwrite=overwrite, progress=progress)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
     _show(out / TABLE_FILE, None)
@@ -258,19 +273,14 @@ def layers(
     the checkpoint's own vectors and a content-free blank per layer. Resumable per question. See
     docs/training.md (run 21).
     """
-    from ..evaluation.data import load_qa, nq_path
     from ..evaluation.layer_probe import DEFAULT_LAYERS, TABLE_FILE, run_layer_probe
 
     if limit < 1 or max_new_tokens < 1:
         raise typer.BadParameter(f"--limit and --max-new-tokens must be >= 1, got {limit} and {max_new_tokens}.")
     chosen = parse_list(layer, int, "--layers") or list(DEFAULT_LAYERS)
-    path = data if data is not None else nq_path(data_dir)
-    split = split or ("eval" if data is None else "all")
     try:
-        examples = load_qa(path, split)[:limit]
-        engine = load_engine(checkpoint, bf16, threads, device)
-        run_layer_probe(engine, examples, out, layers=chosen, max_new_tokens=max_new_tokens,
-                        signature={"data": str(path), "split": split, "checkpoint": checkpoint, "bf16": bf16},
+        examples, engine, signature = probe_inputs(data, data_dir, split, limit, checkpoint, bf16, threads, device)
+        run_layer_probe(engine, examples, out, layers=chosen, max_new_tokens=max_new_tokens, signature=signature,
                         overwrite=overwrite, progress=progress)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .metrics import bootstrap_ci, match
-from .runs import JsonlLog, check_signature, command_line, machine_info, now_iso, write_json
+from .runs import command_line, machine_info, now_iso, resume_log, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -264,11 +264,7 @@ def run_capacity(
     out = Path(out_dir)
     run = {"decoder": engine.config.decoder, "k": engine.k, "projector_trained": bool(engine.trained),
            "steps": steps, "lr": lr, "init": init, "max_new_tokens": max_new_tokens, **(signature or {})}
-    check_signature(out / SIGNATURE_FILE, run, overwrite=overwrite)
-    log_path = out / EXAMPLES_FILE
-    if overwrite and log_path.is_file():
-        log_path.unlink()
-    log = JsonlLog(log_path)
+    log = resume_log(out / SIGNATURE_FILE, run, out / EXAMPLES_FILE, overwrite=overwrite)
     todo = [ex for ex in examples if str(ex.line) not in log]
     for ex in tqdm(todo, desc="refrag eval capacity", unit="question", disable=not progress):
         log.append(probe_example(engine, ex, steps=steps, lr=lr, init=init, max_new_tokens=max_new_tokens))

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from .capacity import answer_ids, compressed_prompt, start_ids
 from .config import QA_MAX_NEW_TOKENS
 from .metrics import bootstrap_ci, match
-from .runs import JsonlLog, check_signature, command_line, machine_info, now_iso, write_json
+from .runs import command_line, machine_info, now_iso, resume_log, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -78,11 +78,11 @@ def chunk_summaries(engine: "RefragEngine", passage: str, layers: Sequence[int])
     L, the passage run alone through the decoder after its start token."""
     import torch
 
-    chunks = engine.chunk(passage)
-    ids = torch.tensor([start_ids(engine) + [t for c in chunks for t in c.token_ids]], device=engine.device)
+    chunks, start = engine.chunk(passage), start_ids(engine)
+    ids = torch.tensor([start + [t for c in chunks for t in c.token_ids]], device=engine.device)
     with torch.no_grad(), engine.autocast():
         states = engine.decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
-    offset = len(start_ids(engine))
+    offset = len(start)
     out = {}
     for L in layers:
         h = states[L][0, offset:].float().cpu()
@@ -193,11 +193,7 @@ def run_layer_probe(
     out = Path(out_dir)
     run = {"decoder": engine.config.decoder, "k": engine.k, "layers": layers, "blank_passages": BLANK_PASSAGES,
            "max_new_tokens": max_new_tokens, **(signature or {})}
-    check_signature(out / SIGNATURE_FILE, run, overwrite=overwrite)
-    log_path = out / EXAMPLES_FILE
-    if overwrite and log_path.is_file():
-        log_path.unlink()
-    log = JsonlLog(log_path)
+    log = resume_log(out / SIGNATURE_FILE, run, out / EXAMPLES_FILE, overwrite=overwrite)
     todo = [ex for ex in examples if str(ex.line) not in log]
     if todo:
         blank = blank_vectors(engine, [ex.passage for ex in examples[:BLANK_PASSAGES]], layers)

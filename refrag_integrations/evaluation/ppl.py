@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import PPL_KS, PPL_PS
 from .metrics import BOOTSTRAP_CONFIDENCE, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, ConfidenceInterval, bootstrap_ci
-from .runs import JsonlLog, check_signature, command_line, machine_info, now_iso, read_json, write_json
+from .runs import command_line, machine_info, now_iso, read_json, resume_log, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import RefragEngine
@@ -162,10 +162,7 @@ def run_ppl(
         "seed": seed,
         **(signature or {}),
     }
-    check_signature(out / SIGNATURE_FILE, run, overwrite=overwrite)
-    if overwrite and (out / WINDOWS_FILE).is_file():
-        (out / WINDOWS_FILE).unlink()
-    log = JsonlLog(out / WINDOWS_FILE)
+    log = resume_log(out / SIGNATURE_FILE, run, out / WINDOWS_FILE, overwrite=overwrite)
     engines: dict[int, "RefragEngine"] = {}
     work = [(i, s) for i in range(len(windows)) for s in settings if f"{s[0]}|w={i}" not in log]
     for i, (name, k, p) in tqdm(work, desc="refrag eval ppl", unit="window", disable=not progress):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from .config import QA_MAX_NEW_TOKENS, QA_PASSAGE_COUNTS, QA_POLICIES, QA_PS, QA_SEED
 from .data import QAExample, with_distractors
 from .metrics import bootstrap_ci, median, qa_scores
-from .runs import JsonlLog, check_signature, command_line, machine_info, now_iso, write_json
+from .runs import JsonlLog, command_line, machine_info, now_iso, resume_log, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import RefragEngine
@@ -276,11 +276,7 @@ def run_qa(
         "passages": "retrieved" if retrieve is not None else "gold+distractors",
         **(signature or {}),
     }
-    check_signature(out / SIGNATURE_FILE, run, overwrite=overwrite)
-    log_path = out / PREDICTIONS_FILE
-    if overwrite and log_path.is_file():
-        log_path.unlink()
-    log = JsonlLog(log_path)
+    log = resume_log(out / SIGNATURE_FILE, run, out / PREDICTIONS_FILE, overwrite=overwrite)
     chosen = list(examples[:limit] if limit is not None else examples)
     index = {id(e): i for i, e in enumerate(examples)}
 

@@ -103,6 +103,19 @@ def check_signature(path: Path, signature: dict[str, Any], overwrite: bool = Fal
     write_json(path, signature)
 
 
+def resume_log(signature_path: Path, signature: dict[str, Any], log_path: Path, overwrite: bool = False) -> "JsonlLog":
+    """Open a resumable run: check (or write) its signature (:func:`check_signature`), forget the
+    finished items when ``overwrite``, and return the log of finished items.
+
+    Raises:
+        ValueError: the directory holds a run made with other settings (and ``overwrite`` is False).
+    """
+    check_signature(signature_path, signature, overwrite=overwrite)
+    if overwrite and log_path.is_file():
+        log_path.unlink()
+    return JsonlLog(log_path)
+
+
 class JsonlLog:
     """Append-only JSONL of finished work items, keyed by a string; a rerun skips finished keys.
 
