@@ -278,19 +278,26 @@ def run_capacity(
     return doc
 
 
+def setting_rows(records: Sequence[dict[str, Any]], settings: Sequence[str]) -> list[dict[str, Any]]:
+    """Per setting: mean answer NLL (``nll_<setting>``) and Match (``match_<setting>``) with 95%
+    bootstrap CIs, and the share of the closed-book -> full gap closed, ``(closed - x) / (closed -
+    full)`` of the mean NLLs (``settings`` must include ``closed_book`` and ``full``)."""
+    mean = {s: statistics.fmean(r[f"nll_{s}"] for r in records) for s in settings}
+    gap = mean["closed_book"] - mean["full"]
+    rows = []
+    for s in settings:
+        m = bootstrap_ci([r[f"match_{s}"] for r in records])
+        n = bootstrap_ci([r[f"nll_{s}"] for r in records])
+        rows.append({"setting": s, "answer_nll": mean[s], "answer_nll_ci": [n.low, n.high], "match": m.mean,
+                     "match_ci": [m.low, m.high], "gap_closed": (mean["closed_book"] - mean[s]) / gap if gap else None})
+    return rows
+
+
 def summarize_capacity(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Means and 95% bootstrap CIs per setting, and the gap closed: ``(closed - x) / (closed - full)``
     of the mean answer NLLs."""
     if not records:
         return {"examples": 0, "rows": []}
-    mean = {s: statistics.fmean(r[f"nll_{s}"] for r in records) for s in SETTINGS}
-    gap = mean["closed_book"] - mean["full"]
-    rows = []
-    for s in SETTINGS:
-        m = bootstrap_ci([r[f"match_{s}"] for r in records])
-        n = bootstrap_ci([r[f"nll_{s}"] for r in records])
-        rows.append({"setting": s, "answer_nll": mean[s], "answer_nll_ci": [n.low, n.high], "match": m.mean,
-                     "match_ci": [m.low, m.high], "gap_closed": (mean["closed_book"] - mean[s]) / gap if gap else None})
     return {
         "examples": len(records),
         "recon_acc": statistics.fmean(r["recon_acc"] for r in records),
@@ -298,7 +305,7 @@ def summarize_capacity(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "recon_nll_start": statistics.fmean(r["recon_nll_start"] for r in records),
         "recon_nll_none": _mean_of(records, "recon_nll_none"),
         "recon_acc_none": _mean_of(records, "recon_acc_none"),
-        "rows": rows,
+        "rows": setting_rows(records, SETTINGS),
     }
 
 

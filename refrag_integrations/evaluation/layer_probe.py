@@ -25,12 +25,11 @@ input-embedding path and vLLM's ``prompt_embeds`` cannot carry yet). Resumable p
 
 from __future__ import annotations
 
-import statistics
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from .capacity import answer_ids, compressed_prompt, start_ids
+from .capacity import answer_ids, compressed_prompt, setting_rows, start_ids
 from .config import QA_MAX_NEW_TOKENS
 from .metrics import bootstrap_ci, match
 from .runs import command_line, machine_info, now_iso, resume_log, write_json
@@ -214,15 +213,7 @@ def summarize_layers(records: Sequence[dict[str, Any]], layers: Sequence[int]) -
     if not records:
         return {"examples": 0, "rows": [], "layers": []}
     settings = [*BASE_SETTINGS, *(f"L{L}_{n}" for L in layers for n in ("content", "blank"))]
-    mean = {s: statistics.fmean(r[f"nll_{s}"] for r in records) for s in settings}
-    gap = mean["closed_book"] - mean["full"]
-    rows = []
-    for s in settings:
-        ci = bootstrap_ci([r[f"nll_{s}"] for r in records])
-        m = bootstrap_ci([r[f"match_{s}"] for r in records])
-        rows.append({"setting": s, "answer_nll": mean[s], "answer_nll_ci": [ci.low, ci.high],
-                     "gap_closed": (mean["closed_book"] - mean[s]) / gap if gap else None,
-                     "match": m.mean, "match_ci": [m.low, m.high]})
+    rows = setting_rows(records, settings)
     per_layer = []
     for L in layers:
         d = bootstrap_ci([r[f"nll_L{L}_blank"] - r[f"nll_L{L}_content"] for r in records])
